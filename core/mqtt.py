@@ -1,0 +1,240 @@
+"""The MQTT session: the only module that imports paho.
+
+It turns paho's callbacks into a small API where every wait is bounded: connect with a
+deadline, reconnect with backoff, re-subscribe after a reconnect, TCP_NODELAY on the socket
+(paho never sets it; without it a QoS 1 round trip costs 40-90 ms), and paho's integer
+return codes translated into fabric errors at this boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from core.errors import BrokerUnavailable, FabricError, FabricTimeout
+from core.url import BrokerUrl
+
+__all__ = ["MqttSession", "Will", "TlsSettings", "Handler", "topic_matches"]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[str, bytes], None]
+
+
+@dataclass(frozen=True)
+class Will:
+    """The message the broker publishes for us if we vanish."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure: bool = False
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT wildcard matching (`+`, `#`)."""
+    return paho.topic_matches_sub(topic_filter, topic)
+
+
+class MqttSession:
+    """One MQTT connection with bounded waits, automatic reconnect and re-subscription."""
+
+    def __init__(self, *, broker: BrokerUrl, client_id: str, clean_session: bool = True,
+                 keepalive: int = 10, will: Will | None = None, tls: TlsSettings | None = None,
+                 max_inflight: int = 1000, reconnect_min: float = 0.05,
+                 reconnect_max: float = 2.0) -> None:
+        self.broker = broker
+        self.client_id = client_id
+        self._subscriptions: dict[str, tuple[int, Handler]] = {}
+        self._on_connect_hooks: list[Callable[[bool], None]] = []
+        self._on_disconnect_hooks: list[Callable[[], None]] = []
+        self._connected = threading.Event()
+        self._lock = threading.Lock()
+        self._refused: str | None = None
+        self._stopping = False
+        self.connects = 0
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                             clean_session=clean_session, protocol=paho.MQTTv311)
+        if broker.username:
+            client.username_pw_set(broker.username, broker.password)
+        if will is not None:
+            client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        if broker.tls or tls is not None:
+            tls = tls or TlsSettings()
+            client.tls_set(ca_certs=tls.ca_file, certfile=tls.cert_file, keyfile=tls.key_file,
+                           cert_reqs=ssl.CERT_NONE if tls.insecure else ssl.CERT_REQUIRED)
+            if tls.insecure:
+                client.tls_insecure_set(True)
+        client.max_inflight_messages_set(max_inflight)
+        client.max_queued_messages_set(0)
+        client.reconnect_delay_set(min_delay=reconnect_min, max_delay=reconnect_max)  # floats work
+        self._keepalive = keepalive
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_socket_open = self._handle_socket_open
+        client.on_message = self._handle_unmatched
+        self._client = client
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self, *, timeout: float = 10.0) -> None:
+        """Connect and start the network thread; raise BrokerUnavailable after `timeout`."""
+        self._client.connect_async(self.broker.host, self.broker.port, keepalive=self._keepalive)
+        self._client.loop_start()
+        if not self._connected.wait(timeout):
+            reason = self._refused or "no answer"
+            self._client.loop_stop()
+            raise BrokerUnavailable(f"cannot connect to {self.broker} within {timeout:g}s: {reason}")
+
+    def stop(self, *, timeout: float = 5.0) -> None:
+        """Wait (bounded) for queued QoS>0 publishes, disconnect cleanly, stop the thread."""
+        self._stopping = True
+        self.flush(timeout=timeout)
+        try:
+            self._client.disconnect()
+        except Exception:  # already gone: nothing left to close
+            pass
+        self._client.loop_stop()
+        self._connected.clear()
+
+    def abort(self) -> None:
+        """Drop the connection without DISCONNECT, so the broker sends our will (tests, faults)."""
+        self._stopping = True
+        sock = self._client.socket()
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._client.loop_stop()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def on_connect(self, hook: Callable[[bool], None]) -> None:
+        """Call `hook(session_present)` after every (re)connect, once subscriptions are back."""
+        self._on_connect_hooks.append(hook)
+
+    def on_disconnect(self, hook: Callable[[], None]) -> None:
+        self._on_disconnect_hooks.append(hook)
+
+    # -- messaging -----------------------------------------------------------------------------
+
+    def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1) -> None:
+        """Route messages matching `topic_filter` to `handler(topic, payload)`.
+
+        Handlers run on the network thread: keep them short. Subscriptions survive reconnects.
+        """
+        with self._lock:
+            self._subscriptions[topic_filter] = (qos, handler)
+        self._client.message_callback_add(topic_filter, self._wrap(handler))
+        if self.connected:
+            self._client.subscribe(topic_filter, qos)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        with self._lock:
+            self._subscriptions.pop(topic_filter, None)
+        self._client.message_callback_remove(topic_filter)
+        if self.connected:
+            self._client.unsubscribe(topic_filter)
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> "paho.MQTTMessageInfo":
+        """Queue a publish; QoS 1 messages survive a reconnect (paho resends them)."""
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            raise FabricError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+        return info
+
+    def publish_and_wait(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                         timeout: float = 5.0) -> None:
+        info = self.publish(topic, payload, qos=qos, retain=retain)
+        if qos == 0:
+            return
+        deadline = time.monotonic() + timeout
+        while not info.is_published():
+            if time.monotonic() > deadline:
+                raise FabricTimeout(f"publish to {topic} not acknowledged within {timeout:g}s")
+            info.wait_for_publish(timeout=min(0.1, max(0.001, deadline - time.monotonic())))
+
+    def flush(self, *, timeout: float = 5.0) -> bool:
+        """Wait until every queued QoS>0 publish is acknowledged; False if time ran out."""
+        deadline = time.monotonic() + timeout
+        client = self._client
+        while time.monotonic() < deadline:
+            with client._out_message_mutex:  # paho has no public "pending publishes" view
+                pending = len(client._out_messages)
+            if pending == 0 or not self.connected:
+                return pending == 0
+            time.sleep(0.005)
+        return False
+
+    # -- paho callbacks ------------------------------------------------------------------------
+
+    def _wrap(self, handler: Handler) -> Callable:
+        def deliver(_client: paho.Client, _userdata: object, message: paho.MQTTMessage) -> None:
+            try:
+                handler(message.topic, message.payload)
+            except Exception:  # a handler bug must not kill the network thread
+                log.exception("handler for %s failed", message.topic)
+        return deliver
+
+    def _handle_unmatched(self, _client: paho.Client, _userdata: object,
+                          message: paho.MQTTMessage) -> None:
+        log.debug("message on %s matched no handler", message.topic)
+
+    def _handle_socket_open(self, _client: paho.Client, _userdata: object, sock: socket.socket) -> None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):  # TLS wrappers and unix sockets may refuse
+            pass
+
+    def _handle_connect(self, client: paho.Client, _userdata: object, flags: paho.ConnectFlags,
+                        reason_code: object, _properties: object) -> None:
+        if getattr(reason_code, "is_failure", False):
+            self._refused = str(reason_code)
+            log.warning("broker %s refused connection: %s", self.broker, reason_code)
+            return
+        self._refused = None
+        self.connects += 1
+        with self._lock:
+            subscriptions = list(self._subscriptions.items())
+        if subscriptions:
+            client.subscribe([(topic, qos) for topic, (qos, _h) in subscriptions])
+        self._connected.set()
+        for hook in list(self._on_connect_hooks):
+            try:
+                hook(bool(flags.session_present))
+            except Exception:
+                log.exception("on_connect hook failed")
+
+    def _handle_disconnect(self, _client: paho.Client, _userdata: object, _flags: object,
+                           reason_code: object, _properties: object) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        if was_connected and not self._stopping:
+            log.warning("lost connection to %s (%s); reconnecting", self.broker, reason_code)
+        for hook in list(self._on_disconnect_hooks):
+            try:
+                hook()
+            except Exception:
+                log.exception("on_disconnect hook failed")

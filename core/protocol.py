@@ -1,0 +1,557 @@
+"""Wire messages: frozen dataclasses with `encode`/`decode`, a type tag and a schema version.
+
+Every message on the wire is a map with `type` and `v` keys. Decoding validates every field
+and wraps any failure as `DecodeError`, so a malformed payload never reaches the logic that
+acts on it. Keys are plain words without dots, numbers stay numbers: what a person sees in
+MQTT Explorer is what the code reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Type, TypeVar
+
+from core import codec as _codec
+from core.errors import DecodeError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "MIN_PRIORITY",
+    "MAX_PRIORITY",
+    "DEFAULT_PRIORITY",
+    "Message",
+    "TaskSpec",
+    "TaskResult",
+    "TaskOutcome",
+    "TaskBatch",
+    "ResultBatch",
+    "Control",
+    "NodeReport",
+    "NodeStatus",
+    "Submission",
+    "SubmitReply",
+    "OutcomeBatch",
+    "Query",
+    "QueryReply",
+    "MasterStatus",
+    "decode_message",
+    "make_task",
+    "NODE_STATES",
+]
+
+SCHEMA_VERSION = 1
+MIN_PRIORITY = 1
+MAX_PRIORITY = 10
+DEFAULT_PRIORITY = 5
+NODE_STATES = ("connected", "ready", "busy", "offline", "dead")
+
+M = TypeVar("M", bound="Message")
+
+
+# -- field validation ------------------------------------------------------------------------
+
+def _get(d: dict, key: str, kind: type | tuple, what: str, default: Any = ...) -> Any:
+    value = d.get(key, default)
+    if value is ...:
+        raise DecodeError(f"{what}: missing field {key!r}")
+    if value is default and default is not ...:
+        return value
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise DecodeError(f"{what}: field {key!r} must be {name}, got {type(value).__name__}")
+    return value
+
+
+def _int(d: dict, key: str, what: str, default: Any = ..., lo: int | None = None,
+         hi: int | None = None) -> int:
+    value = _get(d, key, int, what, default)
+    if isinstance(value, bool):
+        raise DecodeError(f"{what}: field {key!r} must be int, got bool")
+    if value is not default or default is ...:
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise DecodeError(f"{what}: field {key!r}={value} outside {lo}..{hi}")
+    return value
+
+
+def _num(d: dict, key: str, what: str, default: Any = ...) -> float:
+    value = _get(d, key, (int, float), what, default)
+    if isinstance(value, bool):
+        raise DecodeError(f"{what}: field {key!r} must be a number, got bool")
+    return value
+
+
+def _str_list(d: dict, key: str, what: str) -> tuple[str, ...]:
+    items = _get(d, key, list, what, [])
+    for item in items:
+        if not isinstance(item, str):
+            raise DecodeError(f"{what}: {key!r} must hold strings only")
+    return tuple(items)
+
+
+# -- base ------------------------------------------------------------------------------------
+
+class Message:
+    """Mixin giving every message `encode`, `decode` and its wire dict."""
+
+    TYPE: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    @classmethod
+    def from_dict(cls: Type[M], d: dict[str, Any]) -> M:  # pragma: no cover
+        raise NotImplementedError
+
+    def wire(self) -> dict[str, Any]:
+        d = self.to_dict()
+        d["type"] = self.TYPE
+        d["v"] = SCHEMA_VERSION
+        return d
+
+    def encode(self, codec: str = _codec.MSGPACK) -> bytes:
+        return _codec.encode(self.wire(), codec)
+
+    @classmethod
+    def decode(cls: Type[M], payload: bytes) -> M:
+        message = decode_message(payload)
+        if not isinstance(message, cls):
+            raise DecodeError(f"expected a {cls.TYPE!r} message, got {message.TYPE!r}")
+        return message
+
+
+_REGISTRY: dict[str, Type[Message]] = {}
+
+
+def _register(cls: Type[M]) -> Type[M]:
+    _REGISTRY[cls.TYPE] = cls
+    return cls
+
+
+def decode_message(payload: bytes) -> Message:
+    """Decode any fabric message; every failure is a DecodeError naming what is wrong."""
+    d = _codec.decode(payload)
+    return message_from_dict(d)
+
+
+def message_from_dict(d: dict[str, Any]) -> Message:
+    kind = d.get("type")
+    cls = _REGISTRY.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise DecodeError(f"unknown message type {kind!r}")
+    version = d.get("v")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= SCHEMA_VERSION:
+        raise DecodeError(f"{kind}: unsupported schema version {version!r} (this side speaks "
+                          f"1..{SCHEMA_VERSION})")
+    try:
+        return cls.from_dict(d)
+    except DecodeError:
+        raise
+    except Exception as e:  # a validator missed a shape: still the sender's fault
+        raise DecodeError(f"{kind}: {e}") from e
+
+
+# -- tasks and results -------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """One unit of work: a registered task name called with arguments."""
+
+    id: str
+    name: str
+    args: list = field(default_factory=list)
+    kwargs: dict = field(default_factory=dict)
+    priority: int = DEFAULT_PRIORITY
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"id": self.id, "name": self.name, "priority": self.priority}
+        if self.args:
+            d["args"] = list(self.args)
+        if self.kwargs:
+            d["kwargs"] = self.kwargs
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "TaskSpec":
+        if not isinstance(d, dict):
+            raise DecodeError("task must be a map")
+        task_id = _get(d, "id", str, "task")
+        if not task_id or len(task_id) > 128:
+            raise DecodeError("task: 'id' must be 1-128 characters")
+        return cls(
+            id=task_id,
+            name=_get(d, "name", str, "task"),
+            args=_get(d, "args", list, "task", []),
+            kwargs=_get(d, "kwargs", dict, "task", {}),
+            priority=_int(d, "priority", "task", DEFAULT_PRIORITY, MIN_PRIORITY, MAX_PRIORITY),
+        )
+
+
+def make_task(name: str, args: Any = (), kwargs: dict | None = None, *,
+              priority: int = DEFAULT_PRIORITY, task_id: str | None = None) -> TaskSpec:
+    """A new task with a fresh id, checked the way the master will check it."""
+    import uuid
+
+    from core.errors import ConfigError
+    if not isinstance(name, str) or not name:
+        raise ConfigError("task name must be a non-empty string")
+    if isinstance(priority, bool) or not isinstance(priority, int) \
+            or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise ConfigError(f"priority must be an integer {MIN_PRIORITY}-{MAX_PRIORITY}, "
+                          f"got {priority!r}")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ConfigError("kwargs must be a dict")
+    return TaskSpec(id=task_id or uuid.uuid4().hex, name=name, args=list(args),
+                    kwargs=dict(kwargs or {}), priority=priority)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskResult:
+    """What a node reports for one task: a value, or a structured error."""
+
+    id: str
+    ok: bool
+    value: Any = None
+    error: dict | None = None
+    ts: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"id": self.id, "ok": self.ok, "ts": self.ts}
+        if self.ok:
+            d["value"] = self.value
+        else:
+            d["error"] = self.error or {"kind": "error", "message": ""}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "TaskResult":
+        if not isinstance(d, dict):
+            raise DecodeError("result must be a map")
+        ok = _get(d, "ok", bool, "result")
+        error = None if ok else _get(d, "error", dict, "result")
+        return cls(id=_get(d, "id", str, "result"), ok=ok, value=d.get("value") if ok else None,
+                   error=error, ts=_num(d, "ts", "result", 0.0))
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOutcome:
+    """The final word on a task, as the master tells its submitter."""
+
+    id: str
+    state: str  # "completed" | "failed" | "pending" | "unknown"
+    value: Any = None
+    error: dict | None = None
+    node_id: str = ""
+    attempts: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "state": self.state, "value": self.value, "error": self.error,
+                "node_id": self.node_id, "attempts": self.attempts}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "TaskOutcome":
+        if not isinstance(d, dict):
+            raise DecodeError("outcome must be a map")
+        error = d.get("error")
+        if error is not None and not isinstance(error, dict):
+            raise DecodeError("outcome: 'error' must be a map")
+        return cls(id=_get(d, "id", str, "outcome"), state=_get(d, "state", str, "outcome"),
+                   value=d.get("value"), error=error,
+                   node_id=_get(d, "node_id", str, "outcome", ""),
+                   attempts=_int(d, "attempts", "outcome", 0))
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class TaskBatch(Message):
+    """Master → node: tasks to run. `epoch` is the master's lease epoch."""
+
+    TYPE: ClassVar[str] = "tasks"
+    tasks: tuple[TaskSpec, ...]
+    epoch: int = 0
+    master: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tasks": [t.to_dict() for t in self.tasks], "epoch": self.epoch,
+                "master": self.master}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TaskBatch":
+        raw = _get(d, "tasks", list, "tasks")
+        return cls(tasks=tuple(TaskSpec.from_dict(t) for t in raw),
+                   epoch=_int(d, "epoch", "tasks", 0, 0), master=_get(d, "master", str, "tasks", ""))
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class ResultBatch(Message):
+    """Node → master: results, and tasks handed back unstarted (`released`)."""
+
+    TYPE: ClassVar[str] = "results"
+    node_id: str
+    results: tuple[TaskResult, ...] = ()
+    released: tuple[str, ...] = ()
+    instance: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"node_id": self.node_id, "instance": self.instance,
+                "results": [r.to_dict() for r in self.results], "released": list(self.released)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ResultBatch":
+        raw = _get(d, "results", list, "results", [])
+        return cls(node_id=_get(d, "node_id", str, "results"),
+                   results=tuple(TaskResult.from_dict(r) for r in raw),
+                   released=_str_list(d, "released", "results"),
+                   instance=_get(d, "instance", str, "results", ""))
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class Control(Message):
+    """Master → node: a command that is not a task (snapshot marker, ...)."""
+
+    TYPE: ClassVar[str] = "control"
+    command: str
+    request_id: str = ""
+    params: dict = field(default_factory=dict)
+    epoch: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"command": self.command, "request_id": self.request_id, "params": self.params,
+                "epoch": self.epoch}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Control":
+        return cls(command=_get(d, "command", str, "control"),
+                   request_id=_get(d, "request_id", str, "control", ""),
+                   params=_get(d, "params", dict, "control", {}),
+                   epoch=_int(d, "epoch", "control", 0, 0))
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class NodeReport(Message):
+    """Node → master: the node's own state, in answer to a Control request."""
+
+    TYPE: ClassVar[str] = "report"
+    node_id: str
+    request_id: str
+    state: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"node_id": self.node_id, "request_id": self.request_id, "state": self.state}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NodeReport":
+        return cls(node_id=_get(d, "node_id", str, "report"),
+                   request_id=_get(d, "request_id", str, "report"),
+                   state=_get(d, "state", dict, "report", {}))
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class NodeStatus(Message):
+    """Retained per-node status: birth, heartbeat (with workload) and the will `dead`.
+
+    Always JSON on the wire so MQTT Explorer shows it as a flat table and charts its numbers.
+    """
+
+    TYPE: ClassVar[str] = "status"
+    node_id: str
+    status: str
+    kind: str = "cpython"
+    codec: str = _codec.MSGPACK
+    capacity: int = 1
+    prefetch: int = 1
+    workload: int = 0
+    max_payload: int = 0
+    instance: str = ""
+    tasks_done: int = 0
+    tasks_failed: int = 0
+    rejected: int = 0
+    heartbeat: float = 1.0
+    ts: float = 0.0
+    tasks: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"node_id": self.node_id, "status": self.status, "kind": self.kind,
+                "codec": self.codec, "capacity": self.capacity, "prefetch": self.prefetch,
+                "workload": self.workload, "max_payload": self.max_payload,
+                "instance": self.instance, "tasks_done": self.tasks_done,
+                "tasks_failed": self.tasks_failed, "rejected": self.rejected,
+                "heartbeat": self.heartbeat, "ts": self.ts, "tasks": self.tasks}
+
+    def encode(self, codec: str = _codec.JSON) -> bytes:
+        return _codec.encode(self.wire(), codec)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NodeStatus":
+        w = "status"
+        status = _get(d, "status", str, w)
+        if status not in NODE_STATES:
+            raise DecodeError(f"status: unknown node state {status!r}")
+        codec_name = _get(d, "codec", str, w, _codec.MSGPACK)
+        if codec_name not in _codec.CODECS:
+            raise DecodeError(f"status: unknown codec {codec_name!r}")
+        return cls(node_id=_get(d, "node_id", str, w), status=status,
+                   kind=_get(d, "kind", str, w, "cpython"), codec=codec_name,
+                   capacity=_int(d, "capacity", w, 1, 0, 1_000_000),
+                   prefetch=_int(d, "prefetch", w, 1, 0, 1_000_000),
+                   workload=_int(d, "workload", w, 0, 0),
+                   max_payload=_int(d, "max_payload", w, 0, 0),
+                   instance=_get(d, "instance", str, w, ""),
+                   tasks_done=_int(d, "tasks_done", w, 0, 0),
+                   tasks_failed=_int(d, "tasks_failed", w, 0, 0),
+                   rejected=_int(d, "rejected", w, 0, 0),
+                   heartbeat=_num(d, "heartbeat", w, 1.0), ts=_num(d, "ts", w, 0.0),
+                   tasks=_get(d, "tasks", str, w, ""))
+
+
+# -- clients -------------------------------------------------------------------------------------
+
+@_register
+@dataclass(frozen=True, slots=True)
+class Submission(Message):
+    """Client → master: tasks to queue. Task ids are chosen by the client, so a resend after a
+    lost reply is harmless: the master keeps each id once."""
+
+    TYPE: ClassVar[str] = "submit"
+    client_id: str
+    request_id: str
+    tasks: tuple[TaskSpec, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"client_id": self.client_id, "request_id": self.request_id,
+                "tasks": [t.to_dict() for t in self.tasks]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Submission":
+        raw = _get(d, "tasks", list, "submit")
+        return cls(client_id=_get(d, "client_id", str, "submit"),
+                   request_id=_get(d, "request_id", str, "submit"),
+                   tasks=tuple(TaskSpec.from_dict(t) for t in raw))
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class SubmitReply(Message):
+    """Master → client: which submitted ids are journalled, which were refused and why."""
+
+    TYPE: ClassVar[str] = "submit_reply"
+    request_id: str
+    accepted: tuple[str, ...] = ()
+    rejected: tuple[tuple[str, str], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"request_id": self.request_id, "accepted": list(self.accepted),
+                "rejected": [list(r) for r in self.rejected]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SubmitReply":
+        rejected = []
+        for item in _get(d, "rejected", list, "submit_reply", []):
+            if not (isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item)):
+                raise DecodeError("submit_reply: each rejection must be [id, reason]")
+            rejected.append((item[0], item[1]))
+        return cls(request_id=_get(d, "request_id", str, "submit_reply"),
+                   accepted=_str_list(d, "accepted", "submit_reply"), rejected=tuple(rejected))
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class OutcomeBatch(Message):
+    """Master → client: final outcomes of tasks the client submitted or asked about."""
+
+    TYPE: ClassVar[str] = "outcomes"
+    outcomes: tuple[TaskOutcome, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"outcomes": [o.to_dict() for o in self.outcomes]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "OutcomeBatch":
+        raw = _get(d, "outcomes", list, "outcomes")
+        return cls(outcomes=tuple(TaskOutcome.from_dict(o) for o in raw))
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class Query(Message):
+    """Client → master: a status query (`nodes`, `status`, `outcomes`, `snapshot`, ...)."""
+
+    TYPE: ClassVar[str] = "query"
+    client_id: str
+    request_id: str
+    what: str
+    params: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"client_id": self.client_id, "request_id": self.request_id, "what": self.what,
+                "params": self.params}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Query":
+        return cls(client_id=_get(d, "client_id", str, "query"),
+                   request_id=_get(d, "request_id", str, "query"),
+                   what=_get(d, "what", str, "query"), params=_get(d, "params", dict, "query", {}))
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class QueryReply(Message):
+    """Master → client: the answer to a Query."""
+
+    TYPE: ClassVar[str] = "query_reply"
+    request_id: str
+    ok: bool
+    data: Any = None
+    error: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"request_id": self.request_id, "ok": self.ok, "data": self.data,
+                "error": self.error}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QueryReply":
+        return cls(request_id=_get(d, "request_id", str, "query_reply"),
+                   ok=_get(d, "ok", bool, "query_reply"), data=d.get("data"),
+                   error=_get(d, "error", str, "query_reply", ""))
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class MasterStatus(Message):
+    """Retained master status: flat JSON counters for people and dashboards."""
+
+    TYPE: ClassVar[str] = "master_status"
+    master_id: str
+    status: str
+    epoch: int = 0
+    queued: int = 0
+    in_flight: int = 0
+    completed: int = 0
+    failed: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    nodes_ready: int = 0
+    nodes_total: int = 0
+    ts: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"master_id": self.master_id, "status": self.status, "epoch": self.epoch,
+                "queued": self.queued, "in_flight": self.in_flight,
+                "completed": self.completed, "failed": self.failed,
+                "duplicates": self.duplicates, "rejected": self.rejected,
+                "nodes_ready": self.nodes_ready, "nodes_total": self.nodes_total, "ts": self.ts}
+
+    def encode(self, codec: str = _codec.JSON) -> bytes:
+        return _codec.encode(self.wire(), codec)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MasterStatus":
+        w = "master_status"
+        return cls(master_id=_get(d, "master_id", str, w), status=_get(d, "status", str, w),
+                   **{k: _int(d, k, w, 0, 0) for k in (
+                       "epoch", "queued", "in_flight", "completed", "failed", "duplicates",
+                       "rejected", "nodes_ready", "nodes_total")},
+                   ts=_num(d, "ts", w, 0.0))
