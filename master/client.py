@@ -1,0 +1,244 @@
+"""FabricClient: submit tasks and ask questions over MQTT, as the CLI and any program do.
+
+A client needs nothing but a broker connection. Task ids are chosen here, so a submission
+resent after a lost acknowledgement is harmless; outcomes are pushed to the client's own
+topic, and asked for again after a reconnect or a master restart, so a waiting submitter
+gets its result through either.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from typing import Any, Callable, Iterable
+
+from core.errors import DecodeError, FabricError, FabricTimeout, QueueFull
+from core.mqtt import MqttSession, TlsSettings
+from core.protocol import (DEFAULT_PRIORITY, MasterStatus, OutcomeBatch, Query, QueryReply,
+                           Submission, SubmitReply, TaskOutcome, TaskSpec, decode_message,
+                           make_task)
+from core.topics import DEFAULT_ROOT, Topics
+from core.url import BrokerUrl, parse_broker_url
+from master.handles import TaskHandle
+
+__all__ = ["FabricClient"]
+
+log = logging.getLogger(__name__)
+
+_SUBMIT_CHUNK = 1000
+
+
+class FabricClient:
+    """A connection to the fabric for submitting tasks and querying the master."""
+
+    def __init__(self, *, broker_url: BrokerUrl | str | None = None, root: str = DEFAULT_ROOT,
+                 client_id: str | None = None, tls: TlsSettings | None = None,
+                 resend_after: float = 2.0) -> None:
+        if not isinstance(broker_url, BrokerUrl):
+            broker_url = parse_broker_url(broker_url)
+        self.topics = Topics(root)
+        self.client_id = client_id or f"client-{uuid.uuid4().hex[:10]}"
+        self.resend_after = resend_after
+        self._lock = threading.Lock()
+        self._handles: dict[str, TaskHandle] = {}
+        self._unacked: dict[str, tuple[Submission, float, threading.Event]] = {}
+        self._replies: dict[str, tuple[threading.Event, list]] = {}
+        self._master_state: str | None = None
+        self._stop = threading.Event()
+        self._session = MqttSession(broker=broker_url, client_id=self.client_id, tls=tls)
+        self._session.subscribe(self.topics.client(self.client_id), self._on_message)
+        self._session.subscribe(self.topics.master_status, self._on_master_status)
+        self._session.on_connect(lambda _present: self._recover_soon())
+        self._watchdog = threading.Thread(target=self._watch, name="client-watch", daemon=True)
+
+    def start(self, *, timeout: float = 10.0) -> "FabricClient":
+        if not self._watchdog.is_alive():
+            self._session.start(timeout=timeout)
+            self._watchdog.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self._session.stop(timeout=2.0)
+
+    def __enter__(self) -> "FabricClient":
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # -- submitting ------------------------------------------------------------------------------
+
+    def submit(self, name: str, args: Iterable[Any] = (), kwargs: dict | None = None, *,
+               priority: int = DEFAULT_PRIORITY, ack_timeout: float = 10.0) -> TaskHandle:
+        """Submit one task; returns once the master has journalled it."""
+        return self.submit_many([(name, list(args), dict(kwargs or {}), priority)],
+                                ack_timeout=ack_timeout)[0]
+
+    def dispatch_lambda(self, lambda_data: dict, *, priority: int = DEFAULT_PRIORITY) -> TaskHandle:
+        """Run a named lambda (`name`, `event`, `env`, `timeout`, `memory`) on some node."""
+        return self.submit("lambda", kwargs=lambda_data, priority=priority)
+
+    def submit_many(self, calls: Iterable[tuple[str, list, dict, int]], *,
+                    ack_timeout: float = 30.0,
+                    on_progress: Callable[[int], None] | None = None) -> list[TaskHandle]:
+        """Submit (name, args, kwargs, priority) calls in batches; each id once, journalled.
+
+        Tasks the master refuses because its queue is full are resent with backoff until
+        `ack_timeout` passes, then their handles fail with QueueFull.
+        """
+        specs = [make_task(n, a, k, priority=p) for n, a, k, p in calls]
+        handles = [TaskHandle(s.id) for s in specs]
+        with self._lock:
+            for handle in handles:
+                self._handles[handle.id] = handle
+        deadline = time.monotonic() + ack_timeout
+        done = 0
+        for start in range(0, len(specs), _SUBMIT_CHUNK):
+            chunk = specs[start:start + _SUBMIT_CHUNK]
+            self._send_until_accepted(chunk, deadline)
+            done += len(chunk)
+            if on_progress is not None:
+                on_progress(done)
+        return handles
+
+    def _send_until_accepted(self, specs: list[TaskSpec], deadline: float) -> None:
+        pending = specs
+        backoff = 0.05
+        while pending:
+            reply = self._submit_once(pending, deadline)
+            refused = {task_id for task_id, reason in reply.rejected}
+            pending = [s for s in pending if s.id in refused]
+            if not pending:
+                return
+            if time.monotonic() + backoff > deadline:
+                reasons = dict(reply.rejected)
+                for spec in pending:
+                    handle = self._handles.pop(spec.id, None)
+                    if handle is not None:
+                        handle.reject(QueueFull(reasons.get(spec.id, "refused")))
+                return
+            time.sleep(backoff)  # the master's queue is full: slow down, then resend
+            backoff = min(backoff * 2, 1.0)
+
+    def _submit_once(self, specs: list[TaskSpec], deadline: float) -> SubmitReply:
+        request_id = uuid.uuid4().hex
+        message = Submission(client_id=self.client_id, request_id=request_id, tasks=tuple(specs))
+        event = threading.Event()
+        slot: list = []
+        with self._lock:
+            self._replies[request_id] = (event, slot)
+        payload = message.encode()
+        try:
+            while True:
+                self._session.publish(self.topics.submit(self.client_id), payload)
+                wait = min(self.resend_after, max(0.0, deadline - time.monotonic()))
+                if event.wait(wait):
+                    return slot[0]
+                if time.monotonic() >= deadline:
+                    raise FabricTimeout(f"the master did not acknowledge {len(specs)} tasks in time"
+                                        " (is master-node serve running on this broker and root?)")
+        finally:
+            with self._lock:
+                self._replies.pop(request_id, None)
+
+    # -- asking ----------------------------------------------------------------------------------
+
+    def query(self, what: str, params: dict | None = None, *, timeout: float = 10.0) -> Any:
+        """Ask the master (`nodes`, `status`, `outcomes`, ...); raises on error or silence."""
+        request_id = uuid.uuid4().hex
+        event = threading.Event()
+        slot: list = []
+        with self._lock:
+            self._replies[request_id] = (event, slot)
+        payload = Query(client_id=self.client_id, request_id=request_id, what=what,
+                        params=params or {}).encode()
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                self._session.publish(self.topics.query(self.client_id), payload)
+                if event.wait(min(self.resend_after, max(0.0, deadline - time.monotonic()))):
+                    break
+                if time.monotonic() >= deadline:
+                    raise FabricTimeout(f"no answer from the master to {what!r} within {timeout:g}s"
+                                        " (is master-node serve running on this broker and root?)")
+        finally:
+            with self._lock:
+                self._replies.pop(request_id, None)
+        reply: QueryReply = slot[0]
+        if not reply.ok:
+            raise FabricError(reply.error)
+        return reply.data
+
+    def nodes(self, *, timeout: float = 10.0) -> list[dict]:
+        return self.query("nodes", timeout=timeout)
+
+    def status(self, *, timeout: float = 10.0) -> dict:
+        return self.query("status", timeout=timeout)
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._handles)
+
+    # -- incoming --------------------------------------------------------------------------------
+
+    def _on_message(self, _topic: str, payload: bytes) -> None:
+        try:
+            message = decode_message(payload)
+        except DecodeError as e:
+            log.warning("ignored a malformed reply: %s", e)
+            return
+        if isinstance(message, OutcomeBatch):
+            self._resolve(message.outcomes)
+        elif isinstance(message, (SubmitReply, QueryReply)):
+            with self._lock:
+                waiter = self._replies.get(message.request_id)
+            if waiter is not None:
+                waiter[1].append(message)
+                waiter[0].set()
+
+    def _resolve(self, outcomes: Iterable[TaskOutcome]) -> None:
+        for outcome in outcomes:
+            if outcome.state not in ("completed", "failed"):
+                continue
+            with self._lock:
+                handle = self._handles.pop(outcome.id, None)
+            if handle is not None:
+                handle.resolve(outcome)
+
+    def _on_master_status(self, _topic: str, payload: bytes) -> None:
+        try:
+            status = MasterStatus.decode(payload) if payload else None
+        except DecodeError:
+            return
+        state = status.status if status else None
+        restarted = state == "running" and self._master_state not in (None, "running")
+        self._master_state = state
+        if restarted:
+            self._recover_soon()
+
+    def _recover_soon(self) -> None:
+        # never wait for a reply on the network thread that would deliver it
+        threading.Thread(target=self._recover, name="client-recover", daemon=True).start()
+
+    def _recover(self) -> None:
+        """Ask again for every outcome still awaited (after a reconnect or master restart)."""
+        with self._lock:
+            ids = list(self._handles)
+        for start in range(0, len(ids), _SUBMIT_CHUNK):
+            try:
+                data = self.query("outcomes", {"ids": ids[start:start + _SUBMIT_CHUNK]},
+                                  timeout=10.0)
+                self._resolve(TaskOutcome.from_dict(o) for o in data)
+            except FabricError as e:
+                log.info("could not re-query outcomes yet: %s", e)
+                return
+
+    def _watch(self) -> None:
+        """A slow safety net: re-ask for outcomes now and then while some are awaited."""
+        while not self._stop.wait(10.0):
+            if self._handles and self._session.connected:
+                self._recover()
+

@@ -1,0 +1,78 @@
+"""`master-node serve`: the embedded broker (unless one is given), the master, until a signal."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from core.errors import ConfigError
+from core.topics import DEFAULT_ROOT
+from core.url import BrokerUrl, parse_broker_url
+from master.transport import MasterNodeTransport
+
+__all__ = ["ServeOptions", "serve", "default_config_path"]
+
+log = logging.getLogger("master-node")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    broker: str | None = None
+    config: Path | None = None
+    port: int | None = None
+    state_dir: Path = Path("state")
+    root: str = DEFAULT_ROOT
+    node_timeout: float = 3.0
+    max_attempts: int = 3
+    max_queued: int = 1_000_000
+    master_id: str = "master"
+
+
+def default_config_path() -> Path | None:
+    """broker.conf in the working directory, if there is one."""
+    path = Path("broker.conf")
+    return path if path.is_file() else None
+
+
+def serve(options: ServeOptions, *, stop: threading.Event | None = None,
+          on_ready: Callable[[MasterNodeTransport, BrokerUrl], None] | None = None) -> int:
+    """Run the master until `stop` is set (or SIGINT/SIGTERM when run from the CLI)."""
+    stop = stop or threading.Event()
+    broker_process = None
+    if options.broker:
+        broker_url = parse_broker_url(options.broker)
+    else:
+        from master.broker import start_broker_process
+        config = options.config or default_config_path()
+        if config is not None and not Path(config).is_file():
+            raise ConfigError(f"broker config {config} not found")
+        broker_process = start_broker_process(config, port=options.port, parent_pid=os.getpid())
+        broker_url = parse_broker_url(broker_process.url)
+        log.info("embedded broker listening on %s", broker_process.url)
+    master = MasterNodeTransport(broker_url=broker_url, root=options.root,
+                                 state_dir=options.state_dir, master_id=options.master_id,
+                                 max_attempts=options.max_attempts, max_queued=options.max_queued,
+                                 node_timeout=options.node_timeout)
+    try:
+        master.start()
+        log.info("master %s ready on %s (state in %s)", options.master_id, broker_url,
+                 options.state_dir)
+        if on_ready is not None:
+            on_ready(master, broker_url)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        master.stop()
+        if broker_process is not None:
+            broker_process.stop()
+    return 0
+
+
+def install_signal_handlers(stop: threading.Event) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())

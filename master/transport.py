@@ -1,0 +1,549 @@
+"""MasterNodeTransport: the master's side of the fabric.
+
+One processing thread owns the scheduler and the journal. Messages from the broker and
+calls from the API land in an inbox; the loop takes everything waiting (so work arrives in
+batches under load and at once when idle), applies it, commits the journal once, and only
+then publishes: task batches to nodes, acknowledgements and outcomes to clients.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from core import codec
+from core.errors import ConfigError, DecodeError, FabricError, QueueFull
+from core.mqtt import MqttSession, TlsSettings, Will
+from core.protocol import (DEFAULT_PRIORITY, Control, MasterStatus,
+                           NodeReport, NodeStatus, OutcomeBatch, Query, QueryReply, ResultBatch,
+                           Submission, SubmitReply, TaskBatch, TaskOutcome, TaskSpec,
+                           decode_message, make_task)
+from core.topics import DEFAULT_ROOT, Topics, validate_id
+from core.url import BrokerUrl, parse_broker_url
+from master.handles import TaskHandle
+from master.journal import Journal
+from master.scheduler import COMPLETED, STATE_NAMES, Scheduler, TaskRecord
+
+__all__ = ["MasterNodeTransport"]
+
+log = logging.getLogger(__name__)
+
+_MAX_INBOX_BATCH = 5000
+
+
+class MasterNodeTransport:
+    """The master (seed API: start, send_task, get_node_info, get_nodes_by_status,
+    set_dead_nodes_callback, get_dead_nodes, get_results, forget_node) plus `submit`."""
+
+    def __init__(self, broker_host: str = "localhost", broker_port: int = 1883, *,
+                 broker_url: BrokerUrl | str | None = None, root: str = DEFAULT_ROOT,
+                 state_dir: str | Path | None = None, master_id: str = "master",
+                 max_attempts: int = 3, max_queued: int = 1_000_000, node_timeout: float = 3.0,
+                 max_batch: int = 1000, status_interval: float = 1.0,
+                 keepalive: int = 5, tls: TlsSettings | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if isinstance(broker_url, str):
+            broker_url = parse_broker_url(broker_url)
+        self.broker = broker_url or BrokerUrl(host=broker_host, port=broker_port)
+        if max_attempts < 1:
+            raise ConfigError("max_attempts must be at least 1")
+        self.master_id = validate_id(master_id, what="master id")
+        self.topics = Topics(root)
+        self.scheduler = Scheduler(max_attempts=max_attempts, max_queued=max_queued,
+                                   node_timeout=node_timeout)
+        journal_path = Path(state_dir) / "master.sqlite3" if state_dir else ":memory:"
+        self.journal = Journal(journal_path)
+        self.epoch = 0
+        self.max_batch = max_batch
+        self.status_interval = status_interval
+        self.rejected = 0
+        self._clock = clock
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._handles: dict[str, TaskHandle] = {}
+        self._results: deque[dict] = deque(maxlen=100_000)
+        self._dead: list[str] = []
+        self._dead_callback: Callable[[list[str]], None] | None = None
+        self._report_waiters: dict[str, Callable[[NodeReport], None]] = {}
+        self._query_handlers: dict[str, Callable[[dict], Any]] = {}
+        # filled during one loop turn, flushed after the journal commit
+        self._finished: list[tuple[TaskRecord, Any]] = []
+        self._requeued: list[TaskRecord] = []
+        self._outgoing: list[tuple[str, bytes, bool]] = []
+        self._client_outcomes: dict[str, list[TaskOutcome]] = {}
+        self._session = MqttSession(
+            broker=self.broker, client_id=f"{self.master_id}-{uuid.uuid4().hex[:6]}",
+            keepalive=keepalive, tls=tls,
+            will=Will(self.topics.master_status, MasterStatus(self.master_id, "dead").encode()))
+        topics = self.topics
+        self._session.subscribe(topics.all_node_status, self._inbound("status"))
+        self._session.subscribe(topics.all_results, self._inbound("results"))
+        self._session.subscribe(topics.all_submit, self._inbound("submit"))
+        self._session.subscribe(topics.all_query, self._inbound("query"))
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self, *, timeout: float = 10.0) -> None:
+        """Restore the journal, connect, and start dispatching."""
+        restored = self.journal.unfinished()
+        for record, was_running in restored:
+            self.scheduler.restore(record, front=was_running)
+        if restored:
+            log.info("restored %d unfinished tasks from the journal", len(restored))
+        self._session.start(timeout=timeout)
+        self._thread = threading.Thread(target=self._run, name="master-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self, *, timeout: float = 5.0) -> None:
+        """Stop dispatching, say `offline`, disconnect. Queued work stays in the journal."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._lock:
+            self.journal.commit()
+            try:
+                self._session.publish_and_wait(self.topics.master_status,
+                                               self._master_status("offline").encode(),
+                                               retain=True, timeout=2.0)
+            except FabricError:
+                pass
+            self._session.stop(timeout=timeout)
+            self.journal.close()
+
+    def __enter__(self) -> "MasterNodeTransport":
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    # -- seed API ------------------------------------------------------------------------------
+
+    def send_task(self, node_id: str, task_data: dict, priority: int = DEFAULT_PRIORITY) -> str:
+        """Send a task to one node (`{"name": ..., "args": [...], "kwargs": {...}}`); its id.
+
+        The task is journalled like any other; if that node dies it goes to another one.
+        """
+        if not isinstance(task_data, dict) or not isinstance(task_data.get("name"), str):
+            raise ConfigError("task_data must be a dict with a 'name'")
+        spec = self._spec(task_data["name"], task_data.get("args", []),
+                          task_data.get("kwargs", {}), priority, task_data.get("id"))
+        self._submit_local([spec], pinned=node_id)
+        return spec.id
+
+    def submit(self, name: str, args: Iterable[Any] = (), kwargs: dict | None = None, *,
+               priority: int = DEFAULT_PRIORITY, task_id: str | None = None) -> TaskHandle:
+        """Queue a task for whichever node the scheduler picks; await it with the handle."""
+        return self._submit_local([self._spec(name, args, kwargs, priority, task_id)])[0]
+
+    def submit_many(self, calls: Iterable[tuple[str, list, dict, int]]) -> list[TaskHandle]:
+        """Queue many (name, args, kwargs, priority) calls at once; one handle each."""
+        return self._submit_local([self._spec(n, a, k, p, None) for n, a, k, p in calls])
+
+    def dispatch_lambda(self, lambda_data: dict, *, priority: int = DEFAULT_PRIORITY) -> TaskHandle:
+        """Run a named lambda (`name`, `event`, `env`, `timeout`, `memory`) on some node."""
+        return self.submit("lambda", kwargs=lambda_data, priority=priority)
+
+    def get_node_info(self, node_id: str | None = None) -> dict | list[dict] | None:
+        with self._lock:
+            if node_id is not None:
+                node = self.scheduler.nodes.get(node_id)
+                return node.info() if node else None
+            return [n.info() for n in self.scheduler.nodes.values()]
+
+    def get_nodes_by_status(self, status: str = "ready") -> list[str]:
+        with self._lock:
+            return [n.node_id for n in self.scheduler.nodes.values() if n.status == status]
+
+    def set_dead_nodes_callback(self, cb: Callable[[list[str]], None]) -> None:
+        """`cb(node_ids)` is called (on the master's loop thread) when nodes are found dead."""
+        self._dead_callback = cb
+
+    def get_dead_nodes(self, disposable: bool = False) -> list[str]:
+        with self._lock:
+            out = list(self._dead)
+            if disposable:
+                self._dead.clear()
+            return out
+
+    def get_results(self, node_id_dict: Iterable[str] | None = None,
+                    disposable: bool = False) -> list[dict]:
+        """Results received so far (the last 100,000), optionally only from the given nodes."""
+        with self._lock:
+            wanted = set(node_id_dict) if node_id_dict is not None else None
+            out = [r for r in self._results if wanted is None or r["node_id"] in wanted]
+            if disposable:
+                if wanted is None:
+                    self._results.clear()
+                else:
+                    keep = [r for r in self._results if r["node_id"] not in wanted]
+                    self._results.clear()
+                    self._results.extend(keep)
+            return out
+
+    def forget_node(self, node_id: str) -> None:
+        """Drop a node from the registry (its tasks go back to the queue) and clear its status."""
+        with self._lock:
+            requeued = self.scheduler.forget(node_id)
+            self._requeued.extend(self.scheduler.tasks[t] for t in requeued
+                                  if t in self.scheduler.tasks)
+        self._session.publish(self.topics.node_status(node_id), b"", retain=True)
+        self._wake()
+
+    # -- more API --------------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        with self._lock:
+            return self._master_status("running").to_dict()
+
+    def outcomes(self, task_ids: Iterable[str]) -> dict[str, TaskOutcome]:
+        with self._lock:
+            return self._outcomes(list(task_ids))
+
+    def broadcast_control(self, command: str, params: dict | None = None,
+                          on_report: Callable[[NodeReport], None] | None = None) -> str:
+        """Send a control message to every live node; reports go to `on_report`."""
+        request_id = uuid.uuid4().hex[:12]
+        if on_report is not None:
+            self._report_waiters[request_id] = on_report
+        with self._lock:
+            nodes = [n for n in self.scheduler.nodes.values() if n.alive]
+        for node in nodes:
+            message = Control(command=command, request_id=request_id, params=params or {},
+                              epoch=self.epoch)
+            self._session.publish(self.topics.node_tasks(node.node_id), message.encode(node.codec))
+        return request_id
+
+    def add_query(self, what: str, handler: Callable[[dict], Any]) -> None:
+        """Answer `Query(what=...)` from clients with `handler(params)` (runs on the loop)."""
+        self._query_handlers[what] = handler
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
+        self._session.publish(topic, payload, qos=qos, retain=retain)
+
+    # -- internals: intake -----------------------------------------------------------------------
+
+    def _spec(self, name: str, args: Iterable[Any], kwargs: dict | None, priority: int,
+              task_id: str | None) -> TaskSpec:
+        return make_task(name, args, kwargs, priority=priority, task_id=task_id)
+
+    def _submit_local(self, specs: list[TaskSpec], *, pinned: str = "") -> list[TaskHandle]:
+        handles = [TaskHandle(s.id) for s in specs]
+        with self._lock:
+            records = []
+            for spec, handle in zip(specs, handles):
+                try:
+                    record = self.scheduler.submit(spec, pinned=pinned)
+                except QueueFull as e:
+                    handle.reject(e)
+                    continue
+                self._handles[spec.id] = handle
+                if record is not None:
+                    records.append(record)
+            self.journal.submitted(records)
+            self.journal.commit()
+        self._wake()
+        return handles
+
+    def _inbound(self, kind: str) -> Callable[[str, bytes], None]:
+        put = self._inbox.put
+
+        def handler(topic: str, payload: bytes) -> None:
+            put((kind, topic, payload))
+        return handler
+
+    def _wake(self) -> None:
+        self._inbox.put(("wake", "", b""))
+
+    # -- internals: the loop ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_liveness = next_status = 0.0
+        inbox = self._inbox
+        while not self._stop.is_set():
+            try:
+                first = inbox.get(timeout=0.1)
+            except queue.Empty:
+                first = ("wake", "", b"")
+            items = [first]
+            while len(items) < _MAX_INBOX_BATCH:
+                try:
+                    items.append(inbox.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                with self._lock:
+                    now = self._clock()
+                    for item in items:
+                        if item is not None:
+                            self._apply(item, now)
+                    if now >= next_liveness:
+                        self._check_liveness(now)
+                        next_liveness = now + 0.1
+                    assignments = self.scheduler.assign()
+                    if self.scheduler.unknown_failed:
+                        self._note_failed(self.scheduler.unknown_failed)
+                        self.scheduler.unknown_failed = []
+                    self._journal_turn(assignments)
+                    self._flush(assignments)
+                    if now >= next_status:
+                        self._outgoing.append((self.topics.master_status,
+                                               self._master_status("running").encode(), True))
+                        next_status = now + self.status_interval
+                    self._publish_outgoing()
+            except Exception:  # the loop must survive any bug in one message's handling
+                log.exception("master loop turn failed")
+
+    def _apply(self, item: tuple[str, str, bytes], now: float) -> None:
+        kind, topic, payload = item
+        if kind == "wake":
+            return
+        try:
+            if kind == "status":
+                self._on_status(topic, payload, now)
+            elif kind == "results":
+                self._on_results(topic, payload, now)
+            elif kind == "submit":
+                self._on_submit(topic, payload)
+            elif kind == "query":
+                self._on_query(topic, payload)
+        except DecodeError as e:
+            self.rejected += 1
+            log.warning("rejected message on %s: %s", topic, e)
+
+    def _on_status(self, topic: str, payload: bytes, now: float) -> None:
+        if not payload:
+            return  # a cleared retained status
+        status = decode_message(payload)
+        node_id = self.topics.level(topic, 1)
+        if not isinstance(status, NodeStatus) or status.node_id != node_id:
+            raise DecodeError(f"status for {node_id!r} is not a status message of that node")
+        known = self.scheduler.nodes.get(node_id)
+        was_alive = known is not None and known.alive
+        requeued, failed = self.scheduler.node_status(status, now)
+        self._note_requeued(requeued)
+        self._note_failed(failed)
+        if status.status == "dead" and (was_alive or known is None):
+            self._node_dead(node_id)
+
+    def _on_results(self, topic: str, payload: bytes, now: float) -> None:
+        message = decode_message(payload)
+        node_id = self.topics.level(topic, 1)
+        if isinstance(message, NodeReport):
+            if message.node_id == node_id:
+                waiter = self._report_waiters.get(message.request_id)
+                if waiter is not None:
+                    waiter(message)
+            return
+        if not isinstance(message, ResultBatch) or message.node_id != node_id:
+            raise DecodeError(f"results on {topic} are not a result batch of node {node_id!r}")
+        scheduler = self.scheduler
+        scheduler.heard_from(node_id, now)
+        for result in message.results:
+            verdict, record = scheduler.result(node_id, result)
+            if verdict == "duplicate":
+                continue
+            self._results.append({"task_id": result.id, "node_id": node_id, "ok": result.ok,
+                                  "value": result.value, "error": result.error, "ts": result.ts})
+            if verdict in ("completed", "failed"):
+                self._finished.append((record, result.value))
+            elif record is not None:
+                self._requeued.append(record)
+        if message.released:
+            self._note_requeued(scheduler.release(node_id, message.released))
+
+    def _on_submit(self, topic: str, payload: bytes) -> None:
+        message = decode_message(payload)
+        client_id = self.topics.level(topic, 1)
+        if not isinstance(message, Submission) or message.client_id != client_id:
+            raise DecodeError(f"submission on {topic} is not from client {client_id!r}")
+        accepted: list[str] = []
+        rejected: list[tuple[str, str]] = []
+        fresh = [t for t in message.tasks if t.id not in self.scheduler.tasks]
+        known = self.journal.outcomes(t.id for t in fresh) if fresh else {}
+        records = []
+        for spec in message.tasks:
+            outcome = known.get(spec.id)
+            if outcome is not None:
+                accepted.append(spec.id)
+                if outcome.state in ("completed", "failed"):  # a resend: answer again
+                    self._client_outcomes.setdefault(client_id, []).append(outcome)
+                continue
+            try:
+                record = self.scheduler.submit(spec, client=client_id)
+            except QueueFull as e:
+                rejected.append((spec.id, f"queue_full: {e}"))
+                continue
+            if record is not None:
+                records.append(record)
+            accepted.append(spec.id)
+        self.journal.submitted(records)
+        reply = SubmitReply(request_id=message.request_id, accepted=tuple(accepted),
+                            rejected=tuple(rejected))
+        self._outgoing.append((self.topics.client(client_id), reply.encode(), False))
+
+    def _on_query(self, topic: str, payload: bytes) -> None:
+        message = decode_message(payload)
+        client_id = self.topics.level(topic, 1)
+        if not isinstance(message, Query) or message.client_id != client_id:
+            raise DecodeError(f"query on {topic} is not from client {client_id!r}")
+        try:
+            data = self._answer(message)
+            reply = QueryReply(request_id=message.request_id, ok=True, data=data)
+        except FabricError as e:
+            reply = QueryReply(request_id=message.request_id, ok=False, error=str(e))
+        self._outgoing.append((self.topics.client(client_id), reply.encode(), False))
+
+    def _answer(self, query: Query) -> Any:
+        if query.what == "nodes":
+            return [n.info() for n in self.scheduler.nodes.values()]
+        if query.what == "status":
+            return self._master_status("running").to_dict()
+        if query.what == "outcomes":
+            ids = query.params.get("ids")
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise ConfigError("outcomes query needs params.ids: a list of task ids")
+            return [o.to_dict() for o in self._outcomes(ids).values()]
+        handler = self._query_handlers.get(query.what)
+        if handler is None:
+            raise ConfigError(f"unknown query {query.what!r}")
+        return handler(query.params)
+
+    def _outcomes(self, ids: list[str]) -> dict[str, TaskOutcome]:
+        out: dict[str, TaskOutcome] = {}
+        missing = []
+        for task_id in ids:
+            record = self.scheduler.tasks.get(task_id)
+            if record is not None:
+                out[task_id] = TaskOutcome(id=task_id, state="pending", node_id=record.node,
+                                           attempts=record.attempts)
+            else:
+                missing.append(task_id)
+        if missing:
+            self.journal.commit()
+            found = self.journal.outcomes(missing)
+            for task_id in missing:
+                out[task_id] = found.get(task_id) or TaskOutcome(id=task_id, state="unknown")
+        return out
+
+    def _check_liveness(self, now: float) -> None:
+        for node_id in self.scheduler.silent(now):
+            log.warning("node %s missed its heartbeats: marking it dead", node_id)
+            requeued, failed = self.scheduler.lose_node(node_id, f"node {node_id} stopped heartbeating")
+            self._note_requeued(requeued)
+            self._note_failed(failed)
+            node = self.scheduler.nodes[node_id]
+            dead = NodeStatus(node_id=node_id, status="dead", kind=node.kind, codec=node.codec,
+                              capacity=node.capacity, instance=node.instance, ts=round(time.time(), 3))
+            self._outgoing.append((self.topics.node_status(node_id), dead.encode(), True))
+            self._node_dead(node_id)
+
+    def _node_dead(self, node_id: str) -> None:
+        if node_id not in self._dead:
+            self._dead.append(node_id)
+        if self._dead_callback is not None:
+            try:
+                self._dead_callback([node_id])
+            except Exception:
+                log.exception("dead-nodes callback failed")
+
+    def _note_requeued(self, task_ids: list[str]) -> None:
+        tasks = self.scheduler.tasks
+        self._requeued.extend(tasks[t] for t in task_ids if t in tasks)
+
+    def _note_failed(self, records: list[TaskRecord]) -> None:
+        self._finished.extend((r, None) for r in records)
+
+    # -- internals: after the commit -------------------------------------------------------------
+
+    def _journal_turn(self, assignments: dict[str, list[TaskRecord]]) -> None:
+        journal = self.journal
+        if self._requeued:
+            journal.requeued(self._requeued)
+            self._requeued.clear()
+        for records in assignments.values():
+            journal.dispatched(records)
+        if self._finished:
+            journal.finished(self._finished)
+        journal.commit()
+
+    def _flush(self, assignments: dict[str, list[TaskRecord]]) -> None:
+        """Publish task batches and tell submitters; called only after the commit."""
+        for node_id, records in assignments.items():
+            node = self.scheduler.nodes[node_id]
+            for batch in self._batches(records, node.max_payload):
+                message = TaskBatch(tasks=tuple(r.spec for r in batch), epoch=self.epoch,
+                                    master=self.master_id)
+                self._outgoing.append((self.topics.node_tasks(node_id),
+                                       message.encode(node.codec), False))
+        if self._finished:
+            for record, value in self._finished:
+                outcome = _outcome(record, value)
+                handle = self._handles.pop(record.id, None)
+                if handle is not None:
+                    handle.resolve(outcome)
+                if record.client:
+                    self._client_outcomes.setdefault(record.client, []).append(outcome)
+            self._finished.clear()
+        for client_id, outcomes in self._client_outcomes.items():
+            for start in range(0, len(outcomes), self.max_batch):
+                batch = OutcomeBatch(outcomes=tuple(outcomes[start:start + self.max_batch]))
+                self._outgoing.append((self.topics.client(client_id), batch.encode(), False))
+        self._client_outcomes.clear()
+
+    def _batches(self, records: list[TaskRecord], max_payload: int) -> Iterable[list[TaskRecord]]:
+        if max_payload <= 0:
+            for start in range(0, len(records), self.max_batch):
+                yield records[start:start + self.max_batch]
+            return
+        batch: list[TaskRecord] = []
+        size = 64
+        for record in records:
+            if batch and size + record.encoded_size() + 1 > max_payload:
+                yield batch
+                batch, size = [], 64
+            batch.append(record)
+            size += record.encoded_size() + 1
+        if batch:
+            yield batch
+
+    def _publish_outgoing(self) -> None:
+        publish = self._session.publish
+        for topic, payload, retain in self._outgoing:
+            try:
+                publish(topic, payload, qos=1, retain=retain)
+            except FabricError:
+                log.exception("publish to %s failed", topic)
+        self._outgoing.clear()
+
+    def _master_status(self, status: str) -> MasterStatus:
+        s = self.scheduler
+        live = [n for n in s.nodes.values() if n.alive]
+        return MasterStatus(
+            master_id=self.master_id, status=status, epoch=self.epoch, queued=s.queued,
+            in_flight=len(s.tasks) - s.queued, completed=s.completed, failed=s.failed,
+            duplicates=s.duplicates, rejected=self.rejected,
+            nodes_ready=sum(1 for n in live if n.status == "ready"), nodes_total=len(live),
+            ts=round(time.time(), 3))
+
+
+def _outcome(record: TaskRecord, value: Any) -> TaskOutcome:
+    if record.state == COMPLETED:
+        return TaskOutcome(id=record.id, state="completed", value=value, node_id=record.node,
+                           attempts=record.attempts)
+    errors = record.errors
+    last = dict(errors[-1]) if errors else {"kind": "failed", "message": "failed"}
+    last["reasons"] = [f"{e.get('kind', 'error')}: {e.get('message', '')}" for e in errors]
+    return TaskOutcome(id=record.id, state=STATE_NAMES[record.state], error=last,
+                       node_id=record.node, attempts=record.attempts)

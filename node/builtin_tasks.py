@@ -1,0 +1,57 @@
+"""Tasks every CPython node runs out of the box (ESP32 nodes run the same names)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from core.errors import FabricError
+from core.primality import is_prime
+from node.registry import default_registry
+
+__all__ = ["noop", "echo", "sleep", "fail", "primes", "parse_number"]
+
+_MAX_SLEEP = 3600.0
+
+
+@default_registry.register("noop")
+def noop(*_args: Any, **_kwargs: Any) -> None:
+    """Does nothing: what the fabric's own overhead is measured with."""
+    return None
+
+
+@default_registry.register("echo")
+def echo(value: Any = None) -> Any:
+    return value
+
+
+@default_registry.register("sleep")
+def sleep(seconds: float = 0.0) -> float:
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= _MAX_SLEEP:
+        raise ValueError(f"sleep takes 0..{_MAX_SLEEP:g} seconds, got {seconds!r}")
+    time.sleep(seconds)
+    return seconds
+
+
+@default_registry.register("fail")
+def fail(message: str = "failed on purpose") -> None:
+    raise FabricError(str(message))
+
+
+def parse_number(value: Any) -> int:
+    """Numbers travel as ints, or as decimal strings when too big for msgpack."""
+    if isinstance(value, bool):
+        raise TypeError("a boolean is not a number")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        return int(value, 10)
+    raise TypeError(f"expected an integer or a decimal string, got {type(value).__name__}")
+
+
+@default_registry.register("primes")
+def primes(numbers: list) -> list[int]:
+    """Indices (within `numbers`) of the primes: small to send back whatever the numbers' size."""
+    if not isinstance(numbers, list):
+        raise TypeError("primes takes a list of numbers")
+    return [i for i, value in enumerate(numbers) if is_prime(parse_number(value))]

@@ -1,0 +1,86 @@
+"""`compute-node`: run a compute node on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from core.errors import FabricError
+from core.topics import DEFAULT_ROOT
+from core.url import BROKER_ENV, parse_broker_url
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="compute-node",
+        description="Join the compute fabric: take prioritised tasks from the master over MQTT, "
+                    "run them, send results back. Stops cleanly on Ctrl-C or SIGTERM, handing "
+                    "back tasks it has not started.")
+    parser.add_argument("--broker", metavar="URL",
+                        help=f"broker as mqtt://[user:password@]host:port (default: ${BROKER_ENV}, "
+                             "else mqtt://127.0.0.1:1883)")
+    parser.add_argument("--id", dest="node_id", metavar="ID",
+                        help="node id (default: <hostname>-<n>, stable across restarts)")
+    parser.add_argument("--capacity", type=int, default=1, metavar="N",
+                        help="tasks run at once, one worker thread each (default 1; use one "
+                             "node process per core for CPU-bound work)")
+    parser.add_argument("--prefetch", type=int, default=None, metavar="N",
+                        help="extra tasks held ready beyond capacity (default: capacity)")
+    parser.add_argument("--root", default=DEFAULT_ROOT, help="topic root (default %(default)s)")
+    parser.add_argument("--heartbeat", type=float, default=1.0, metavar="SECONDS",
+                        help="heartbeat interval (default %(default)s)")
+    parser.add_argument("--task", action="append", default=[], metavar="MODULE:FUNCTION",
+                        help="register a plain function as a task named after it (repeatable)")
+    parser.add_argument("--lambda", dest="lambdas", action="append", default=[],
+                        metavar="MODULE:FUNCTION",
+                        help="register a lambda_handler(event, context) run in a worker process "
+                             "with memory and time limits (repeatable)")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from node.transport import ComputeNodeTransport
+    from node.registry import default_registry, load_task
+    from node.lambda_tasks import attach_lambdas
+
+    try:
+        if args.capacity < 1:
+            raise FabricError("--capacity must be at least 1")
+        if args.prefetch is not None and args.prefetch < 0:
+            raise FabricError("--prefetch must be 0 or more")
+        registry = default_registry.copy()
+        for spec in args.task:
+            load_task(spec, registry=registry)
+        runner = attach_lambdas(registry, args.lambdas)
+        node = ComputeNodeTransport(
+            broker_url=parse_broker_url(args.broker), node_id=args.node_id, root=args.root,
+            capacity=args.capacity, prefetch=args.prefetch, heartbeat=args.heartbeat,
+            registry=registry)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        node.start()
+        logging.getLogger("compute-node").info(
+            "node %s ready on %s (capacity %d)", node.node_id, node.broker, node.capacity)
+        while not stop.wait(1.0):
+            pass
+        node.stop(graceful=True)
+        if runner is not None:
+            runner.close()
+        return 0
+    except FabricError as e:
+        print(f"compute-node: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

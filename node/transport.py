@@ -1,0 +1,327 @@
+"""ComputeNodeTransport: a compute node's side of the fabric.
+
+It takes task batches from its own task topic into a local priority queue, runs them on
+`capacity` worker threads (or hands them to a caller through `get_task`), sends results back
+in batches, heartbeats its workload on a retained status topic, and leaves a will `dead`.
+On SIGINT/SIGTERM it hands back the tasks it has not started, finishes (bounded) the ones it
+has, and says `offline`: nothing held is lost, nothing is reported twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+import uuid
+from collections import OrderedDict
+from typing import Any, Callable
+
+from core import codec
+from core.errors import ConfigError, DecodeError, EncodeError, FabricError, TaskError
+from core.mqtt import MqttSession, TlsSettings, Will
+from core.protocol import (Control, NodeReport, NodeStatus, ResultBatch, TaskBatch, TaskResult,
+                           TaskSpec, decode_message)
+from core.topics import DEFAULT_ROOT, Topics, validate_id
+from core.url import BrokerUrl, parse_broker_url
+from node import builtin_tasks as _builtin  # noqa: F401  (registers the built-in tasks)
+from node.identity import claim_node_id
+from node.registry import TaskRegistry, default_registry
+from node.work_queue import PriorityTaskQueue
+
+__all__ = ["ComputeNodeTransport"]
+
+log = logging.getLogger(__name__)
+
+_RECENT_RESULTS = 20_000      # ids remembered to answer a re-dispatch without re-running
+_MAX_RESULT_BATCH = 2_000
+
+
+class ComputeNodeTransport:
+    """A compute node on the fabric (seed API: start, publish_status, send_result, get_task)."""
+
+    def __init__(self, broker_host: str = "localhost", broker_port: int = 1883, *,
+                 broker_url: BrokerUrl | str | None = None, node_id: str | None = None,
+                 root: str = DEFAULT_ROOT, capacity: int = 1, prefetch: int | None = None,
+                 heartbeat: float = 1.0, registry: TaskRegistry | None = None,
+                 codec_name: str = codec.MSGPACK, drain_timeout: float = 30.0,
+                 keepalive: int = 5, tls: TlsSettings | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        if isinstance(broker_url, str):
+            broker_url = parse_broker_url(broker_url)
+        self.broker = broker_url or BrokerUrl(host=broker_host, port=broker_port)
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ConfigError(f"capacity must be a positive integer, got {capacity!r}")
+        if codec_name not in codec.CODECS:
+            raise ConfigError(f"unknown codec {codec_name!r}")
+        self.node_id = validate_id(node_id, what="node id") if node_id else claim_node_id()
+        self.topics = Topics(root)
+        self.capacity = capacity
+        self.prefetch = capacity if prefetch is None else prefetch
+        self.heartbeat = heartbeat
+        self.codec = codec_name
+        self.drain_timeout = drain_timeout
+        self.registry = registry or default_registry
+        self.instance = uuid.uuid4().hex[:12]
+        self._clock = clock
+        self._queue = PriorityTaskQueue()
+        self._lock = threading.Lock()
+        self._held: set[str] = set()          # queued or running here
+        self._running: set[str] = set()   # taken by a worker, no result yet
+        self._recent: OrderedDict[str, TaskResult | None] = OrderedDict()
+        self._outbox: list[TaskResult] = []
+        self._released: list[str] = []
+        self._outbox_cond = threading.Condition(self._lock)
+        self._stop = threading.Event()
+        self._accepting = True
+        self._threads: list[threading.Thread] = []
+        self.epoch = 0
+        self.tasks_done = 0
+        self.tasks_failed = 0
+        self.rejected = 0
+        self.duplicates = 0
+        self._status = "connected"
+        self._session = MqttSession(
+            broker=self.broker, client_id=self.node_id, keepalive=keepalive, tls=tls,
+            will=Will(self.topics.node_status(self.node_id), self._status_payload("dead")))
+        self._session.subscribe(self.topics.node_tasks(self.node_id), self._on_task_message, qos=1)
+        self._session.on_connect(self._on_connected)
+
+    # -- seed API ------------------------------------------------------------------------------
+
+    def start(self, *, timeout: float = 10.0, workers: bool = True) -> None:
+        """Connect, publish the birth status, start heartbeats (and workers unless told not to)."""
+        self._session.start(timeout=timeout)
+        self._spawn(self._heartbeat_loop, "heartbeat")
+        self._spawn(self._result_sender, "results")
+        if workers:
+            for i in range(self.capacity):
+                self._spawn(self._worker_loop, f"worker-{i}")
+
+    def publish_status(self, status: str) -> None:
+        """Publish our retained status (`connected`, `ready`, `busy`, `offline`)."""
+        self._status = status
+        self._session.publish(self.topics.node_status(self.node_id), self._status_payload(status),
+                              qos=1, retain=True)
+
+    def send_result(self, result: TaskResult | dict) -> None:
+        """Queue a result for the master; results leave in batches, a lone one at once."""
+        if isinstance(result, dict):
+            result = TaskResult.from_dict({"ts": self._clock(), **result})
+        with self._outbox_cond:
+            task_id = result.id
+            self._held.discard(task_id)
+            self._running.discard(task_id)
+            self._recent[task_id] = result
+            if len(self._recent) > _RECENT_RESULTS:
+                self._recent.popitem(last=False)
+            if result.ok:
+                self.tasks_done += 1
+            else:
+                self.tasks_failed += 1
+            self._outbox.append(result)
+            self._outbox_cond.notify()
+
+    def get_task(self, timeout: float | None = None) -> TaskSpec | None:
+        """The most urgent queued task (None if none arrived within `timeout`)."""
+        task = self._queue.get(timeout)
+        if task is not None:
+            with self._lock:
+                self._running.add(task.id)
+        return task
+
+    def stop(self, *, graceful: bool = True) -> None:
+        """Leave the fabric: hand back unstarted tasks, finish running ones (bounded), `offline`."""
+        if self._stop.is_set():
+            return
+        if graceful:
+            self._accepting = False
+            released = [t.id for t in self._queue.drain()]
+            with self._outbox_cond:
+                for task_id in released:
+                    self._held.discard(task_id)
+                self._released.extend(released)
+                self._outbox_cond.notify()
+            deadline = time.monotonic() + self.drain_timeout
+            while time.monotonic() < deadline:
+                with self._lock:
+                    busy = self._running or self._outbox or self._released
+                if not busy:
+                    break
+                time.sleep(0.01)
+            self._session.flush(timeout=5.0)
+            try:
+                self._session.publish_and_wait(self.topics.node_status(self.node_id),
+                                               self._status_payload("offline"), retain=True,
+                                               timeout=5.0)
+            except FabricError:
+                log.warning("could not publish offline status")
+        self._stop.set()
+        self._queue.close()
+        with self._outbox_cond:
+            self._outbox_cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=2.0)
+        if graceful:
+            self._session.stop(timeout=2.0)
+        else:
+            self._session.abort()
+
+    _graceful_shutdown_ = stop  # the seed's name
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._stop.wait(timeout)
+
+    @property
+    def workload(self) -> int:
+        return len(self._held)
+
+    # -- execution -----------------------------------------------------------------------------
+
+    def execute(self, task: TaskSpec) -> TaskResult:
+        """Run one task by its registered name; every failure becomes a structured error."""
+        fn = self.registry.get(task.name)
+        if fn is None:
+            return TaskResult(task.id, False, error={
+                "kind": "unknown_task", "type": "UnknownTask",
+                "message": f"no task named {task.name!r} on node {self.node_id}"}, ts=self._clock())
+        try:
+            value = fn(*task.args, **task.kwargs)
+            if self.codec == codec.MSGPACK:
+                codec.encode({"v": value}, codec.MSGPACK)  # fail here, not in the batch
+            return TaskResult(task.id, True, value=value, ts=self._clock())
+        except TaskError as e:
+            return TaskResult(task.id, False, error=e.error, ts=self._clock())
+        except EncodeError as e:
+            return TaskResult(task.id, False, error={
+                "kind": "bad_result", "type": "EncodeError", "message": str(e)}, ts=self._clock())
+        except MemoryError:
+            return TaskResult(task.id, False, error={
+                "kind": "memory", "type": "MemoryError", "message": "out of memory"}, ts=self._clock())
+        except Exception as e:
+            kind = "bad_request" if isinstance(e, TypeError) and _is_call_error(e, fn) else "exception"
+            return TaskResult(task.id, False, error={
+                "kind": kind, "type": type(e).__name__, "message": str(e),
+                "traceback": traceback.format_exc(limit=8)}, ts=self._clock())
+
+    def _worker_loop(self) -> None:
+        while not self._stop.is_set():
+            task = self.get_task(timeout=0.5)
+            if task is None:
+                continue
+            self.send_result(self.execute(task))
+
+    # -- messages in -------------------------------------------------------------------------------
+
+    def _on_task_message(self, _topic: str, payload: bytes) -> None:
+        try:
+            message = decode_message(payload)
+        except DecodeError as e:
+            self.rejected += 1
+            log.warning("rejected task message: %s", e)
+            return
+        if isinstance(message, TaskBatch):
+            self._accept_batch(message)
+        elif isinstance(message, Control):
+            self._on_control(message)
+        else:
+            self.rejected += 1
+            log.warning("rejected %r message on the task topic", message.TYPE)
+
+    def _accept_batch(self, batch: TaskBatch) -> None:
+        if batch.epoch < self.epoch:
+            self.rejected += 1
+            log.warning("ignored %d tasks from stale master epoch %d (current %d)",
+                        len(batch.tasks), batch.epoch, self.epoch)
+            return
+        self.epoch = batch.epoch
+        resend: list[TaskResult] = []
+        with self._outbox_cond:
+            for task in batch.tasks:
+                if task.id in self._held:
+                    self.duplicates += 1
+                    continue
+                if task.id in self._recent:
+                    self.duplicates += 1
+                    cached = self._recent[task.id]
+                    if cached is not None:
+                        resend.append(cached)
+                    continue
+                if not self._accepting:
+                    self._released.append(task.id)
+                    continue
+                self._held.add(task.id)
+                self._queue.put(task)
+            if resend or self._released:
+                self._outbox.extend(resend)
+                self._outbox_cond.notify()
+
+    def _on_control(self, control: Control) -> None:
+        if control.command == "snapshot":
+            with self._lock:
+                state = {"node_id": self.node_id, "instance": self.instance,
+                         "tasks_processed": self.tasks_done, "tasks_failed": self.tasks_failed,
+                         "held": sorted(self._held), "running": len(self._running),
+                         "rejected": self.rejected, "duplicates": self.duplicates,
+                         "ts": self._clock()}
+            report = NodeReport(node_id=self.node_id, request_id=control.request_id, state=state)
+            self._session.publish(self.topics.results(self.node_id), report.encode(self.codec))
+        else:
+            self.rejected += 1
+            log.warning("unknown control command %r", control.command)
+
+    # -- messages out ------------------------------------------------------------------------------
+
+    def _result_sender(self) -> None:
+        topic = self.topics.results(self.node_id)
+        while True:
+            with self._outbox_cond:
+                while not self._outbox and not self._released and not self._stop.is_set():
+                    self._outbox_cond.wait(0.5)
+                if self._stop.is_set() and not self._outbox and not self._released:
+                    return
+                results = self._outbox[:_MAX_RESULT_BATCH]
+                del self._outbox[:_MAX_RESULT_BATCH]
+                released, self._released = self._released, []
+            batch = ResultBatch(node_id=self.node_id, instance=self.instance,
+                                results=tuple(results), released=tuple(released))
+            try:
+                self._session.publish(topic, batch.encode(self.codec))
+            except FabricError:
+                log.exception("could not send %d results", len(results))
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.heartbeat):
+            if self._accepting and self._session.connected:
+                busy = len(self._running) >= self.capacity
+                try:
+                    self.publish_status("busy" if busy else "ready")
+                except FabricError:
+                    log.warning("heartbeat not sent")
+
+    def _on_connected(self, _session_present: bool) -> None:
+        if self._accepting:
+            self.publish_status("ready")
+
+    def _status_payload(self, status: str) -> bytes:
+        return NodeStatus(
+            node_id=self.node_id, status=status, kind="cpython", codec=self.codec,
+            capacity=self.capacity, prefetch=self.prefetch, workload=len(self._held),
+            max_payload=0, instance=self.instance, tasks_done=self.tasks_done,
+            tasks_failed=self.tasks_failed, rejected=self.rejected, heartbeat=self.heartbeat,
+            ts=round(self._clock(), 3), tasks=",".join(self.registry.names())).encode()
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=f"{self.node_id}-{name}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+
+def _is_call_error(error: TypeError, fn: Callable[..., Any]) -> bool:
+    """A TypeError raised by the call itself (wrong arguments), not inside the task."""
+    tb = error.__traceback__
+    depth = 0
+    while tb is not None:
+        depth += 1
+        tb = tb.tb_next
+    return depth <= 1
