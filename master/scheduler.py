@@ -19,6 +19,7 @@ from typing import Iterable
 from core import codec
 from core.errors import QueueFull
 from core.protocol import NodeStatus, TaskResult, TaskSpec
+from master.liveness import heartbeat_timeout, silent_nodes
 
 __all__ = ["Scheduler", "TaskRecord", "NodeInfo", "QUEUED", "RUNNING", "COMPLETED", "FAILED",
            "STATE_NAMES", "PERMANENT_ERRORS"]
@@ -238,11 +239,9 @@ class Scheduler:
 
     def silent(self, now: float) -> list[str]:
         """Live nodes whose heartbeats stopped for longer than their timeout."""
-        out = []
-        for node in self.nodes.values():
-            if node.alive and now - node.last_seen > max(self.node_timeout, 2.5 * node.heartbeat):
-                out.append(node.node_id)
-        return out
+        return silent_nodes(((n.node_id, n.last_seen, heartbeat_timeout(
+            n.heartbeat, misses=2.5, floor=self.node_timeout)) for n in self.nodes.values()
+            if n.alive), now)
 
     # -- results -------------------------------------------------------------------------------
 
