@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable
 
 from core.errors import DecodeError, FabricError, FabricTimeout, QueueFull
@@ -28,6 +29,7 @@ __all__ = ["FabricClient"]
 log = logging.getLogger(__name__)
 
 _SUBMIT_CHUNK = 1000
+_SUBMIT_WINDOW = 4  # submissions awaiting their acknowledgement at once
 
 
 class FabricClient:
@@ -81,27 +83,45 @@ class FabricClient:
         """Run a named lambda (`name`, `event`, `env`, `timeout`, `memory`) on some node."""
         return self.submit("lambda", kwargs=lambda_data, priority=priority)
 
-    def submit_many(self, calls: Iterable[tuple[str, list, dict, int]], *,
+    def submit_many(self, calls: Iterable[tuple], *,
                     ack_timeout: float = 30.0,
                     on_progress: Callable[[int], None] | None = None) -> list[TaskHandle]:
-        """Submit (name, args, kwargs, priority) calls in batches; each id once, journalled.
+        """Submit (name, args, kwargs, priority[, task_id]) calls in batches; each id once,
+        journalled. A caller-chosen task id makes a resubmission after a crash harmless.
 
         Tasks the master refuses because its queue is full are resent with backoff until
         `ack_timeout` passes, then their handles fail with QueueFull.
         """
-        specs = [make_task(n, a, k, priority=p) for n, a, k, p in calls]
+        specs = [make_task(c[0], c[1], c[2], priority=c[3], task_id=c[4] if len(c) > 4 else None)
+                 for c in calls]
         handles = [TaskHandle(s.id) for s in specs]
         with self._lock:
             for handle in handles:
                 self._handles[handle.id] = handle
         deadline = time.monotonic() + ack_timeout
+        chunks = [specs[start:start + _SUBMIT_CHUNK] for start in range(0, len(specs), _SUBMIT_CHUNK)]
+        if len(chunks) <= 1:
+            for chunk in chunks:
+                self._send_until_accepted(chunk, deadline)
+                if on_progress is not None:
+                    on_progress(len(chunk))
+            return handles
+        # Several submissions in flight at once, so the master journals one while the next
+        # travels; each still waits for its own acknowledgement and is resent on silence.
         done = 0
-        for start in range(0, len(specs), _SUBMIT_CHUNK):
-            chunk = specs[start:start + _SUBMIT_CHUNK]
-            self._send_until_accepted(chunk, deadline)
-            done += len(chunk)
-            if on_progress is not None:
-                on_progress(done)
+        with ThreadPoolExecutor(max_workers=min(_SUBMIT_WINDOW, len(chunks)),
+                                thread_name_prefix="client-submit") as pool:
+            futures = [pool.submit(self._send_until_accepted, chunk, deadline) for chunk in chunks]
+            try:
+                for chunk, future in zip(chunks, futures):
+                    future.result()
+                    done += len(chunk)
+                    if on_progress is not None:
+                        on_progress(done)
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
         return handles
 
     def _send_until_accepted(self, specs: list[TaskSpec], deadline: float) -> None:
@@ -178,6 +198,10 @@ class FabricClient:
     def status(self, *, timeout: float = 10.0) -> dict:
         return self.query("status", timeout=timeout)
 
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """Publish on the fabric's broker (e.g. a job's own progress, retained)."""
+        self._session.publish(topic, payload, retain=retain)
+
     def pending(self) -> int:
         with self._lock:
             return len(self._handles)
@@ -200,11 +224,11 @@ class FabricClient:
                 waiter[0].set()
 
     def _resolve(self, outcomes: Iterable[TaskOutcome]) -> None:
-        for outcome in outcomes:
-            if outcome.state not in ("completed", "failed"):
-                continue
-            with self._lock:
-                handle = self._handles.pop(outcome.id, None)
+        final = [o for o in outcomes if o.state == "completed" or o.state == "failed"]
+        with self._lock:  # once per batch: a batch holds up to a thousand outcomes
+            pop = self._handles.pop
+            resolved = [(pop(o.id, None), o) for o in final]
+        for handle, outcome in resolved:
             if handle is not None:
                 handle.resolve(outcome)
 

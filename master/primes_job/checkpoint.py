@@ -1,0 +1,159 @@
+"""The job's local checkpoint: finished shards and the primes found, in one sqlite file.
+
+A run that crashes (or is interrupted) is resumed by running the same command again: shards
+recorded here are skipped, and the primes they found are already here. Primes are stored
+as decimal text (they can exceed 2**63) with their digit count, so `ORDER BY digits, value`
+is numeric order and the primary key keeps each prime once.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from core.errors import ConfigError
+from master.primes_job.plan import ShardPlan
+
+__all__ = ["Checkpoint", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS shards (
+    shard INTEGER PRIMARY KEY,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL,
+    numbers INTEGER NOT NULL DEFAULT 0,
+    primes INTEGER NOT NULL DEFAULT 0,
+    node TEXT NOT NULL DEFAULT '',
+    error TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS primes (
+    digits INTEGER NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (digits, value)
+) WITHOUT ROWID;
+"""
+
+DONE, RETRY, FAILED = "done", "retry", "failed"
+
+
+class Checkpoint:
+    """One job's progress on disk. Used from one thread; `commit` groups writes."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(self.path), isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # a process crash loses nothing
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise ConfigError(f"checkpoint {self.path} is not usable ({e}); remove it or "
+                              "choose another with --checkpoint") from e
+        self._in_tx = False
+
+    # -- the job it belongs to -----------------------------------------------------------------
+
+    def _meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def job_id(self) -> str | None:
+        return self._meta("job_id")
+
+    def plan(self) -> ShardPlan | None:
+        text = self._meta("plan")
+        return ShardPlan.from_dict(json.loads(text)) if text else None
+
+    def begin(self, job_id: str, plan: ShardPlan, *, files: Iterable[str]) -> None:
+        """Start afresh for `job_id`: whatever an earlier job left here is dropped."""
+        self._db.execute("BEGIN")
+        for table in ("meta", "shards", "primes"):
+            self._db.execute(f"DELETE FROM {table}")
+        self._db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", [
+            ("schema", str(SCHEMA_VERSION)), ("job_id", job_id),
+            ("plan", json.dumps(plan.to_dict())), ("files", json.dumps(list(files)))])
+        self._db.execute("COMMIT")
+
+    # -- shards ----------------------------------------------------------------------------------
+
+    def done_shards(self) -> set[int]:
+        return {s for (s,) in self._db.execute("SELECT shard FROM shards WHERE state = ?",
+                                               (DONE,))}
+
+    def attempts(self) -> dict[int, int]:
+        """The attempt number each unfinished shard's next task id must carry."""
+        return dict(self._db.execute("SELECT shard, attempt FROM shards WHERE state != ?",
+                                     (DONE,)))
+
+    def record_done(self, shard: int, attempt: int, numbers: int, primes: Iterable[int],
+                    node: str) -> int:
+        """Record a finished shard and its primes; how many of them were new to the job."""
+        values = [(len(text), text) for text in map(str, primes)]
+        self._begin()
+        added = self._db.executemany("INSERT OR IGNORE INTO primes (digits, value) VALUES (?, ?)",
+                                     values).rowcount if values else 0
+        self._db.execute("INSERT OR REPLACE INTO shards (shard, attempt, state, numbers, primes, "
+                         "node) VALUES (?, ?, ?, ?, ?, ?)",
+                         (shard, attempt, DONE, numbers, len(values), node))
+        return max(0, added)
+
+    def record_attempt(self, shard: int, attempt: int, *, failed: bool, error: str) -> None:
+        """The shard's next task id carries `attempt`; `failed` when this run gave up on it."""
+        self._begin()
+        self._db.execute("INSERT OR REPLACE INTO shards (shard, attempt, state, error) "
+                         "VALUES (?, ?, ?, ?)", (shard, attempt, FAILED if failed else RETRY,
+                                                 error))
+
+    # -- totals and output -------------------------------------------------------------------------
+
+    def primes_count(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM primes").fetchone()[0]
+
+    def numbers_tested(self) -> int:
+        return self._db.execute("SELECT COALESCE(SUM(numbers), 0) FROM shards WHERE state = ?",
+                                (DONE,)).fetchone()[0]
+
+    def nodes_used(self) -> dict[str, int]:
+        """Finished shards per node, in this run and any earlier run of the job."""
+        return dict(self._db.execute("SELECT node, COUNT(*) FROM shards WHERE state = ? "
+                                     "GROUP BY node ORDER BY node", (DONE,)))
+
+    def failed_shards(self) -> list[tuple[int, str]]:
+        return list(self._db.execute("SELECT shard, error FROM shards WHERE state = ? "
+                                     "ORDER BY shard", (FAILED,)))
+
+    def iter_primes(self) -> Iterator[str]:
+        """Every prime found, ascending, as decimal text (streamed, not loaded)."""
+        for (value,) in self._db.execute("SELECT value FROM primes ORDER BY digits, value"):
+            yield value
+
+    # -- transactions --------------------------------------------------------------------------
+
+    def _begin(self) -> None:
+        if not self._in_tx:
+            self._db.execute("BEGIN")
+            self._in_tx = True
+
+    def commit(self) -> None:
+        if self._in_tx:
+            self._db.execute("COMMIT")
+            self._in_tx = False
+
+    def close(self) -> None:
+        self.commit()
+        self._db.close()
+
+    def remove(self) -> None:
+        """Close and delete the checkpoint (and sqlite's side files)."""
+        self.close()
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                Path(str(self.path) + suffix).unlink()
+            except FileNotFoundError:
+                pass
