@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Stop what scripts/start_system.sh started from the current directory, by the pid files in
+# logs/: the prime job, then the compute nodes (they hand back unstarted tasks and say
+# `offline`), then the master (its journal keeps queued work), then its broker. Each gets
+# SIGTERM and a bounded time to exit, then SIGKILL. A pid file whose process is gone, or now
+# belongs to another program, is removed without signalling anything.
+#
+# Environment: FABRIC_STOP_TIMEOUT (seconds to wait for each process, default 40).
+set -euo pipefail
+
+TIMEOUT=${FABRIC_STOP_TIMEOUT:-40}
+
+if [ ! -d logs ]; then
+    echo "stop_system.sh: no logs/ directory here: nothing was started from $(pwd)"
+    exit 0
+fi
+
+ours() {  # pid pattern -> true if that pid is one of our processes
+    local cmdline
+    cmdline=$(tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null) || return 1
+    [[ "${cmdline}" == *"$2"* ]]
+}
+
+stop() {  # pid-file pattern
+    local file=$1 pattern=$2 name pid
+    name=$(basename "${file}" .pid)
+    pid=$(cat "${file}" 2>/dev/null || true)
+    if ! [[ "${pid}" =~ ^[0-9]+$ ]] || ! kill -0 "${pid}" 2>/dev/null; then
+        rm -f "${file}"
+        return 0
+    fi
+    if ! ours "${pid}" "${pattern}"; then
+        echo "stop_system.sh: ${file}: pid ${pid} is not ${name} any more; not touching it" >&2
+        rm -f "${file}"
+        return 0
+    fi
+    kill -CONT "${pid}" 2>/dev/null || true
+    kill -TERM "${pid}" 2>/dev/null || true
+    local deadline=$((SECONDS + TIMEOUT))
+    while kill -0 "${pid}" 2>/dev/null && ours "${pid}" "${pattern}"; do
+        if [ "${SECONDS}" -ge "${deadline}" ]; then
+            echo "stop_system.sh: ${name} (pid ${pid}) ignored SIGTERM for ${TIMEOUT}s: killing it" >&2
+            kill -KILL "${pid}" 2>/dev/null || true
+            break
+        fi
+        sleep 0.1
+    done
+    rm -f "${file}"
+    echo "stopped ${name} (pid ${pid})"
+}
+
+shopt -s nullglob
+[ -f logs/job.pid ] && stop logs/job.pid "master.cli primes"
+for file in logs/*.pid; do
+    case "$(basename "${file}")" in
+        job.pid|master.pid|broker.pid) ;;
+        *) stop "${file}" "node.cli" & ;;
+    esac
+done
+wait
+[ -f logs/master.pid ] && stop logs/master.pid "master.cli serve"
+[ -f logs/broker.pid ] && stop logs/broker.pid "master.broker"
+exit 0

@@ -1,0 +1,24 @@
+"""Tasks the workload tests register on real nodes with `--task support.workloads:NAME`."""
+
+from __future__ import annotations
+
+import time
+
+from node.builtin_tasks import primes as _builtin_primes
+
+# Long enough that a job of a few dozen shards is still running when a test kills a process
+# mid-job, short enough that the whole job takes a few seconds.
+SLOW_SHARD_S = 0.05
+
+
+def square_all(items: list, delay: float = 0.0) -> list:
+    """One result per item, in order: what a map over shards must put back together."""
+    if delay:
+        time.sleep(delay)
+    return [x * x for x in items]
+
+
+def primes(numbers: list) -> list:
+    """The built-in `primes` task, slowed down per shard (registered under the same name)."""
+    time.sleep(SLOW_SHARD_S)
+    return _builtin_primes(numbers)
