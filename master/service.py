@@ -13,6 +13,8 @@ from typing import Callable
 from core.errors import ConfigError
 from core.topics import DEFAULT_ROOT
 from core.url import BrokerUrl, parse_broker_url
+from master.pipelines_bridge import load_pipeline_file, serve_pipelines
+from master.snapshots import Snapshotter
 from master.transport import MasterNodeTransport
 
 __all__ = ["ServeOptions", "serve", "default_config_path"]
@@ -31,6 +33,9 @@ class ServeOptions:
     max_attempts: int = 3
     max_queued: int = 1_000_000
     master_id: str = "master"
+    pipelines: Path | None = None
+    snapshots: Path | None = None          # None: "snapshots" beside the state directory
+    snapshot_interval: float = 30.0        # 0: only on request (master-node snapshot)
 
 
 def default_config_path() -> Path | None:
@@ -43,6 +48,7 @@ def serve(options: ServeOptions, *, stop: threading.Event | None = None,
           on_ready: Callable[[MasterNodeTransport, BrokerUrl], None] | None = None) -> int:
     """Run the master until `stop` is set (or SIGINT/SIGTERM when run from the CLI)."""
     stop = stop or threading.Event()
+    pipeline_file = load_pipeline_file(options.pipelines) if options.pipelines else None
     broker_process = None
     if options.broker:
         broker_url = parse_broker_url(options.broker)
@@ -58,8 +64,13 @@ def serve(options: ServeOptions, *, stop: threading.Event | None = None,
                                  state_dir=options.state_dir, master_id=options.master_id,
                                  max_attempts=options.max_attempts, max_queued=options.max_queued,
                                  node_timeout=options.node_timeout)
+    pipelines = snapshotter = None
     try:
         master.start()
+        snapshotter = Snapshotter(master, interval=options.snapshot_interval,
+                                  directory=options.snapshots or
+                                  Path(options.state_dir).parent / "snapshots").start()
+        pipelines = serve_pipelines(master, pipeline_file, state_dir=options.state_dir)
         log.info("master %s ready on %s (state in %s)", options.master_id, broker_url,
                  options.state_dir)
         if on_ready is not None:
@@ -67,6 +78,10 @@ def serve(options: ServeOptions, *, stop: threading.Event | None = None,
         while not stop.wait(0.5):
             pass
     finally:
+        if pipelines is not None:
+            pipelines.stop()
+        if snapshotter is not None:
+            snapshotter.stop()
         master.stop()
         if broker_process is not None:
             broker_process.stop()

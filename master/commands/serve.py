@@ -33,8 +33,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a task that failed or lost its node N times ends failed (default %(default)s)")
     p.add_argument("--max-queued", type=int, default=1_000_000, metavar="N",
                    help="queue bound; submitters are slowed past it (default %(default)s)")
+    p.add_argument("--pipelines", type=Path, metavar="FILE",
+                   help="run the pipelines of this TOML file (see examples/pipelines.toml); "
+                        "it is validated first and a bad file stops serve")
     p.add_argument("--id", dest="master_id", default="master", metavar="ID",
                    help="master id (default %(default)s)")
+    p.add_argument("--snapshots", type=Path, default=None, metavar="DIR",
+                   help="where snapshot_<n>_<time>.json files go (default: snapshots beside the "
+                        "--state directory, i.e. ./snapshots by default; the newest 200 are kept)")
+    p.add_argument("--snapshot-interval", type=float, default=30.0, metavar="SECONDS",
+                   help="take a snapshot every SECONDS (default %(default)s; 0 takes them only "
+                        "on `master-node snapshot`)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     options = ServeOptions(broker=args.broker, config=args.config, port=args.port,
                            state_dir=args.state, root=args.root, node_timeout=args.node_timeout,
                            max_attempts=args.max_attempts, max_queued=args.max_queued,
-                           master_id=args.master_id)
+                           master_id=args.master_id, pipelines=args.pipelines,
+                           snapshots=args.snapshots, snapshot_interval=args.snapshot_interval)
 
     def ready(_master: Any, url: Any) -> None:
         print(f"master ready on {url}", flush=True)
