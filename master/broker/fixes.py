@@ -1,0 +1,522 @@
+"""`FabricBroker`: amqtt 0.12.1's `Broker` with the bugs the fabric cannot live with fixed.
+
+Each fix is one small override, named after the bug it answers (see DESIGN.md):
+
+- `KEEPALIVE` -- amqtt never disconnects a silent client, so the will of a frozen or
+  unplugged node is never sent (Yakifo/amqtt#308). A watchdog per connection closes it after
+  1.5 x keepalive without a byte, as mosquitto does; the will follows.
+- `RETAINED_ACL` -- on connect amqtt sends the client every retained message matching *any*
+  client's subscription, and on subscribe it ignores the ACL. Retained messages now go out
+  only when the client subscribes, only for that filter, only where it may read.
+- `TAKEOVER` -- a second connection with a client id already connected leaves the first one
+  open. The first connection is now closed before the second is served, and only once the
+  second has authenticated, so a stranger cannot evict a node. Its will is published, except
+  when the session continues (both connections clean_session=0), as mosquitto 2.0 does.
+- `QOS_DOWNGRADE` -- amqtt delivers every message at the subscription's QoS, upgrading QoS 0
+  publishes. Delivery is now at min(publish QoS, subscription QoS).
+- `PERSISTENT_SESSIONS` -- amqtt's anonymous plugin marks every client anonymous when
+  anonymous access is on, and anonymous sessions are never kept. Sessions with
+  clean_session=0 are now kept for every client, as mosquitto keeps them; messages queued
+  while offline are delivered with retain=0 (amqtt set retain=1), at most
+  `max_queued_messages` per client.
+
+- `WILL_ACL` -- amqtt publishes a will without asking the ACL, so a node could forge another
+  node's status. A will on a topic the client may not write is dropped at CONNECT (the
+  connection is accepted), which is what mosquitto 2.0 ends up doing.
+
+And the plumbing those need, also small: unauthenticated clients are refused before they
+touch any session; a client that sends no CONNECT within `CONNECT_TIMEOUT` is dropped; packets
+over `max_packet_size` close the connection; every socket is closed when its connection ends
+(amqtt leaves the socket of a refused handshake open); TCP_NODELAY is set on every accepted
+socket; and the per-message path skips work amqtt does for nothing (a task per ACL check, a
+filter scan and debug f-strings per subscription per message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import time
+from collections import deque
+from contextvars import ContextVar
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
+from amqtt.broker import AMQTT_MAGIC_VALUE_RET_SUBSCRIBED, Broker, Server
+from amqtt.contexts import Action, ListenerConfig, ListenerType
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.events import BrokerEvents
+from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.constants import QOS_0
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.plugins.base import BaseTopicPlugin
+from amqtt.session import Session
+from amqtt.utils import gen_client_id
+
+from master.broker.plugins import AclFilePlugin
+
+__all__ = ["FabricBroker", "ServerSpec", "CONNECT_TIMEOUT", "KEEPALIVE_FACTOR"]
+
+log = logging.getLogger("master.broker")
+
+KEEPALIVE_FACTOR = 1.5
+CONNECT_TIMEOUT = 10.0
+TAKEOVER_TIMEOUT = 5.0
+_MATCH_CACHE_SIZE = 16_384
+_VERIFIED = "master.broker.verified"
+_PUBLISH_QOS: ContextVar[int | None] = ContextVar("publish_qos", default=None)
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """Where one listener binds; amqtt's own bind parsing mangles IPv6 and knows no CA check."""
+
+    host: str | None
+    port: int
+    ssl_context: ssl.SSLContext | None = None
+
+
+class ConnectionReader(StreamReaderAdapter):
+    """amqtt's stream reader plus what the broker must know of the connection under it: its
+    listener, when it last sent a byte (KEEPALIVE), the size of the packet being read."""
+
+    def __init__(self, reader: asyncio.StreamReader, transport: asyncio.Transport, *,
+                 listener: str, max_packet_size: int | None) -> None:
+        super().__init__(reader)
+        self._stream = reader
+        self._transport = transport
+        self.listener = listener
+        self.last_activity = time.monotonic()
+        self.finished = asyncio.Event()
+        self._limit = max_packet_size
+        self._idle_limit = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._stage = 0  # 0: next byte starts a packet, 1: remaining length, 2: body
+        self._length = self._multiplier = self._length_bytes = self._body_left = 0
+
+    async def read(self, n: int = -1) -> bytes:
+        data = await (self._stream.readexactly(n) if n != -1 else self._stream.read(n))
+        self.last_activity = time.monotonic()
+        if self._limit is not None:
+            self._track_packet(data)
+        return data
+
+    def _track_packet(self, data: bytes) -> None:
+        """Follow the MQTT framing amqtt reads, to refuse a packet before buffering it."""
+        if self._stage == 2:
+            self._body_left -= len(data)
+            if self._body_left <= 0:
+                self._stage = 0
+            return
+        for byte in data:
+            if self._stage == 0:
+                self._stage, self._length, self._multiplier, self._length_bytes = 1, 0, 1, 0
+                continue
+            self._length += (byte & 0x7F) * self._multiplier
+            self._multiplier *= 128
+            self._length_bytes += 1
+            if byte & 0x80:
+                continue
+            size = 1 + self._length_bytes + self._length
+            if self._limit is not None and size > self._limit:
+                log.warning("closing %s: packet of %d bytes exceeds max_packet_size %d",
+                            self.peer, size, self._limit)
+                self.abort()
+                raise ConnectionResetError("packet exceeds max_packet_size")
+            self._stage, self._body_left = (2, self._length) if self._length else (0, 0)
+
+    @property
+    def peer(self) -> str:
+        peer = self._transport.get_extra_info("peername")
+        return f"{peer[0]}:{peer[1]}" if peer else "client"
+
+    # -- KEEPALIVE: a timer per connection, re-armed only when it fires
+
+    def watch_idle(self, seconds: float) -> None:
+        """Close the connection once it has been silent for `seconds` (0: never)."""
+        self.stop_watch()
+        self._idle_limit = seconds
+        if seconds > 0:
+            self._arm(seconds)
+
+    def _arm(self, delay: float) -> None:
+        self._watchdog = asyncio.get_running_loop().call_later(delay, self._check_idle)
+
+    def _check_idle(self) -> None:
+        idle = time.monotonic() - self.last_activity
+        if idle >= self._idle_limit:
+            log.info("closing %s: silent for %.1f s (keepalive limit %.1f s)", self.peer, idle,
+                     self._idle_limit)
+            self.abort()
+        else:
+            self._arm(self._idle_limit - idle)
+
+    def stop_watch(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+    def abort(self) -> None:
+        """Drop the connection now, unsent data included: a frozen peer reads nothing."""
+        self.stop_watch()
+        self._transport.abort()
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    """A delivery that failed (a subscriber gone, an ack that never came) is logged, never
+    allowed to stop the broadcast loop."""
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None:
+        log.debug("delivery failed: %r", error)
+
+
+class _FilterTable(dict):  # type: ignore[type-arg]
+    """amqtt's subscription table, counting changes to its set of filters so the filters
+    matching a topic can be cached between changes."""
+
+    version = 0
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key not in self:
+            self.version += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self.version += 1
+
+    def pop(self, *args: Any) -> Any:
+        self.version += 1
+        return super().pop(*args)
+
+    def popitem(self) -> Any:
+        self.version += 1
+        return super().popitem()
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        if key not in self:
+            self.version += 1
+        return super().setdefault(key, default)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self.version += 1
+        super().update(*args, **kwargs)
+
+    def clear(self) -> None:
+        self.version += 1
+        super().clear()
+
+
+class FabricBroker(Broker):
+    """amqtt's broker with the fixes above; listeners are given as `ServerSpec`s by name."""
+
+    def __init__(self, config: dict[str, Any], *, servers: dict[str, ServerSpec],
+                 max_packet_size: int | None = None, max_queued_messages: int = 1000,
+                 connection_messages: bool = True) -> None:
+        super().__init__(config)
+        self._server_specs = servers
+        self._max_packet_size = max_packet_size
+        self._max_queued_messages = max_queued_messages
+        self._connection_messages = connection_messages
+        self._subscriptions: dict[str, list[tuple[Session, int]]] = _FilterTable()
+        self._match_cache: dict[str, tuple[str, ...]] = {}
+        self._match_version = -1
+        self._topic_plugins: tuple[BaseTopicPlugin, ...] = tuple(
+            p for p in self.plugins_manager.plugins if isinstance(p, BaseTopicPlugin))
+
+    # -- listeners -------------------------------------------------------------------------
+
+    async def _create_server_instance(self, listener_name: str, listener_type: ListenerType,
+                                      address: str | None, port: int,
+                                      ssl_context: ssl.SSLContext | None) -> asyncio.Server:
+        spec = self._server_specs[listener_name]
+        return await asyncio.start_server(
+            partial(self.stream_connected, listener_name=listener_name), spec.host, spec.port,
+            reuse_address=True, ssl=spec.ssl_context)
+
+    def bound_addresses(self) -> list[tuple[str, str, int]]:
+        """(listener name, host, port) of every listening socket, ports resolved."""
+        found = []
+        for name, server in self._servers.items():
+            for sock in getattr(server.instance, "sockets", ()) or ():
+                host, port = sock.getsockname()[:2]
+                found.append((name, host, port))
+        return found
+
+    async def stream_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                               listener_name: str) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport: asyncio.Transport = writer.transport  # type: ignore[assignment]
+        connection = ConnectionReader(reader, transport, listener=listener_name,
+                                      max_packet_size=self._max_packet_size)
+        connection.watch_idle(CONNECT_TIMEOUT)
+        try:
+            await self._client_connected(listener_name, connection, StreamWriterAdapter(writer))
+        finally:
+            connection.stop_watch()
+            connection.finished.set()
+            if not writer.is_closing():
+                writer.close()
+
+    # -- connect: authenticate, TAKEOVER, session adoption, KEEPALIVE ----------------------
+
+    async def _initialize_client_session(self, reader: ReaderAdapter, writer: WriterAdapter,
+                                         remote_address: str, remote_port: int
+                                         ) -> tuple[BrokerProtocolHandler, Session]:
+        try:
+            handler, incoming = await BrokerProtocolHandler.init_from_connect(
+                reader, writer, self.plugins_manager)
+        except (AMQTTError, MQTTError, NoDataError) as e:
+            raise AMQTTError(f"no valid CONNECT from {remote_address}:{remote_port}: {e}") from e
+        except Exception as e:  # garbage on the wire must not reach the event loop
+            raise AMQTTError(f"bad CONNECT from {remote_address}:{remote_port}: {e!r}") from e
+        if not incoming.client_id:
+            incoming.client_id = gen_client_id()
+        listener = getattr(reader, "listener", "default")
+        if not await super()._authenticate(incoming, self.listeners_config[listener]):
+            if self._connection_messages:
+                log.info("client %s from %s:%s refused: not authorised", incoming.client_id,
+                         remote_address, remote_port)
+            with contextlib.suppress(OSError):
+                await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
+            raise AMQTTError(f"client {incoming.client_id} not authorised")
+        incoming.is_anonymous = False  # PERSISTENT_SESSIONS: amqtt drops "anonymous" sessions
+        if incoming.will_flag and self._topic_plugins and not await self._topic_filtering(
+                incoming, topic=incoming.will_topic or "", action=Action.PUBLISH):
+            log.info("client %s may not write its will topic %s: the will is dropped",
+                     incoming.client_id, incoming.will_topic)
+            incoming.will_flag = False  # WILL_ACL
+        await self._take_over(incoming)
+        session = await self._adopt_session(incoming)
+        keepalive = incoming.keep_alive
+        if isinstance(reader, ConnectionReader):
+            reader.watch_idle(keepalive * KEEPALIVE_FACTOR)
+            session.keep_alive = 0  # the watchdog enforces it; amqtt's per-read timeout did not
+        session.attributes[_VERIFIED] = True
+        if self._connection_messages:
+            log.info("client %s connected from %s:%s (c%d, k%d%s)", session.client_id,
+                     remote_address, remote_port, int(bool(incoming.clean_session)), keepalive,
+                     f", u'{incoming.username}'" if incoming.username else "")
+        return handler, session
+
+    async def _authenticate(self, session: Session, listener: ListenerConfig) -> bool:
+        """Authentication already ran before the session was touched; don't run it twice."""
+        if session.attributes.pop(_VERIFIED, False):
+            return True
+        return await super()._authenticate(session, listener)
+
+    async def _take_over(self, incoming: Session) -> None:
+        """TAKEOVER: close the connection already using this client id."""
+        client_id = incoming.client_id or ""
+        old_session, old_handler = self._sessions.get(client_id, (None, None))
+        if old_session is None or old_session.transitions.state != "connected":
+            return
+        old_reader = getattr(old_handler, "reader", None)
+        if not isinstance(old_reader, ConnectionReader):
+            return
+        log.info("client %s already connected, closing old connection", client_id)
+        if not incoming.clean_session and not old_session.clean_session:
+            old_session.will_flag = False  # the session goes on: no will, as in mosquitto
+        old_reader.abort()
+        try:
+            await asyncio.wait_for(old_reader.finished.wait(), TAKEOVER_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.warning("old connection of %s did not end within %.0f s", client_id,
+                        TAKEOVER_TIMEOUT)
+
+    async def _adopt_session(self, incoming: Session) -> Session:
+        """PERSISTENT_SESSIONS: resume a kept session, or start clean, as MQTT 3.1.1 says."""
+        client_id = incoming.client_id or ""
+        existing = self._sessions.get(client_id, (None, None))[0]
+        if incoming.clean_session or existing is None or existing.clean_session:
+            await self._delete_session(client_id)
+            incoming.parent = 0
+            return incoming
+        for name in ("clean_session", "will_flag", "will_message", "will_topic", "will_qos",
+                     "will_retain", "keep_alive", "username", "password", "remote_address",
+                     "remote_port", "ssl_object"):
+            setattr(existing, name, getattr(incoming, name))
+        existing.parent = 1
+        return existing
+
+    async def _handle_client_session(self, reader: ReaderAdapter, writer: WriterAdapter,
+                                     client_session: Session, handler: BrokerProtocolHandler,
+                                     server: Server, listener_name: str) -> None:
+        try:
+            await super()._handle_client_session(reader, writer, client_session, handler, server,
+                                                 listener_name)
+            if client_session.transitions.state == "connected" and \
+                    self._sessions.get(client_session.client_id or "", (None, None))[1] is handler:
+                # amqtt leaves its message loop on a protocol error (a publish to a `$` topic)
+                # without ending the session: end it as an abnormal disconnect, will included
+                ended: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                ended.set_result(None)
+                await self._handle_disconnect(client_session, handler, ended)
+        finally:
+            if self._connection_messages:
+                log.info("client %s disconnected", client_session.client_id)
+
+    # -- QOS_DOWNGRADE ----------------------------------------------------------------------
+
+    async def _handle_message_delivery(self, client_session: Session,
+                                       handler: BrokerProtocolHandler,
+                                       wait_deliver: asyncio.Future[Any]) -> bool:
+        """Remember the publish QoS while amqtt validates and broadcasts the message."""
+        message = wait_deliver.result()
+        token = _PUBLISH_QOS.set(None if message is None else message.qos)
+        try:
+            return await super()._handle_message_delivery(client_session, handler, wait_deliver)
+        finally:
+            _PUBLISH_QOS.reset(token)
+
+    async def _broadcast_message(self, session: Session | None, topic: str | None,
+                                 data: bytes | bytearray | None,
+                                 force_qos: int | None = None) -> None:
+        qos = force_qos if force_qos is not None else _PUBLISH_QOS.get()
+        await super()._broadcast_message(session, topic, data, qos)
+
+    async def _broadcast_loop(self) -> None:
+        """Take broadcasts straight off the queue; amqtt wraps each one in a task of its own
+        and an `asyncio.wait`. Shutdown cancels this task (`_shutdown_broadcast_loop`)."""
+        running: deque[asyncio.Task[Any]] = self._tasks_queue
+        try:
+            while True:
+                while running and running[0].done():
+                    _log_failure(running.popleft())
+                await self._run_broadcast(running)
+        finally:
+            for task in running:
+                if task.done():
+                    _log_failure(task)
+                else:
+                    task.cancel()
+            running.clear()
+
+    async def _shutdown_broadcast_loop(self) -> None:
+        task = self._broadcast_task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if not self._broadcast_queue.empty():
+            log.warning("%d messages not broadcast at shutdown", self._broadcast_queue.qsize())
+        self._broadcast_shutdown_waiter: asyncio.Future[Any] = asyncio.Future()
+
+    async def _run_broadcast(self, running_tasks: Any) -> None:
+        """One message to every matching subscription, at min(publish QoS, subscription QoS);
+        matching filters are cached per topic, ACL checks are direct calls."""
+        broadcast = await self._broadcast_queue.get()
+        topic: str = broadcast["topic"]
+        publish_qos: int | None = broadcast.get("qos")
+        data = broadcast["data"]
+        for topic_filter in self._filters_matching(topic):
+            for target, subscription_qos in tuple(self._subscriptions.get(topic_filter, ())):
+                qos = subscription_qos if publish_qos is None else min(publish_qos,
+                                                                       subscription_qos)
+                if self._topic_plugins and not await self._topic_filtering(
+                        target, topic=topic, action=Action.RECEIVE):
+                    continue
+                if target.transitions.state != "connected":
+                    if not target.clean_session and qos > QOS_0 and not target.is_anonymous:
+                        await self._retain_broadcast_message(broadcast, qos, target)
+                    continue
+                handler = self._get_handler(target)
+                if handler is not None:
+                    running_tasks.append(asyncio.ensure_future(
+                        handler.mqtt_publish(topic, data, qos, retain=False)))
+
+    def _filters_matching(self, topic: str) -> tuple[str, ...]:
+        table = self._subscriptions
+        version = getattr(table, "version", None)
+        if version is None or version != self._match_version:
+            self._match_cache.clear()
+            self._match_version = version if version is not None else -1
+        filters = self._match_cache.get(topic)
+        if filters is None:
+            filters = tuple(f for f in tuple(table) if self._matches(topic, f))
+            if len(self._match_cache) >= _MATCH_CACHE_SIZE:
+                self._match_cache.clear()
+            self._match_cache[topic] = filters
+        return filters
+
+    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
+        """Ask the topic plugins directly instead of through a task per plugin per message."""
+        for plugin in self._topic_plugins:
+            if isinstance(plugin, AclFilePlugin):
+                allowed = plugin.allows(session, topic, action)
+            else:
+                allowed = await plugin.topic_filtering(session=session, topic=topic,
+                                                       action=action)
+            if not allowed:
+                return False
+        return True
+
+    # -- RETAINED_ACL -----------------------------------------------------------------------
+
+    async def _handle_subscription(self, client_session: Session,
+                                   handler: BrokerProtocolHandler,
+                                   subscribe_waiter: asyncio.Future[Any]) -> None:
+        subscriptions = subscribe_waiter.result()
+        granted = [await self.add_subscription(item, client_session)
+                   for item in subscriptions.topics]
+        await handler.mqtt_acknowledge_subscription(subscriptions.packet_id, granted)
+        for (topic_filter, requested), qos in zip(subscriptions.topics, granted):
+            if qos == AMQTT_MAGIC_VALUE_RET_SUBSCRIBED:
+                continue
+            await self.plugins_manager.fire_event(BrokerEvents.CLIENT_SUBSCRIBED,
+                                                  client_id=client_session.client_id,
+                                                  topic=topic_filter, qos=requested)
+            await self._send_retained(topic_filter, qos, client_session, handler)
+
+    async def _send_retained(self, topic_filter: str, granted_qos: int, session: Session,
+                             handler: BrokerProtocolHandler) -> None:
+        """The retained messages one new subscription matches and its client may read."""
+        tasks = []
+        for topic, retained in tuple(self._retained_messages.items()):
+            if not self._matches(topic, topic_filter):
+                continue
+            if self._topic_plugins and not await self._topic_filtering(
+                    session, topic=topic, action=Action.RECEIVE):
+                continue
+            qos = granted_qos if retained.qos is None else min(granted_qos, retained.qos)
+            tasks.append(asyncio.ensure_future(
+                handler.mqtt_publish(topic, retained.data, qos, retain=True)))
+        if tasks:
+            await asyncio.wait(tasks)
+
+    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
+                                                          session: Session) -> None:
+        """amqtt calls this on connect for every filter of every client; MQTT sends retained
+        messages only when a subscription is made (`_send_retained`), so this does nothing."""
+
+    # -- PERSISTENT_SESSIONS ----------------------------------------------------------------
+
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        """Deliver what was queued while the client was away, in order, with retain=0."""
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        tasks = []
+        while not session.retained_messages.empty():
+            queued = session.retained_messages.get_nowait()
+            tasks.append(asyncio.ensure_future(
+                handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=False)))
+        if tasks:
+            await asyncio.wait(tasks)
+
+    async def _retain_broadcast_message(self, broadcast: dict[str, Any], qos: int,
+                                        target_session: Session) -> None:
+        limit = self._max_queued_messages
+        if limit and target_session.retained_messages.qsize() >= limit:
+            log.debug("queue of %s full (%d): message on %s dropped", target_session.client_id,
+                      limit, broadcast["topic"])
+            return
+        await super()._retain_broadcast_message(broadcast, qos, target_session)
