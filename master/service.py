@@ -27,6 +27,7 @@ class ServeOptions:
     broker: str | None = None
     config: Path | None = None
     port: int | None = None
+    allow_remote_anonymous: bool = False
     state_dir: Path = Path("state")
     root: str = DEFAULT_ROOT
     node_timeout: float = 3.0
@@ -57,7 +58,9 @@ def serve(options: ServeOptions, *, stop: threading.Event | None = None,
         config = options.config or default_config_path()
         if config is not None and not Path(config).is_file():
             raise ConfigError(f"broker config {config} not found")
-        broker_process = start_broker_process(config, port=options.port, parent_pid=os.getpid())
+        broker_process = start_broker_process(
+            config, port=options.port, parent_pid=os.getpid(),
+            allow_remote_anonymous=options.allow_remote_anonymous)
         broker_url = parse_broker_url(broker_process.url)
         log.info("embedded broker listening on %s", broker_process.url)
     master = MasterNodeTransport(broker_url=broker_url, root=options.root,

@@ -1,10 +1,8 @@
 """The `master-node` commands, one module each: NAME, HELP, DESCRIPTION, add_arguments, run."""
 
-from master.commands import nodes, serve, status, submit
-from master.commands import pipelines
-from master.commands import primes
-from master.commands import snapshot
+from master.commands import (broker, nodes, passwd, pipelines, primes, serve, snapshot, status,
+                             submit)
 
-COMMANDS = [serve, submit, nodes, status, pipelines, primes, snapshot]
+COMMANDS = [serve, submit, nodes, status, primes, snapshot, pipelines, passwd, broker]
 
 __all__ = ["COMMANDS"]

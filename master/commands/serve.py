@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipelines", type=Path, metavar="FILE",
                    help="run the pipelines of this TOML file (see examples/pipelines.toml); "
                         "it is validated first and a bad file stops serve")
+    p.add_argument("--allow-remote-anonymous", action="store_true",
+                   help="let the embedded broker accept anonymous clients on a listener other "
+                        "machines can reach (refused by default; a warning is printed)")
     p.add_argument("--id", dest="master_id", default="master", metavar="ID",
                    help="master id (default %(default)s)")
     p.add_argument("--snapshots", type=Path, default=None, metavar="DIR",
@@ -54,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
                            state_dir=args.state, root=args.root, node_timeout=args.node_timeout,
                            max_attempts=args.max_attempts, max_queued=args.max_queued,
                            master_id=args.master_id, pipelines=args.pipelines,
+                           allow_remote_anonymous=args.allow_remote_anonymous,
                            snapshots=args.snapshots, snapshot_interval=args.snapshot_interval)
 
     def ready(_master: Any, url: Any) -> None:
