@@ -9,15 +9,18 @@ mosquitto-file plugins, and amqtt's AnonymousAuthPlugin for anonymous access):
 Every test below then fails on `embedded` (the mosquitto runs still pass): the frozen client
 is never dropped and its will never comes; the retained message leaks to bob; the first
 connection stays open; QoS 0 arrives as QoS 1; the session is not kept (no session present,
-nothing queued).
+nothing queued); messages acknowledged to a flooding publisher never reach the subscribers;
+a message in flight when a persistent session drops is not sent again.
 """
 
 from __future__ import annotations
 
+import struct
+import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -231,3 +234,151 @@ def test_packet_over_max_packet_size_closes_the_connection(kind: str, tmp_path: 
             assert sender.wait_closed(5.0)
         assert watcher.wait_message("big/will") is not None
         assert [m.topic for m in watcher.messages] == ["big/small", "big/will"]
+
+
+# -- at-least-once delivery of QoS 1 ---------------------------------------------------------
+
+FLOOD_PUBLISHERS = 3
+FLOOD_MESSAGES = 800  # per publisher
+
+
+def _flood(broker: BrokerHandle, topics: list[str], client_id: str) -> Any:
+    """A paho publisher with every message queued at once (200 in flight), as a fuzzer or a
+    busy node sends them; returns the client and the publish handles."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=mqtt.MQTTv311, reconnect_on_failure=False)
+    client.max_inflight_messages_set(200)
+    client.max_queued_messages_set(0)
+    # keepalive 0 (umqtt's default): plain amqtt then reads a flood without pausing between
+    # packets, as the embedded broker always does, acknowledging faster than it broadcasts
+    client.connect(broker.host, broker.port, keepalive=0)
+    client.loop_start()
+    infos = [client.publish(topic, f"{client_id} {index}".encode(), qos=1)
+             for index, topic in enumerate(topics)]
+    return client, infos
+
+
+@pytest.mark.parametrize("kind", broker_params())
+def test_every_acknowledged_qos1_message_reaches_every_qos1_subscriber(kind: str,
+                                                                       tmp_path: Path) -> None:
+    """Publishers flood QoS 1 messages and disconnect as soon as the last is acknowledged,
+    right after oversized publishes under their client ids were refused; one subscriber
+    acknowledges nothing until the flood is over. Both get every message at least once."""
+    config = ("listener 1883 127.0.0.1\nallow_anonymous true\nmax_packet_size 4096\n"
+              "max_queued_messages 100000\n")
+    base = unique("flood")
+    names = [f"{base}-pub{index}" for index in range(FLOOD_PUBLISHERS)]
+    kinds = ("results", "submit", "query", "status", "tasks")
+    expected = {f"{name} {index}".encode() for name in names for index in range(FLOOD_MESSAGES)}
+    gate = threading.Event()
+    with start_broker(kind, config, directory=tmp_path) as broker, \
+            probe(broker, "prompt") as prompt, probe(broker, "slow") as slow:
+        assert prompt.subscribe(f"{base}/#", 1) == [1]
+        assert slow.subscribe(f"{base}/#", 1) == [1]
+        slow.client.on_message = _held_until(gate, slow.client.on_message)
+        floods: list[tuple[Any, list[Any]]] = []
+        try:
+            for name in names:  # refused: the broker hangs up on each (plain amqtt: no limit)
+                with RawClient(broker.host, broker.port, name) as big:
+                    big.send(publish_packet(f"{base}/results/{name}", b"x" * 8192))
+                    assert broker.kind == "amqtt" or big.wait_closed(5.0), "not refused"
+            for name in names:
+                floods.append(_flood(broker, [f"{base}/{kinds[i % len(kinds)]}/{name}"
+                                              for i in range(FLOOD_MESSAGES)], name))
+            deadline = time.monotonic() + 60.0
+            for client, infos in floods:
+                for info in infos:
+                    info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+                assert all(info.is_published() for info in infos), "flood not acknowledged"
+                client.disconnect()  # at once: the broker may not have broadcast them yet
+        finally:
+            gate.set()
+            for client, _infos in floods:
+                client.loop_stop()
+        for subscriber in (prompt, slow):
+            subscriber.wait_for(lambda msgs: {m.payload for m in msgs} >= expected, 60.0)
+            got = {m.payload for m in subscriber.messages}
+            assert got >= expected, (f"{subscriber.client_id}: {len(expected - got)} of "
+                                     f"{len(expected)} acknowledged messages never arrived")
+            assert all(m.qos == 1 for m in subscriber.messages)
+
+
+def _held_until(gate: threading.Event, handler: Any) -> Any:
+    """An on_message that holds paho's network thread (so no PUBACK goes out) until `gate`."""
+    def on_message(client: Any, userdata: Any, message: Any) -> None:
+        gate.wait(60.0)
+        handler(client, userdata, message)
+    return on_message
+
+
+def _subscribe_packet(packet_id: int, topic: str, qos: int) -> bytes:
+    name = topic.encode()
+    body = struct.pack("!HH", packet_id, len(name)) + name + bytes([qos])
+    return bytes([0x82, len(body)]) + body
+
+
+def _read_packet(client: RawClient, timeout: float) -> tuple[int, bytes]:
+    """(first byte, body) of the next packet; raises on EOF or timeout."""
+    def exactly(count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            chunk = client.sock.recv(count - len(data))
+            if not chunk:
+                raise ConnectionError("connection closed")
+            data += chunk
+        return data
+    client.sock.settimeout(timeout)
+    first = exactly(1)[0]
+    length, shift = 0, 0
+    while True:
+        byte = exactly(1)[0]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    return first, exactly(length)
+
+
+def _next_publish(client: RawClient, timeout: float = 5.0) -> tuple[bool, int, bytes]:
+    """(dup, packet id, payload) of the next QoS 1 PUBLISH, skipping other packets."""
+    deadline = time.monotonic() + timeout
+    while True:
+        first, body = _read_packet(client, max(0.1, deadline - time.monotonic()))
+        if first >> 4 == 3:
+            assert (first >> 1) & 3 == 1, f"not QoS 1: {first:#x}"
+            topic_length = struct.unpack("!H", body[:2])[0]
+            packet_id = struct.unpack("!H", body[2 + topic_length:4 + topic_length])[0]
+            return bool(first & 0x08), packet_id, body[4 + topic_length:]
+
+
+def test_unacknowledged_message_is_resent_when_the_persistent_session_resumes(
+        broker: BrokerHandle) -> None:
+    """MQTT-4.4.0-1: what the subscriber had not acknowledged when its connection dropped
+    comes again on reconnect, DUP set, same packet id; what it acknowledged does not."""
+    client_id = unique("resume")
+    topic = f"t/resume/{client_id}"
+    with RawClient(broker.host, broker.port, client_id, clean_session=False) as first:
+        first.send(_subscribe_packet(1, topic, 1))
+        kind, body = _read_packet(first, 5.0)
+        assert kind == 0x90 and body[-1] == 1, "no SUBACK granting QoS 1"
+        with probe(broker, "pub") as pub:
+            for index in range(3):
+                pub.publish(topic, f"m{index}".encode(), qos=1)
+        received = [_next_publish(first) for _ in range(3)]
+        assert [(dup, payload) for dup, _, payload in received] == \
+            [(False, b"m0"), (False, b"m1"), (False, b"m2")]
+        first.send(bytes([0x40, 2]) + struct.pack("!H", received[0][1]))  # PUBACK m0 only
+        first.send(bytes([0xC0, 0]))  # PINGREQ: its answer means the PUBACK was taken in
+        assert _read_packet(first, 5.0)[0] == 0xD0, "no PINGRESP"
+    again = RawClient(broker.host, broker.port, client_id, clean_session=False)
+    try:
+        assert again.connack_code == 0
+        resent = [_next_publish(again) for _ in range(2)]
+        assert resent == [(True, received[1][1], b"m1"), (True, received[2][1], b"m2")]
+        for _dup, packet_id, _payload in resent:
+            again.send(bytes([0x40, 2]) + struct.pack("!H", packet_id))
+    finally:
+        again.close()
+        Probe(broker.host, broker.port, client_id, clean_session=True).close()

@@ -23,6 +23,17 @@ Each fix is one small override, named after the bug it answers (see DESIGN.md):
 - `WILL_ACL` -- amqtt publishes a will without asking the ACL, so a node could forge another
   node's status. A will on a topic the client may not write is dropped at CONNECT (the
   connection is accepted), which is what mosquitto 2.0 ends up doing.
+- `ACKED_DELIVERED` -- amqtt acknowledges a QoS 1 publish as soon as it is queued for its
+  client's message loop, and drops that queue when the client disconnects: a publisher that
+  floods and disconnects loses whatever the broker had acknowledged but not yet broadcast
+  (thousands of messages when the broker is busy). The queue is now broadcast before the
+  session ends (and before the will); a session being replaced keeps it for its loop, and
+  the sweep of ended sessions no longer removes one that reconnected meanwhile.
+- `AT_LEAST_ONCE` -- amqtt forgets a QoS 1 message its subscriber has not acknowledged within
+  5 s, never resends one in flight when a persistent session reconnects, and fails once
+  65,535 are unacknowledged. `master.broker.delivery.DeliveryHandler` keeps each in flight
+  until acknowledged and resends it (DUP) when the session resumes; queued and retained
+  messages no longer hold up the client's message loop until acknowledged.
 
 And the plumbing those need, also small: unauthenticated clients are refused before they
 touch any session; a client that sends no CONNECT within `CONNECT_TIMEOUT` is dropped; packets
@@ -40,11 +51,10 @@ import logging
 import socket
 import ssl
 import time
-from collections import deque
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
 from amqtt.broker import AMQTT_MAGIC_VALUE_RET_SUBSCRIBED, Broker, Server
@@ -55,9 +65,10 @@ from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.constants import QOS_0
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseTopicPlugin
-from amqtt.session import Session
+from amqtt.session import OutgoingApplicationMessage, Session
 from amqtt.utils import gen_client_id
 
+from master.broker.delivery import DeliveryHandler
 from master.broker.plugins import AclFilePlugin
 
 __all__ = ["FabricBroker", "ServerSpec", "CONNECT_TIMEOUT", "KEEPALIVE_FACTOR"]
@@ -67,6 +78,7 @@ log = logging.getLogger("master.broker")
 KEEPALIVE_FACTOR = 1.5
 CONNECT_TIMEOUT = 10.0
 TAKEOVER_TIMEOUT = 5.0
+SESSION_SWEEP_INTERVAL = 1.0
 _MATCH_CACHE_SIZE = 16_384
 _VERIFIED = "master.broker.verified"
 _PUBLISH_QOS: ContextVar[int | None] = ContextVar("publish_qos", default=None)
@@ -228,6 +240,7 @@ class FabricBroker(Broker):
         self._subscriptions: dict[str, list[tuple[Session, int]]] = _FilterTable()
         self._match_cache: dict[str, tuple[str, ...]] = {}
         self._match_version = -1
+        self._deliveries: set[asyncio.Task[Any]] = set()
         self._topic_plugins: tuple[BaseTopicPlugin, ...] = tuple(
             p for p in self.plugins_manager.plugins if isinstance(p, BaseTopicPlugin))
 
@@ -273,7 +286,7 @@ class FabricBroker(Broker):
                                          remote_address: str, remote_port: int
                                          ) -> tuple[BrokerProtocolHandler, Session]:
         try:
-            handler, incoming = await BrokerProtocolHandler.init_from_connect(
+            connected, incoming = await DeliveryHandler.init_from_connect(
                 reader, writer, self.plugins_manager)
         except (AMQTTError, MQTTError, NoDataError) as e:
             raise AMQTTError(f"no valid CONNECT from {remote_address}:{remote_port}: {e}") from e
@@ -281,6 +294,9 @@ class FabricBroker(Broker):
             raise AMQTTError(f"bad CONNECT from {remote_address}:{remote_port}: {e!r}") from e
         if not incoming.client_id:
             incoming.client_id = gen_client_id()
+        handler = cast(DeliveryHandler, connected)
+        handler.on_undelivered = self._undelivered
+        handler.max_queued = self._max_queued_messages
         listener = getattr(reader, "listener", "default")
         if not await super()._authenticate(incoming, self.listeners_config[listener]):
             if self._connection_messages:
@@ -365,6 +381,122 @@ class FabricBroker(Broker):
             if self._connection_messages:
                 log.info("client %s disconnected", client_session.client_id)
 
+    # -- ACKED_DELIVERED --------------------------------------------------------------------
+
+    async def _client_message_loop(self, client_session: Session,
+                                   handler: BrokerProtocolHandler) -> None:
+        """amqtt's loop over one client's packets, but a disconnect comes last: the messages
+        the client published before it go out first (`_handle_disconnect`), will after them."""
+        disconnect = asyncio.ensure_future(handler.wait_disconnect())
+        subscribe = asyncio.ensure_future(handler.get_next_pending_subscription())
+        unsubscribe = asyncio.ensure_future(handler.get_next_pending_unsubscription())
+        deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+        try:
+            while True:
+                await asyncio.wait((disconnect, subscribe, unsubscribe, deliver),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if subscribe.done():
+                    await self._handle_subscription(client_session, handler, subscribe)
+                    subscribe = asyncio.ensure_future(handler.get_next_pending_subscription())
+                if unsubscribe.done():
+                    await self._handle_unsubscription(client_session, handler, unsubscribe)
+                    unsubscribe = asyncio.ensure_future(
+                        handler.get_next_pending_unsubscription())
+                if deliver.done():
+                    if not await self._handle_message_delivery(client_session, handler, deliver):
+                        return  # a protocol error: `_handle_client_session` ends the session
+                    deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+                if disconnect.done():
+                    deliver.cancel()  # a message it already took is still handled, in order
+                    taken = (await asyncio.gather(deliver, return_exceptions=True))[0]
+                    if taken is not None and not isinstance(taken, BaseException):
+                        await self._handle_message_delivery(client_session, handler, deliver)
+                    await self._handle_disconnect(client_session, handler, disconnect)
+                    return
+        except asyncio.CancelledError:
+            log.debug("message loop of %s cancelled", client_session.client_id)
+        finally:
+            waiters = (disconnect, subscribe, unsubscribe, deliver)
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+
+    async def _handle_disconnect(self, client_session: Session, handler: BrokerProtocolHandler,
+                                 disconnect_waiter: asyncio.Future[Any]) -> None:
+        """Broadcast what the client published and was acknowledged but not yet broadcast
+        (amqtt acknowledges a publish when it is queued, and dropped the queue with the
+        connection), then end the session as amqtt does, will included."""
+        await self._broadcast_acknowledged(client_session, handler)
+        await super()._handle_disconnect(client_session, handler, disconnect_waiter)
+
+    async def _broadcast_acknowledged(self, session: Session,
+                                      handler: BrokerProtocolHandler) -> None:
+        queue = session.delivered_message_queue
+        loop = asyncio.get_running_loop()
+        while not queue.empty():
+            taken: asyncio.Future[Any] = loop.create_future()
+            taken.set_result(queue.get_nowait())
+            await self._handle_message_delivery(session, handler, taken)
+
+    async def _delete_session(self, client_id: str) -> None:
+        """amqtt's, except that the messages the old connection acknowledged stay queued for
+        its own loop to broadcast (amqtt cleared them)."""
+        session = self._sessions.pop(client_id, (None, None))[0]
+        if session is None:
+            return
+        await self._del_all_subscriptions(session)
+        while not session.retained_messages.empty():
+            session.retained_messages.get_nowait()
+
+    async def _session_monitor(self) -> None:
+        """amqtt's sweep of ended clean sessions, which could remove a session that had
+        meanwhile reconnected under the same client id (and drop its connection)."""
+        while True:
+            expiry = self.config.session_expiry_interval
+            for client_id, (session, _handler) in tuple(self._sessions.items()):
+                if self._sessions.get(client_id, (None, None))[0] is not session or \
+                        session.transitions.state != "disconnected":
+                    continue
+                ended = session.last_disconnect_time
+                if session.clean_session or session.is_anonymous or (
+                        expiry is not None and ended is not None and ended < time.time() - expiry):
+                    await self._cleanup_session(client_id)
+            await asyncio.sleep(SESSION_SWEEP_INTERVAL)
+
+    # -- AT_LEAST_ONCE ----------------------------------------------------------------------
+
+    def _undelivered(self, session: Session, handler: DeliveryHandler,
+                     message: OutgoingApplicationMessage) -> None:
+        """A QoS 1 message whose connection ended before its PUBACK: a persistent session
+        gets it again (the message is kept in flight, `DeliveryHandler`); a clean session
+        ended with the connection, and so did what it was owed."""
+        if session.clean_session:
+            return
+        current = self._get_handler(session)
+        online = current is not None and current is not handler and \
+            session.transitions.state == "connected"
+        if message.packet_id is not None:  # still in flight: the next connection resends it
+            if online and isinstance(current, DeliveryHandler):
+                current.resend(message)  # or it does so itself when it resumes the session
+            return
+        if online and current is not None:  # never had a packet id: a message like any other
+            self._spawn(current.mqtt_publish(message.topic, message.data, message.qos,
+                                             retain=False))
+        else:
+            broadcast = {"session": None, "topic": message.topic, "data": message.data}
+            self._spawn(self._retain_broadcast_message(broadcast, message.qos or 1, session))
+
+    def _spawn(self, coroutine: Any) -> None:
+        """A delivery no one waits for: it may wait for its PUBACK as long as the connection
+        lasts, so it is forgotten when it ends, not when the deliveries before it have."""
+        task = asyncio.ensure_future(coroutine)
+        self._deliveries.add(task)
+        task.add_done_callback(self._delivered)
+
+    def _delivered(self, task: asyncio.Task[Any]) -> None:
+        self._deliveries.discard(task)
+        _log_failure(task)
+
     # -- QOS_DOWNGRADE ----------------------------------------------------------------------
 
     async def _handle_message_delivery(self, client_session: Session,
@@ -387,19 +519,12 @@ class FabricBroker(Broker):
     async def _broadcast_loop(self) -> None:
         """Take broadcasts straight off the queue; amqtt wraps each one in a task of its own
         and an `asyncio.wait`. Shutdown cancels this task (`_shutdown_broadcast_loop`)."""
-        running: deque[asyncio.Task[Any]] = self._tasks_queue
         try:
             while True:
-                while running and running[0].done():
-                    _log_failure(running.popleft())
-                await self._run_broadcast(running)
+                await self._run_broadcast(None)
         finally:
-            for task in running:
-                if task.done():
-                    _log_failure(task)
-                else:
-                    task.cancel()
-            running.clear()
+            for task in tuple(self._deliveries):
+                task.cancel()
 
     async def _shutdown_broadcast_loop(self) -> None:
         task = self._broadcast_task
@@ -412,7 +537,8 @@ class FabricBroker(Broker):
 
     async def _run_broadcast(self, running_tasks: Any) -> None:
         """One message to every matching subscription, at min(publish QoS, subscription QoS);
-        matching filters are cached per topic, ACL checks are direct calls."""
+        matching filters are cached per topic, ACL checks are direct calls. Each delivery is
+        a task of its own (`_spawn`); `running_tasks` (amqtt's list of them) is not used."""
         broadcast = await self._broadcast_queue.get()
         topic: str = broadcast["topic"]
         publish_qos: int | None = broadcast.get("qos")
@@ -430,8 +556,7 @@ class FabricBroker(Broker):
                     continue
                 handler = self._get_handler(target)
                 if handler is not None:
-                    running_tasks.append(asyncio.ensure_future(
-                        handler.mqtt_publish(topic, data, qos, retain=False)))
+                    self._spawn(handler.mqtt_publish(topic, data, qos, retain=False))
 
     def _filters_matching(self, topic: str) -> tuple[str, ...]:
         table = self._subscriptions
@@ -479,7 +604,6 @@ class FabricBroker(Broker):
     async def _send_retained(self, topic_filter: str, granted_qos: int, session: Session,
                              handler: BrokerProtocolHandler) -> None:
         """The retained messages one new subscription matches and its client may read."""
-        tasks = []
         for topic, retained in tuple(self._retained_messages.items()):
             if not self._matches(topic, topic_filter):
                 continue
@@ -487,10 +611,7 @@ class FabricBroker(Broker):
                     session, topic=topic, action=Action.RECEIVE):
                 continue
             qos = granted_qos if retained.qos is None else min(granted_qos, retained.qos)
-            tasks.append(asyncio.ensure_future(
-                handler.mqtt_publish(topic, retained.data, qos, retain=True)))
-        if tasks:
-            await asyncio.wait(tasks)
+            self._spawn(handler.mqtt_publish(topic, retained.data, qos, retain=True))
 
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
                                                           session: Session) -> None:
@@ -500,17 +621,15 @@ class FabricBroker(Broker):
     # -- PERSISTENT_SESSIONS ----------------------------------------------------------------
 
     async def _publish_session_retained_messages(self, session: Session) -> None:
-        """Deliver what was queued while the client was away, in order, with retain=0."""
+        """Deliver what was queued while the client was away, in order, with retain=0 (after
+        what was in flight, which the handler resent as it started)."""
         handler = self._get_handler(session)
         if handler is None:
             return
-        tasks = []
         while not session.retained_messages.empty():
             queued = session.retained_messages.get_nowait()
-            tasks.append(asyncio.ensure_future(
-                handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=False)))
-        if tasks:
-            await asyncio.wait(tasks)
+            self._spawn(handler.mqtt_publish(queued.topic, queued.data, queued.qos,
+                                             retain=False))
 
     async def _retain_broadcast_message(self, broadcast: dict[str, Any], qos: int,
                                         target_session: Session) -> None:

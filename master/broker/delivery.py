@@ -1,0 +1,208 @@
+"""`DeliveryHandler`: amqtt 0.12.1's broker-side protocol handler with at-least-once QoS 1
+delivery to subscribers.
+
+amqtt waits 5 s for a subscriber's PUBACK, then forgets the message: a subscriber slow to
+acknowledge (a busy master) leaves no record of what it is still owed, and a message in
+flight when a persistent-session client drops is never sent again. amqtt also fails with an
+error once 65,535 messages to one client are unacknowledged (no packet id is left).
+
+Here a QoS 1 message stays in the session's `inflight_out` until its PUBACK arrives, however
+long that takes: whether the connection is alive is the keepalive watchdog's business, not a
+per-message timer's. Nothing is resent on a live connection: TCP already carries it, resending
+to a subscriber that is merely slow only deepens its backlog, and MQTT 5 forbids it (mosquitto
+does not either). When the connection ends first, the message stays in flight for a persistent
+session and goes out again, DUP set, same packet id, as soon as the client is back
+(MQTT-4.4.0-1); for a clean session it ends with the session.
+
+Publishing waits, in order, for a free packet id instead of failing. The one bound, as in
+mosquitto: once `MAX_INFLIGHT` messages to a client are unacknowledged, at most `max_queued`
+more wait for an id; beyond that they are dropped with a warning rather than held in memory
+without end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Any, Callable
+
+from amqtt.mqtt.constants import QOS_1, QOS_2
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.session import OUTGOING, IncomingApplicationMessage, OutgoingApplicationMessage, Session
+
+__all__ = ["DeliveryHandler", "MAX_INFLIGHT", "RETRY_QOS2_TIMEOUT"]
+
+log = logging.getLogger("master.broker")
+
+# Packet ids are 1..65535, shared (in amqtt) by messages in flight both ways: leave some room
+# for incoming QoS 2 messages.
+MAX_INFLIGHT = 65_000
+# amqtt's bound on resuming a QoS 2 exchange at reconnect, kept as it was.
+RETRY_QOS2_TIMEOUT = 10.0
+
+Undelivered = Callable[[Session, "DeliveryHandler", OutgoingApplicationMessage], None]
+
+
+class DeliveryHandler(BrokerProtocolHandler):
+    """The handler of one client connection. `on_undelivered` hears of every QoS 1 message
+    whose connection ended before its PUBACK came: it is still in the session's
+    `inflight_out`, or, if it never got a packet id, has `packet_id` None."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_undelivered: Undelivered | None = None
+        self.max_queued = 0  # messages waiting for a packet id, beyond which they are dropped
+        self._stopped = False
+        self._resumed = False  # messages in flight from an earlier connection were resent
+        self._resending: set[asyncio.Task[Any]] = set()
+        self._delivering: set[int] = set()  # packet ids with a flow running on this connection
+        self._id_waiters: deque[asyncio.Future[None]] = deque()
+        self._dropped = 0
+
+    async def stop(self) -> None:
+        # set before amqtt cancels the PUBACK waiters (synchronously, in the same step), so a
+        # flow either has its waiter cancelled or sees the handler stopped: none waits forever
+        self._stopped = True
+        for waiter in self._id_waiters:  # they hand their message on (`on_undelivered`)
+            if not waiter.done():
+                waiter.set_result(None)
+        await super().stop()
+
+    # -- publishing: wait for a packet id rather than fail ---------------------------------
+
+    async def mqtt_publish(self, topic: str, data: bytes | bytearray, qos: int | None,
+                           retain: bool, ack_timeout: int | None = None
+                           ) -> OutgoingApplicationMessage:
+        session = self.session
+        if session is None or qos not in (QOS_1, QOS_2):
+            return await super().mqtt_publish(topic, data, qos, retain, ack_timeout)
+        if self._id_waiters or len(session.inflight_out) >= MAX_INFLIGHT:
+            if self.max_queued and len(self._id_waiters) >= self.max_queued:
+                if self._dropped % 1000 == 0:
+                    log.warning("%s: %d messages unacknowledged and %d more waiting: dropping "
+                                "messages (%d so far)", session.client_id,
+                                len(session.inflight_out), len(self._id_waiters),
+                                self._dropped + 1)
+                self._dropped += 1
+                return OutgoingApplicationMessage(None, topic, qos, data, retain)
+            await self._wait_for_packet_id()
+            if self._stopped:  # no packet id came before the connection ended
+                message = OutgoingApplicationMessage(None, topic, qos, data, retain)
+                self._undelivered(session, message)
+                return message
+        if qos == QOS_1:
+            message = OutgoingApplicationMessage(session.next_packet_id, topic, qos, data, retain)
+            await self._deliver_qos1(message)
+            return message
+        try:
+            return await super().mqtt_publish(topic, data, qos, retain, ack_timeout)
+        finally:  # amqtt's QoS 2 flow always leaves inflight_out when it ends
+            self._release_packet_id()
+
+    async def _wait_for_packet_id(self) -> None:
+        """First come, first served, so messages keep their order."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._id_waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            self._id_waiters.remove(waiter)
+            if waiter.done() and not waiter.cancelled():
+                self._release_packet_id()  # woken, then cancelled: the id goes to the next
+            raise
+        self._id_waiters.remove(waiter)
+
+    def _release_packet_id(self) -> None:
+        session = self.session
+        if self._id_waiters and session is not None and \
+                len(session.inflight_out) < MAX_INFLIGHT:
+            for waiter in self._id_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+                    return
+
+    # -- QoS 1 to the client: keep it until acknowledged -------------------------------------
+
+    async def _handle_qos1_message_flow(
+            self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage) -> None:
+        if app_message.direction != OUTGOING:
+            await super()._handle_qos1_message_flow(app_message)
+            return
+        await self._deliver_qos1(app_message)  # type: ignore[arg-type]
+
+    async def _deliver_qos1(self, message: OutgoingApplicationMessage) -> None:
+        session = self.session
+        packet_id = message.packet_id
+        if session is None or packet_id is None:
+            raise ValueError(f"QoS 1 message without session or packet id: {message!r}")
+        session.inflight_out[packet_id] = message
+        self._delivering.add(packet_id)
+        if self._stopped:  # the connection ended before this message's turn came
+            self._delivering.discard(packet_id)
+            self._undelivered(session, message)
+            return
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._puback_waiters[packet_id] = waiter
+        try:
+            # DUP only if it may have reached the client before (MQTT-3.3.1-1)
+            packet = message.build_publish_packet(dup=message.publish_packet is not None)
+            message.publish_packet = packet
+            await self._send_packet(packet)
+            message.puback_packet = await waiter
+        except asyncio.CancelledError:
+            if not waiter.cancelled():
+                raise  # this task is being cancelled (broker shutdown): nothing to redeliver
+            self._undelivered(session, message)  # the connection ended first
+            return
+        finally:
+            self._delivering.discard(packet_id)
+            if self._puback_waiters.get(packet_id) is waiter:
+                del self._puback_waiters[packet_id]
+        if session.inflight_out.get(packet_id) is message:
+            del session.inflight_out[packet_id]
+            self._release_packet_id()
+
+    def _undelivered(self, session: Session, message: OutgoingApplicationMessage) -> None:
+        log.debug("%s: message %s on %s not acknowledged before the connection ended",
+                  session.client_id, message.packet_id, message.topic)
+        if self.on_undelivered is not None:
+            self.on_undelivered(session, self, message)
+
+    # -- reconnect: resend what is still in flight --------------------------------------------
+
+    async def _retry_deliveries(self) -> None:
+        """MQTT-4.4.0-1: resend unacknowledged messages (DUP set, same packet id) without
+        holding up the connection; amqtt waited up to 10 s for them, then dropped them."""
+        session = self.session
+        if session is None:
+            return
+        self._resumed = True
+        for message in tuple(session.inflight_out.values()):
+            if message.qos == QOS_1:
+                self.resend(message)
+            else:
+                self._spawn(asyncio.wait_for(self._handle_message_flow(message),
+                                             RETRY_QOS2_TIMEOUT))
+        for incoming in tuple(session.inflight_in.values()):
+            self._spawn(asyncio.wait_for(self._handle_message_flow(incoming), RETRY_QOS2_TIMEOUT))
+
+    def resend(self, message: OutgoingApplicationMessage) -> bool:
+        """Send a message still in flight in this session again, unless this connection is
+        not ready for it (not yet resumed: it goes out then; or already stopped) or it is
+        already being delivered here."""
+        if not self._resumed or self._stopped or message.packet_id in self._delivering:
+            return False
+        self._delivering.add(message.packet_id)  # claimed now, though the flow starts later
+        self._spawn(self._deliver_qos1(message))
+        return True
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._resending.add(task)
+        task.add_done_callback(self._resent)
+
+    def _resent(self, task: asyncio.Task[Any]) -> None:
+        self._resending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("redelivery failed: %r", task.exception())
