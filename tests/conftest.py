@@ -29,7 +29,8 @@ class _Mosquitto:
     def __init__(self, tmp: Path) -> None:
         self.port = _free_port()
         conf = tmp / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n")
+        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
+                        "max_queued_messages 100000\n")
         self.popen = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL)
         self.url = f"mqtt://127.0.0.1:{self.port}"
