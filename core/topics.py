@@ -6,6 +6,10 @@
                                       so an ACL can stop a node forging another's results)
     <root>/master/status              retained JSON: the master's counters
     <root>/master/lease               retained: who is the active master (replication)
+    <root>/master/journal             journal deltas from the active master to standbys
+    <root>/master/resync              a standby asks the active master for a full copy
+    <root>/masters/<master_id>        retained JSON presence of one replicated master (will `dead`)
+    <root>/masters/<master_id>/dump   a full copy of the journal, in chunks, for that standby
     <root>/submit/<client_id>         submissions from clients
     <root>/query/<client_id>          status queries from clients
     <root>/clients/<client_id>        replies, acknowledgements and outcomes for one client
@@ -73,6 +77,25 @@ class Topics:
     @property
     def master_lease(self) -> str:
         return f"{self.root}/master/lease"
+
+    # -- replicated masters
+    @property
+    def master_journal(self) -> str:
+        return f"{self.root}/master/journal"
+
+    @property
+    def master_resync(self) -> str:
+        return f"{self.root}/master/resync"
+
+    def master_presence(self, master_id: str) -> str:
+        return f"{self.root}/masters/{master_id}"
+
+    @property
+    def all_master_presence(self) -> str:
+        return f"{self.root}/masters/+"
+
+    def master_dump(self, master_id: str) -> str:
+        return f"{self.root}/masters/{master_id}/dump"
 
     # -- clients
     def submit(self, client_id: str) -> str:

@@ -19,7 +19,7 @@ from core.errors import DecodeError, FabricError, FabricTimeout, QueueFull
 from core.mqtt import MqttSession, TlsSettings
 from core.protocol import (DEFAULT_PRIORITY, MasterStatus, OutcomeBatch, Query, QueryReply,
                            Submission, SubmitReply, TaskOutcome, TaskSpec, decode_message,
-                           make_task)
+                           make_task, new_task_id)
 from core.topics import DEFAULT_ROOT, Topics
 from core.url import BrokerUrl, parse_broker_url
 from master.handles import TaskHandle
@@ -93,28 +93,25 @@ class FabricClient:
         `ack_timeout` passes, then their handles fail with QueueFull.
         """
         specs = [make_task(c[0], c[1], c[2], priority=c[3], task_id=c[4] if len(c) > 4 else None)
-                 for c in calls]
-        handles = [TaskHandle(s.id) for s in specs]
-        with self._lock:
-            for handle in handles:
-                self._handles[handle.id] = handle
+                 for c in calls]  # every call checked before any is sent
         deadline = time.monotonic() + ack_timeout
-        chunks = [specs[start:start + _SUBMIT_CHUNK] for start in range(0, len(specs), _SUBMIT_CHUNK)]
+        chunks = [specs[i:i + _SUBMIT_CHUNK] for i in range(0, len(specs), _SUBMIT_CHUNK)]
         if len(chunks) <= 1:
+            handles = []
             for chunk in chunks:
-                self._send_until_accepted(chunk, deadline)
+                handles = self._send_chunk(chunk, deadline)
                 if on_progress is not None:
                     on_progress(len(chunk))
             return handles
-        # Several submissions in flight at once, so the master journals one while the next
-        # travels; each still waits for its own acknowledgement and is resent on silence.
-        done = 0
-        with ThreadPoolExecutor(max_workers=min(_SUBMIT_WINDOW, len(chunks)),
+        # Several submissions in flight at once, so the master journals one while the next is
+        # made and travels; each still waits for its own acknowledgement, resent on silence.
+        handles, done = [], 0
+        with ThreadPoolExecutor(max_workers=_SUBMIT_WINDOW,
                                 thread_name_prefix="client-submit") as pool:
-            futures = [pool.submit(self._send_until_accepted, chunk, deadline) for chunk in chunks]
+            futures = [pool.submit(self._send_chunk, chunk, deadline) for chunk in chunks]
             try:
                 for chunk, future in zip(chunks, futures):
-                    future.result()
+                    handles.extend(future.result())
                     done += len(chunk)
                     if on_progress is not None:
                         on_progress(done)
@@ -122,6 +119,16 @@ class FabricClient:
                 for future in futures:
                     future.cancel()
                 raise
+        return handles
+
+    def _send_chunk(self, specs: list[TaskSpec], deadline: float) -> list[TaskHandle]:
+        """Handles for `specs`, registered before the submission goes, then sent."""
+        handles = [TaskHandle(s.id) for s in specs]
+        with self._lock:
+            register = self._handles
+            for handle in handles:
+                register[handle.id] = handle
+        self._send_until_accepted(specs, deadline)
         return handles
 
     def _send_until_accepted(self, specs: list[TaskSpec], deadline: float) -> None:
@@ -144,7 +151,7 @@ class FabricClient:
             backoff = min(backoff * 2, 1.0)
 
     def _submit_once(self, specs: list[TaskSpec], deadline: float) -> SubmitReply:
-        request_id = uuid.uuid4().hex
+        request_id = new_task_id()  # unique like a task id, without a system call
         message = Submission(client_id=self.client_id, request_id=request_id, tasks=tuple(specs))
         event = threading.Event()
         slot: list = []
@@ -168,7 +175,7 @@ class FabricClient:
 
     def query(self, what: str, params: dict | None = None, *, timeout: float = 10.0) -> Any:
         """Ask the master (`nodes`, `status`, `outcomes`, ...); raises on error or silence."""
-        request_id = uuid.uuid4().hex
+        request_id = new_task_id()  # unique like a task id, without a system call
         event = threading.Event()
         slot: list = []
         with self._lock:

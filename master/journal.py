@@ -3,12 +3,18 @@
 Writes are grouped: the master applies a batch of messages, then commits once, and only
 then acknowledges submissions and reports outcomes. `kill -9` at any point loses nothing
 that was acknowledged: what was queued or in flight is read back and dispatched again.
+
+Each task remembers its row number, so state changes find their row without the id index.
+WAL checkpoints (which copy the log into the database and sync it) run on a thread of their
+own, so the commit the master waits for is only an append to the log.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -19,6 +25,13 @@ from core.protocol import TaskOutcome, TaskSpec
 from master.scheduler import COMPLETED, FAILED, QUEUED, RUNNING, STATE_NAMES, TaskRecord
 
 __all__ = ["Journal"]
+
+log = logging.getLogger(__name__)
+
+_NIL = msgpack.packb(None)
+_NO_CALL = msgpack.packb([[], {}], use_bin_type=True)
+_CHECKPOINT_INTERVAL = 0.5    # seconds between background checkpoints
+_AUTOCHECKPOINT_PAGES = 20_000  # the loop checkpoints itself only if the thread falls behind
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -36,13 +49,16 @@ CREATE TABLE IF NOT EXISTS tasks (
     submitted REAL NOT NULL,
     finished REAL
 );
-CREATE INDEX IF NOT EXISTS tasks_active ON tasks(state) WHERE state < 2;
+DROP INDEX IF EXISTS tasks_active;
+CREATE INDEX IF NOT EXISTS tasks_open ON tasks(priority) WHERE finished IS NULL;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
 def _pack(value: Any) -> bytes:
     """Results as msgpack, or JSON (prefixed with a NUL byte) for ints msgpack cannot hold."""
+    if value is None:
+        return _NIL
     try:
         return msgpack.packb(value, use_bin_type=True)
     except (OverflowError, TypeError, ValueError):
@@ -62,12 +78,40 @@ class Journal:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        in_memory = str(path) == ":memory:"
+        if not in_memory:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # a process crash loses nothing in WAL
+        self._db.execute("PRAGMA cache_size=-32768")   # 32 MiB: the active tasks' pages stay hot
         self._db.executescript(_SCHEMA)
         self._in_tx = False
+        self._next_row = self._db.execute(
+            "SELECT IFNULL(MAX(rowid), 0) + 1 FROM tasks").fetchone()[0]
+        self._checkpoints_stop = threading.Event()
+        self._checkpointer: threading.Thread | None = None
+        if not in_memory:
+            self._db.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_PAGES}")
+            self._checkpointer = threading.Thread(target=self._checkpoint_loop,
+                                                  name="journal-checkpoint", daemon=True)
+            self._checkpointer.start()
+
+    def _checkpoint_loop(self) -> None:
+        """Copy the log into the database now and then, off the master's loop."""
+        try:
+            db = sqlite3.connect(str(self.path), isolation_level=None, timeout=1.0)
+        except sqlite3.Error:
+            log.exception("journal checkpoints fall back to the writer")
+            return
+        try:
+            while not self._checkpoints_stop.wait(_CHECKPOINT_INTERVAL):
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as e:  # busy or closing: the next round will do it
+                    log.debug("journal checkpoint skipped: %s", e)
+        finally:
+            db.close()
 
     # -- transactions ----------------------------------------------------------------------------
 
@@ -83,46 +127,96 @@ class Journal:
 
     def close(self) -> None:
         self.commit()
+        self._checkpoints_stop.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join(5.0)
         self._db.close()
 
     # -- writes --------------------------------------------------------------------------------
 
-    def submitted(self, records: Iterable[TaskRecord], now: float | None = None) -> None:
+    def submitted(self, records: Iterable[TaskRecord], now: float | None = None) -> int:
+        """Journal new tasks (an id already journalled keeps its row); how many were new."""
+        records = list(records)
+        inserted = self._insert(records, now)
+        if inserted != len(records):  # some ids were there already: point those at their rows
+            for r in records:
+                found = self._db.execute("SELECT rowid, finished FROM tasks WHERE id = ?",
+                                         (r.id,)).fetchone()
+                if found is None:
+                    r.row = 0
+                    continue
+                if found[0] != r.row and found[1] is not None:
+                    # a finished task run again: open again, so a restart finds it
+                    self._db.execute(f"UPDATE tasks SET state = {QUEUED}, finished = NULL "
+                                     "WHERE rowid = ?", (found[0],))
+                r.row = found[0]
+        return inserted
+
+    def submitted_if_new(self, records: list[TaskRecord], now: float | None = None) -> bool:
+        """Journal tasks whose ids should all be new; if one is journalled already (a resend),
+        write nothing and return False, so the caller can sort them out one by one."""
+        if not records:
+            return True
+        if len(records) == 1:  # nothing to undo if its one row was not written
+            return self._insert(records, now) == 1
+        self._begin()
+        self._db.execute("SAVEPOINT fresh")
+        if self._insert(records, now) == len(records):
+            self._db.execute("RELEASE fresh")
+            return True
+        self._db.execute("ROLLBACK TO fresh")
+        self._db.execute("RELEASE fresh")
+        return False
+
+    def _insert(self, records: list[TaskRecord], now: float | None) -> int:
+        """INSERT OR IGNORE the tasks, each at a row number of its own; how many went in."""
+        if not records:
+            return 0
         now = time.time() if now is None else now
-        rows = [(r.id, r.spec.name, _pack([r.spec.args, r.spec.kwargs]), r.spec.priority, r.client,
-                 r.pinned, QUEUED, now) for r in records]
-        if rows:
-            self._begin()
-            self._db.executemany(
-                "INSERT OR IGNORE INTO tasks (id, name, call, priority, client, pinned, state, "
-                "submitted) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        rows = []
+        row = self._next_row
+        for r in records:
+            spec = r.spec
+            r.row = row
+            call = _pack([spec.args, spec.kwargs]) if spec.args or spec.kwargs else _NO_CALL
+            rows.append((row, spec.id, spec.name, call, spec.priority, r.client, r.pinned, QUEUED,
+                         now))
+            row += 1
+        self._next_row = row
+        self._begin()
+        return self._db.executemany(
+            "INSERT OR IGNORE INTO tasks (rowid, id, name, call, priority, client, pinned, state, "
+            "submitted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows).rowcount
+
+    def _update(self, sql: str, rows: list[tuple]) -> None:
+        """`sql` for each row, whose last value is the task's row number (or, if it has none,
+        its id): a row number finds the task without a look-up in the id index."""
+        if not rows:
+            return
+        self._begin()
+        by_row = [r for r in rows if type(r[-1]) is int]
+        if by_row:
+            self._db.executemany(sql + " WHERE rowid = ?", by_row)
+        if len(by_row) != len(rows):
+            self._db.executemany(sql + " WHERE id = ?", [r for r in rows if type(r[-1]) is str])
 
     def dispatched(self, records: Iterable[TaskRecord]) -> None:
-        rows = [(r.node, r.id) for r in records]
-        if rows:
-            self._begin()
-            self._db.executemany(
-                f"UPDATE tasks SET state = {RUNNING}, node = ? WHERE id = ?", rows)
+        self._update(f"UPDATE tasks SET state = {RUNNING}, node = ?",
+                     [(r.node, r.row or r.id) for r in records])
 
     def requeued(self, records: Iterable[TaskRecord]) -> None:
-        rows = [(r.attempts, json.dumps(r.errors), r.id) for r in records]
-        if rows:
-            self._begin()
-            self._db.executemany(
-                f"UPDATE tasks SET state = {QUEUED}, node = '', attempts = ?, errors = ? "
-                "WHERE id = ?", rows)
+        self._update(f"UPDATE tasks SET state = {QUEUED}, node = '', attempts = ?, errors = ?",
+                     [(r.attempts, _errors(r.errors), r.row or r.id) for r in records])
 
     def finished(self, records: Iterable[tuple[TaskRecord, Any]], now: float | None = None) -> None:
         """Record final states; `records` pairs each task with its value (None if failed)."""
         now = time.time() if now is None else now
-        rows = [(r.state, r.node, r.attempts, json.dumps(r.errors),
-                 _pack(value) if r.state == COMPLETED else None, now, r.id)
-                for r, value in records]
-        if rows:
-            self._begin()
-            self._db.executemany(
-                "UPDATE tasks SET state = ?, node = ?, attempts = ?, errors = ?, result = ?, "
-                "finished = ? WHERE id = ?", rows)
+        self._update("UPDATE tasks SET state = ?, node = ?, attempts = ?, errors = ?, "
+                     "result = ?, finished = ?",
+                     [(r.state, r.node, r.attempts, json.dumps(r.errors) if r.errors else "[]",
+                       (_NIL if value is None else _pack(value)) if r.state == COMPLETED
+                       else None, now, r.row or r.spec.id)
+                      for r, value in records])
 
     def set_meta(self, key: str, value: str) -> None:
         self._begin()
@@ -137,14 +231,15 @@ class Journal:
     def unfinished(self) -> list[tuple[TaskRecord, bool]]:
         """Tasks to restore after a restart, with whether each was in flight (goes in front)."""
         out = []
-        for (task_id, name, call, priority, client, pinned, state, attempts, errors) in self._db.execute(
-                "SELECT id, name, call, priority, client, pinned, state, attempts, errors "
-                f"FROM tasks WHERE state < {COMPLETED} ORDER BY state DESC, rowid"):
+        for (row, task_id, name, call, priority, client, pinned, state, attempts,
+             errors) in self._db.execute(
+                "SELECT rowid, id, name, call, priority, client, pinned, state, attempts, errors "
+                "FROM tasks WHERE finished IS NULL ORDER BY state DESC, rowid"):
             args, kwargs = _unpack(call)
             record = TaskRecord(spec=TaskSpec(id=task_id, name=name, args=args, kwargs=kwargs,
                                               priority=priority),
                                 client=client, pinned=pinned, attempts=attempts,
-                                errors=json.loads(errors))
+                                errors=json.loads(errors), row=row)
             out.append((record, state == RUNNING))
         return out
 
@@ -181,6 +276,10 @@ class Journal:
         if limit:
             sql += f" LIMIT {int(limit)}"
         return [(i, n, _unpack(r)) for i, n, r in self._db.execute(sql)]
+
+
+def _errors(errors: list) -> str:
+    return json.dumps(errors) if errors else "[]"
 
 
 def _failure(errors: list) -> dict:

@@ -43,6 +43,8 @@ class TaskRecord:
     errors: list = field(default_factory=list)
     pinned: str = ""
     size: int = -1
+    row: int = 0  # the task's row in the journal (0: not known yet)
+    sent: float = 0.0  # when it was last sent to its node (the master's clock)
 
     @property
     def id(self) -> str:
@@ -73,6 +75,7 @@ class NodeInfo:
     tasks_failed: int = 0
     rejected: int = 0
     in_flight: set = field(default_factory=set)
+    tasks_text: str | None = None  # `tasks` as the node last sent it
 
     @property
     def alive(self) -> bool:
@@ -116,6 +119,7 @@ class Scheduler:
         self.duplicates = 0
         self.requeued = 0
         self.unknown_failed: list[TaskRecord] = []  # drained by the master after assign()
+        self._resend: dict[str, list[TaskRecord]] = {}  # lost on the way: send again
 
     # -- queue ---------------------------------------------------------------------------------
 
@@ -129,6 +133,28 @@ class Scheduler:
         self.tasks[spec.id] = record
         self._enqueue(record, front=False)
         return record
+
+    @property
+    def room(self) -> int:
+        """How many more tasks the queue takes before QueueFull."""
+        return max(0, self.max_queued - self.queued)
+
+    def admit(self, records: Iterable[TaskRecord]) -> None:
+        """Queue new tasks built (and journalled) by the caller; their ids must not be active
+        and `room` must allow them (the master checks both before journalling)."""
+        tasks = self.tasks
+        heap = self._heap
+        back = self._back
+        push = heapq.heappush
+        count = 0
+        for record in records:
+            tasks[record.spec.id] = record
+            record.seq = seq = next(back)
+            record.state = QUEUED
+            record.node = ""
+            push(heap, (-record.spec.priority, seq, record.spec.id))
+            count += 1
+        self.queued += count
 
     def restore(self, record: TaskRecord, *, front: bool) -> None:
         """Put back a task read from the journal after a restart."""
@@ -170,7 +196,9 @@ class Scheduler:
         node.prefetch = status.prefetch
         node.max_payload = status.max_payload
         node.instance = status.instance or node.instance
-        node.tasks = frozenset(status.tasks.split(",")) if status.tasks else None
+        if status.tasks != node.tasks_text:  # parsed once, not at every heartbeat
+            node.tasks_text = status.tasks
+            node.tasks = frozenset(status.tasks.split(",")) if status.tasks else None
         node.heartbeat = status.heartbeat if status.heartbeat > 0 else 1.0
         node.workload = status.workload
         node.tasks_done = status.tasks_done
@@ -190,6 +218,29 @@ class Scheduler:
         node = self.nodes.get(node_id)
         if node is not None and node.alive:
             node.last_seen = now
+
+    def stranded(self, node_id: str, now: float, *, age: float) -> int:
+        """The node says it holds nothing, yet tasks sent to it more than `age` ago have no
+        result: the task or its result was lost on the way (a broker whose queue for a
+        client overflows drops messages). The next `assign` sends them to it again; it
+        answers from its cache if it ran them. How many."""
+        node = self.nodes.get(node_id)
+        if node is None or not node.in_flight:
+            return 0
+        cutoff = now - age
+        lost = [r for r in map(self.tasks.get, node.in_flight) if r is not None
+                and r.state == RUNNING and r.node == node_id and r.sent < cutoff]
+        for record in lost:
+            record.sent = now
+        if lost:
+            self._resend.setdefault(node_id, []).extend(lost)
+        return len(lost)
+
+    def set_prefetch(self, node_id: str, prefetch: int) -> None:
+        """A node's prefetch changed (it adapts it to its task durations)."""
+        node = self.nodes.get(node_id)
+        if node is not None:
+            node.prefetch = prefetch
 
     def lose_node(self, node_id: str, reason: str, *, status: str = "dead"
                   ) -> tuple[list[str], list[TaskRecord]]:
@@ -231,6 +282,24 @@ class Scheduler:
                 out.append(task_id)
         return out
 
+    def adopt(self, node_id: str, task_ids: Iterable[str]) -> list[TaskRecord]:
+        """Queued tasks that a live node reports holding (after a master take-over) go in
+        flight on it, so they are not dispatched twice; the records adopted."""
+        node = self.nodes.get(node_id)
+        if node is None or not node.alive:
+            return []
+        adopted = []
+        for task_id in task_ids:
+            record = self.tasks.get(task_id)
+            if record is None or record.state != QUEUED:
+                continue
+            record.state = RUNNING  # its heap entry is now stale: assign() skips it
+            record.node = node_id
+            self.queued -= 1
+            node.in_flight.add(task_id)
+            adopted.append(record)
+        return adopted
+
     def forget(self, node_id: str) -> list[str]:
         requeued, _ = self._lose_tasks(self.nodes[node_id], "forgotten", count=False) \
             if node_id in self.nodes else ([], [])
@@ -271,6 +340,33 @@ class Scheduler:
         self._requeue(record, None)
         return "retry", record
 
+    def complete_many(self, node_id: str, results: Iterable[TaskResult]
+                      ) -> tuple[list[tuple[TaskRecord, TaskResult]], list[TaskResult]]:
+        """Apply a node's successful results of active tasks in one pass (what a batch mostly
+        holds); returns those (record, result) pairs, and the other results, which the
+        caller applies one by one with `result`."""
+        tasks, nodes = self.tasks, self.nodes
+        done: list[tuple[TaskRecord, TaskResult]] = []
+        rest: list[TaskResult] = []
+        queued = 0
+        for result in results:
+            record = tasks.get(result.id) if result.ok else None
+            if record is None or record.state > RUNNING:
+                rest.append(result)
+                continue
+            holder = nodes.get(record.node)
+            if holder is not None:
+                holder.in_flight.discard(result.id)
+            if record.state == QUEUED:
+                queued += 1
+            record.node = node_id
+            record.state = COMPLETED
+            del tasks[result.id]
+            done.append((record, result))
+        self.queued -= queued
+        self.completed += len(done)
+        return done, rest
+
     def _finish(self, record: TaskRecord, state: int) -> None:
         if record.state == QUEUED:
             self.queued -= 1
@@ -283,23 +379,55 @@ class Scheduler:
 
     # -- dispatch ------------------------------------------------------------------------------
 
-    def assign(self) -> dict[str, list[TaskRecord]]:
-        """Hand queued tasks to live nodes with credit, least-loaded first."""
+    def assign(self, *, now: float = 0.0) -> dict[str, list[TaskRecord]]:
+        """Hand queued tasks to live nodes with credit, least-loaded first (and tasks found
+        stranded to their node again).
+
+        Each task goes to the node with the lowest in_flight / capacity among those with
+        credit that accept it (its pinned node, if alive). Per-node credit and load are kept
+        in local lists for the turn: this runs for every task of a busy queue.
+        """
+        out = self._take_resends() if self._resend else {}
+        heap = self._heap
+        if not heap:
+            return out
         ready = [n for n in self.nodes.values() if n.alive and n.credit > 0]
-        if not ready or not self._heap:
-            return {}
-        loads = [(len(n.in_flight) / max(1, n.capacity), i, n) for i, n in enumerate(ready)]
+        if not ready:
+            return out
+        left = [n.credit for n in ready]
+        held = [len(n.in_flight) for n in ready]
+        caps = [max(1, n.capacity) for n in ready]
+        names = [n.tasks for n in ready]          # None: runs any task name
+        limits = [n.max_payload for n in ready]   # <= 0: any size
+        index = {n.node_id: i for i, n in enumerate(ready)}
+        loads = [(held[i] / caps[i], i) for i in range(len(ready))]
         heapq.heapify(loads)
-        out: dict[str, list[TaskRecord]] = {}
+        batches: list[list[TaskRecord]] = [[] for _ in ready]
         skipped: list[tuple[int, int, str]] = []
         runnable: dict[str, bool] = {}
-        while self._heap and loads:
-            entry = heapq.heappop(self._heap)
-            record = self.tasks.get(entry[2])
+        tasks = self.tasks
+        pop, replace = heapq.heappop, heapq.heapreplace
+        assigned = 0
+        while heap and loads:
+            entry = pop(heap)
+            record = tasks.get(entry[2])
             if record is None or record.state != QUEUED or record.seq != entry[1]:
                 continue  # stale entry of a task requeued or finished since
-            node = self._pick(record, loads)
-            if node is None:
+            if record.pinned:
+                i = self._pinned_slot(record, index, left)
+                if i is None and record.pinned:  # its node is alive but full: later
+                    skipped.append(entry)
+                    continue
+            else:
+                i = None
+            if i is None:
+                i = loads[0][1]
+                accepted = names[i]
+                if (accepted is not None and record.spec.name not in accepted) \
+                        or (limits[i] > 0 and record.encoded_size() > limits[i]):
+                    fits = [e for e in loads if ready[e[1]].accepts(record)]
+                    i = min(fits)[1] if fits else None
+            if i is None:
                 name = record.spec.name
                 if name not in runnable:
                     runnable[name] = any(n.alive and (n.tasks is None or name in n.tasks)
@@ -309,14 +437,53 @@ class Scheduler:
                     continue
                 skipped.append(entry)
                 continue
+            node = ready[i]
             record.state = RUNNING
             record.node = node.node_id
-            self.queued -= 1
-            node.in_flight.add(record.id)
-            out.setdefault(node.node_id, []).append(record)
+            record.sent = now
+            node.in_flight.add(entry[2])
+            batches[i].append(record)
+            assigned += 1
+            left[i] -= 1
+            held[i] += 1
+            if loads[0][1] == i:
+                if left[i] > 0:
+                    replace(loads, (held[i] / caps[i], i))
+                else:
+                    pop(loads)
+            else:  # a pinned or choosy task went to a node below the top: rebuild (rare)
+                loads = [(held[j] / caps[j], j) for _l, j in loads if left[j] > 0]
+                heapq.heapify(loads)
+        self.queued -= assigned
         for entry in skipped:
-            heapq.heappush(self._heap, entry)
+            heapq.heappush(heap, entry)
+        for i, batch in enumerate(batches):
+            if batch:
+                out.setdefault(ready[i].node_id, []).extend(batch)
         return out
+
+    def _take_resends(self) -> dict[str, list[TaskRecord]]:
+        """Stranded tasks still in flight on their (live) node."""
+        out = {}
+        for node_id, records in self._resend.items():
+            node = self.nodes.get(node_id)
+            if node is not None and node.alive:
+                still = [r for r in records if r.state == RUNNING and r.node == node_id]
+                if still:
+                    out[node_id] = still
+        self._resend = {}
+        return out
+
+    def _pinned_slot(self, record: TaskRecord, index: dict[str, int],
+                     left: list[int]) -> int | None:
+        """Where a pinned task may go this turn: its node's slot, or None (it waits if its
+        node is alive but full; if the node is gone the pin is dropped: any node will do)."""
+        node = self.nodes.get(record.pinned)
+        if node is not None and node.alive:
+            i = index.get(record.pinned)
+            return i if i is not None and left[i] > 0 else None
+        record.pinned = ""
+        return None
 
     def _fail_unknown(self, record: TaskRecord) -> None:
         """No live node offers this task name: fail it now rather than queue it forever."""
@@ -326,35 +493,3 @@ class Scheduler:
                               f"(available: {', '.join(known) or 'none'})"})
         self._finish(record, FAILED)
         self.unknown_failed.append(record)
-
-    def _pick(self, record: TaskRecord, loads: list) -> NodeInfo | None:
-        """The least-loaded node with credit that accepts `record`; keeps `loads` a heap."""
-        if record.pinned:
-            node = self.nodes.get(record.pinned)
-            if node is not None and node.alive:
-                return node if node.credit > 0 else None
-            record.pinned = ""  # its node is gone: any node will do
-        while loads and loads[0][2].credit <= 0:  # filled by a pinned task meanwhile
-            heapq.heappop(loads)
-        if not loads:
-            return None
-        best = 0
-        if not loads[0][2].accepts(record):
-            candidates = [i for i, entry in enumerate(loads)
-                          if entry[2].credit > 0 and entry[2].accepts(record)]
-            if not candidates:
-                return None
-            best = min(candidates, key=loads.__getitem__)
-        _load, index, node = loads[best]
-        if node.credit > 1:
-            updated = ((len(node.in_flight) + 1) / max(1, node.capacity), index, node)
-            if best == 0:
-                heapq.heapreplace(loads, updated)
-            else:
-                loads[best] = updated
-                heapq.heapify(loads)
-        else:
-            loads[best] = loads[-1]
-            loads.pop()
-            heapq.heapify(loads)
-        return node

@@ -37,6 +37,8 @@ class ServeOptions:
     pipelines: Path | None = None
     snapshots: Path | None = None          # None: "snapshots" beside the state directory
     snapshot_interval: float = 30.0        # 0: only on request (master-node snapshot)
+    replica: bool = False                  # one of replicated masters (see master.replica)
+    lease_ttl: float = 3.0                 # replicated: how long the active master's lease lives
 
 
 def default_config_path() -> Path | None:
@@ -46,9 +48,13 @@ def default_config_path() -> Path | None:
 
 
 def serve(options: ServeOptions, *, stop: threading.Event | None = None,
-          on_ready: Callable[[MasterNodeTransport, BrokerUrl], None] | None = None) -> int:
-    """Run the master until `stop` is set (or SIGINT/SIGTERM when run from the CLI)."""
+          on_ready: Callable[[MasterNodeTransport, BrokerUrl], None] | None = None,
+          on_standby: Callable[[BrokerUrl], None] | None = None) -> int:
+    """Run the master until `stop` is set (or SIGINT/SIGTERM when run from the CLI).
+    A replica calls `on_ready` each time it becomes active, `on_standby` once it stands by."""
     stop = stop or threading.Event()
+    if options.replica:
+        return _serve_replica(options, stop=stop, on_ready=on_ready, on_standby=on_standby)
     pipeline_file = load_pipeline_file(options.pipelines) if options.pipelines else None
     broker_process = None
     if options.broker:
@@ -88,6 +94,52 @@ def serve(options: ServeOptions, *, stop: threading.Event | None = None,
         master.stop()
         if broker_process is not None:
             broker_process.stop()
+    return 0
+
+
+def _serve_replica(options: ServeOptions, *, stop: threading.Event,
+                   on_ready: Callable[[MasterNodeTransport, BrokerUrl], None] | None,
+                   on_standby: Callable[[BrokerUrl], None] | None) -> int:
+    """A replicated master: a standby until it holds the lease; snapshots while active."""
+    from master.lease import LeaseTiming
+    from master.replica import ReplicaOptions, ReplicatedMaster, check_replica_options
+    check_replica_options(broker=options.broker, pipelines=options.pipelines)
+    broker_url = parse_broker_url(options.broker)
+    directory = options.snapshots or Path(options.state_dir).parent / "snapshots"
+    snapshotters: dict[int, Snapshotter] = {}
+
+    def active(master: MasterNodeTransport) -> None:
+        snapshotters[id(master)] = Snapshotter(master, interval=options.snapshot_interval,
+                                               directory=directory).start()
+        log.info("master %s active at epoch %d on %s (state in %s)", options.master_id,
+                 master.epoch, broker_url, options.state_dir)
+        if on_ready is not None:
+            on_ready(master, broker_url)
+
+    def inactive(master: MasterNodeTransport) -> None:
+        snapshotter = snapshotters.pop(id(master), None)
+        if snapshotter is not None:
+            snapshotter.stop()
+
+    def standby() -> None:
+        log.info("master %s stands by on %s (state in %s)", options.master_id, broker_url,
+                 options.state_dir)
+        if on_standby is not None:
+            on_standby(broker_url)
+
+    replica = ReplicatedMaster(
+        ReplicaOptions(broker_url=broker_url, state_dir=Path(options.state_dir),
+                       master_id=options.master_id, root=options.root,
+                       timing=LeaseTiming(ttl=options.lease_ttl),
+                       node_timeout=options.node_timeout, max_attempts=options.max_attempts,
+                       max_queued=options.max_queued),
+        on_active=active, on_inactive=inactive, on_standby=standby)
+    replica.start()
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        replica.stop()
     return 0
 
 

@@ -22,8 +22,8 @@ from core.errors import ConfigError, DecodeError, FabricError, QueueFull
 from core.mqtt import MqttSession, TlsSettings, Will
 from core.protocol import (DEFAULT_PRIORITY, Control, MasterStatus,
                            NodeReport, NodeStatus, OutcomeBatch, Query, QueryReply, ResultBatch,
-                           Submission, SubmitReply, TaskBatch, TaskOutcome, TaskSpec,
-                           decode_message, make_task)
+                           Submission, SubmitReply, TaskBatch, TaskOutcome, TaskResult,
+                           TaskSpec, decode_message, make_task)
 from core.topics import DEFAULT_ROOT, Topics, validate_id
 from core.url import BrokerUrl, parse_broker_url
 from master.handles import TaskHandle
@@ -69,7 +69,7 @@ class MasterNodeTransport:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._handles: dict[str, TaskHandle] = {}
-        self._results: deque[dict] = deque(maxlen=100_000)
+        self._results: deque[tuple[str, TaskResult]] = deque(maxlen=100_000)  # (node, result)
         self._dead: list[str] = []
         self._dead_callback: Callable[[list[str]], None] | None = None
         self._report_waiters: dict[str, Callable[[NodeReport], None]] = {}
@@ -78,13 +78,20 @@ class MasterNodeTransport:
         self._finished: list[tuple[TaskRecord, Any]] = []
         self._requeued: list[TaskRecord] = []
         self._outgoing: list[tuple[str, bytes, bool]] = []
-        self._client_outcomes: dict[str, list[TaskOutcome]] = {}
+        self._client_outcomes: dict[str, list[dict[str, Any]]] = {}  # wire-form outcomes
+        # Replicated masters (master.replica) plug in here; None for a master of its own.
+        # dispatch_gate: may tasks be dispatched this turn? publish_gate: called after the
+        # turn's commit, before anything of it is published; False holds it all back.
+        self.dispatch_gate: Callable[[], bool] | None = None
+        self.publish_gate: Callable[[], bool] | None = None
         self._session = MqttSession(
             broker=self.broker, client_id=f"{self.master_id}-{uuid.uuid4().hex[:6]}",
             keepalive=keepalive, tls=tls,
             will=Will(self.topics.master_status, MasterStatus(self.master_id, "dead").encode()))
         topics = self.topics
-        self._session.subscribe(topics.all_node_status, self._inbound("status"))
+        # Statuses at QoS 0: each heartbeat replaces the last and silence is detected on its
+        # own, so a thousand nodes cost the broker and this master no acknowledgement each.
+        self._session.subscribe(topics.all_node_status, self._inbound("status"), qos=0)
         self._session.subscribe(topics.all_results, self._inbound("results"))
         self._session.subscribe(topics.all_submit, self._inbound("submit"))
         self._session.subscribe(topics.all_query, self._inbound("query"))
@@ -102,8 +109,9 @@ class MasterNodeTransport:
         self._thread = threading.Thread(target=self._run, name="master-loop", daemon=True)
         self._thread.start()
 
-    def stop(self, *, timeout: float = 5.0) -> None:
-        """Stop dispatching, say `offline`, disconnect. Queued work stays in the journal."""
+    def stop(self, *, timeout: float = 5.0, quiet: bool = False) -> None:
+        """Stop dispatching, say `offline`, disconnect. Queued work stays in the journal.
+        `quiet`: say nothing (a master replaced by another must not overwrite its status)."""
         if self._stop.is_set():
             return
         self._stop.set()
@@ -113,9 +121,10 @@ class MasterNodeTransport:
         with self._lock:
             self.journal.commit()
             try:
-                self._session.publish_and_wait(self.topics.master_status,
-                                               self._master_status("offline").encode(),
-                                               retain=True, timeout=2.0)
+                if not quiet:
+                    self._session.publish_and_wait(self.topics.master_status,
+                                                   self._master_status("offline").encode(),
+                                                   retain=True, timeout=2.0)
             except FabricError:
                 pass
             self._session.stop(timeout=timeout)
@@ -182,12 +191,14 @@ class MasterNodeTransport:
         """Results received so far (the last 100,000), optionally only from the given nodes."""
         with self._lock:
             wanted = set(node_id_dict) if node_id_dict is not None else None
-            out = [r for r in self._results if wanted is None or r["node_id"] in wanted]
+            out = [{"task_id": r.id, "node_id": node_id, "ok": r.ok, "value": r.value,
+                    "error": r.error, "ts": r.ts}
+                   for node_id, r in self._results if wanted is None or node_id in wanted]
             if disposable:
                 if wanted is None:
                     self._results.clear()
                 else:
-                    keep = [r for r in self._results if r["node_id"] not in wanted]
+                    keep = [e for e in self._results if e[0] not in wanted]
                     self._results.clear()
                     self._results.extend(keep)
             return out
@@ -224,6 +235,15 @@ class MasterNodeTransport:
                               epoch=self.epoch)
             self._session.publish(self.topics.node_tasks(node.node_id), message.encode(node.codec))
         return request_id
+
+    def adopt(self, node_id: str, task_ids: Iterable[str]) -> int:
+        """After a take-over: queued tasks that a node reports holding stay in flight on it
+        instead of being dispatched again. How many were adopted."""
+        with self._lock:
+            records = self.scheduler.adopt(node_id, task_ids)
+            self.journal.dispatched(records)
+        self._wake()
+        return len(records)
 
     def add_query(self, what: str, handler: Callable[[dict], Any]) -> None:
         """Answer `Query(what=...)` from clients with `handler(params)` (runs on the loop)."""
@@ -291,7 +311,8 @@ class MasterNodeTransport:
                     if now >= next_liveness:
                         self._check_liveness(now)
                         next_liveness = now + 0.1
-                    assignments = self.scheduler.assign()
+                    gate = self.dispatch_gate
+                    assignments = self.scheduler.assign(now=now) if gate is None or gate() else {}
                     if self.scheduler.unknown_failed:
                         self._note_failed(self.scheduler.unknown_failed)
                         self.scheduler.unknown_failed = []
@@ -301,7 +322,8 @@ class MasterNodeTransport:
                         self._outgoing.append((self.topics.master_status,
                                                self._master_status("running").encode(), True))
                         next_status = now + self.status_interval
-                    self._publish_outgoing()
+                    if self.publish_gate is None or self.publish_gate():
+                        self._publish_outgoing()
             except Exception:  # the loop must survive any bug in one message's handling
                 log.exception("master loop turn failed")
 
@@ -336,6 +358,13 @@ class MasterNodeTransport:
         self._note_failed(failed)
         if status.status == "dead" and (was_alive or known is None):
             self._node_dead(node_id)
+        elif status.workload == 0 and status.status in ("ready", "busy"):
+            node = self.scheduler.nodes[node_id]
+            if node.in_flight:  # it holds nothing, yet some sent to it are unanswered
+                lost = self.scheduler.stranded(node_id, now, age=max(2.0 * node.heartbeat, 1.0))
+                if lost:
+                    log.info("node %s holds none of %d tasks sent to it: sending them again",
+                             node_id, lost)
 
     def _on_results(self, topic: str, payload: bytes, now: float) -> None:
         message = decode_message(payload)
@@ -350,13 +379,17 @@ class MasterNodeTransport:
             raise DecodeError(f"results on {topic} are not a result batch of node {node_id!r}")
         scheduler = self.scheduler
         scheduler.heard_from(node_id, now)
-        for result in message.results:
+        if message.prefetch:  # before the releases: what the node holds is measured by it
+            scheduler.set_prefetch(node_id, message.prefetch)
+        completed, others = scheduler.complete_many(node_id, message.results)
+        self._finished.extend([(record, result.value) for record, result in completed])
+        self._results.extend([(node_id, result) for _record, result in completed])
+        for result in others:
             verdict, record = scheduler.result(node_id, result)
             if verdict == "duplicate":
                 continue
-            self._results.append({"task_id": result.id, "node_id": node_id, "ok": result.ok,
-                                  "value": result.value, "error": result.error, "ts": result.ts})
-            if verdict in ("completed", "failed"):
+            self._results.append((node_id, result))
+            if verdict == "completed" or verdict == "failed":
                 self._finished.append((record, result.value))
             elif record is not None:
                 self._requeued.append(record)
@@ -368,27 +401,45 @@ class MasterNodeTransport:
         client_id = self.topics.level(topic, 1)
         if not isinstance(message, Submission) or message.client_id != client_id:
             raise DecodeError(f"submission on {topic} is not from client {client_id!r}")
+        scheduler = self.scheduler
+        active = scheduler.tasks
+        room = scheduler.room
         accepted: list[str] = []
         rejected: list[tuple[str, str]] = []
-        fresh = [t for t in message.tasks if t.id not in self.scheduler.tasks]
-        known = self.journal.outcomes(t.id for t in fresh) if fresh else {}
-        records = []
+        fresh: list[TaskRecord] = []
+        seen: set[str] = set()
         for spec in message.tasks:
-            outcome = known.get(spec.id)
-            if outcome is not None:
-                accepted.append(spec.id)
-                if outcome.state in ("completed", "failed"):  # a resend: answer again
-                    self._client_outcomes.setdefault(client_id, []).append(outcome)
+            task_id = spec.id
+            if task_id in active or task_id in seen:  # queued or running already: keep it once
+                accepted.append(task_id)
                 continue
-            try:
-                record = self.scheduler.submit(spec, client=client_id)
-            except QueueFull as e:
-                rejected.append((spec.id, f"queue_full: {e}"))
+            if len(fresh) >= room:
+                rejected.append((task_id, f"queue_full: queue is full ({scheduler.max_queued} "
+                                          "tasks waiting)"))
                 continue
-            if record is not None:
-                records.append(record)
-            accepted.append(spec.id)
-        self.journal.submitted(records)
+            seen.add(task_id)
+            fresh.append(TaskRecord(spec=spec, client=client_id))
+            accepted.append(task_id)
+        if not self.journal.submitted_if_new(fresh):
+            # some ids are journalled already: a resend after a lost reply or a master restart
+            known = self.journal.outcomes(r.id for r in fresh)
+            redo = []
+            for record in fresh:
+                outcome = known.get(record.id)
+                if outcome is None:
+                    redo.append(record)
+                elif outcome.state in ("completed", "failed"):  # finished: answer again
+                    self._client_outcomes.setdefault(client_id, []).append(outcome.to_dict())
+            self.journal.submitted(redo)
+            fresh = redo
+        scheduler.admit(fresh)
+        if rejected:  # a full queue refuses new work, not the resend of a finished task
+            known = self.journal.outcomes(task_id for task_id, _reason in rejected)
+            done = {i for i, o in known.items() if o.state in ("completed", "failed")}
+            for task_id in done:
+                accepted.append(task_id)
+                self._client_outcomes.setdefault(client_id, []).append(known[task_id].to_dict())
+            rejected = [r for r in rejected if r[0] not in done]
         reply = SubmitReply(request_id=message.request_id, accepted=tuple(accepted),
                             rejected=tuple(rejected))
         self._outgoing.append((self.topics.client(client_id), reply.encode(), False))
@@ -472,34 +523,43 @@ class MasterNodeTransport:
         if self._requeued:
             journal.requeued(self._requeued)
             self._requeued.clear()
-        for records in assignments.values():
-            journal.dispatched(records)
+        if assignments:
+            journal.dispatched([r for records in assignments.values() for r in records])
         if self._finished:
             journal.finished(self._finished)
         journal.commit()
 
     def _flush(self, assignments: dict[str, list[TaskRecord]]) -> None:
-        """Publish task batches and tell submitters; called only after the commit."""
+        """Publish task batches and tell submitters; called only after the commit.
+
+        Task batches go out first: a node's work should not wait behind acknowledgements."""
+        work = []
         for node_id, records in assignments.items():
             node = self.scheduler.nodes[node_id]
             for batch in self._batches(records, node.max_payload):
                 message = TaskBatch(tasks=tuple(r.spec for r in batch), epoch=self.epoch,
                                     master=self.master_id)
-                self._outgoing.append((self.topics.node_tasks(node_id),
-                                       message.encode(node.codec), False))
+                work.append((self.topics.node_tasks(node_id), message.encode(node.codec), False))
+        self._outgoing[:0] = work
         if self._finished:
+            handles = self._handles
+            by_client = self._client_outcomes
             for record, value in self._finished:
-                outcome = _outcome(record, value)
-                handle = self._handles.pop(record.id, None)
-                if handle is not None:
-                    handle.resolve(outcome)
+                outcome = _outcome_dict(record, value)
+                if handles:
+                    handle = handles.pop(record.id, None)
+                    if handle is not None:
+                        handle.resolve(TaskOutcome.from_dict(outcome))
                 if record.client:
-                    self._client_outcomes.setdefault(record.client, []).append(outcome)
+                    outcomes = by_client.get(record.client)
+                    if outcomes is None:
+                        outcomes = by_client[record.client] = []
+                    outcomes.append(outcome)
             self._finished.clear()
         for client_id, outcomes in self._client_outcomes.items():
             for start in range(0, len(outcomes), self.max_batch):
-                batch = OutcomeBatch(outcomes=tuple(outcomes[start:start + self.max_batch]))
-                self._outgoing.append((self.topics.client(client_id), batch.encode(), False))
+                payload = OutcomeBatch.encode_wire(outcomes[start:start + self.max_batch])
+                self._outgoing.append((self.topics.client(client_id), payload, False))
         self._client_outcomes.clear()
 
     def _batches(self, records: list[TaskRecord], max_payload: int) -> Iterable[list[TaskRecord]]:
@@ -538,12 +598,13 @@ class MasterNodeTransport:
             ts=round(time.time(), 3))
 
 
-def _outcome(record: TaskRecord, value: Any) -> TaskOutcome:
+def _outcome_dict(record: TaskRecord, value: Any) -> dict[str, Any]:
+    """A finished task's outcome in its wire form (`TaskOutcome.to_dict()`)."""
     if record.state == COMPLETED:
-        return TaskOutcome(id=record.id, state="completed", value=value, node_id=record.node,
-                           attempts=record.attempts)
+        return {"id": record.spec.id, "state": "completed", "value": value, "error": None,
+                "node_id": record.node, "attempts": record.attempts}
     errors = record.errors
     last = dict(errors[-1]) if errors else {"kind": "failed", "message": "failed"}
     last["reasons"] = [f"{e.get('kind', 'error')}: {e.get('message', '')}" for e in errors]
-    return TaskOutcome(id=record.id, state=STATE_NAMES[record.state], error=last,
-                       node_id=record.node, attempts=record.attempts)
+    return {"id": record.spec.id, "state": STATE_NAMES[record.state], "value": None,
+            "error": last, "node_id": record.node, "attempts": record.attempts}

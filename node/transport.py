@@ -5,6 +5,11 @@ It takes task batches from its own task topic into a local priority queue, runs 
 in batches, heartbeats its workload on a retained status topic, and leaves a will `dead`.
 On SIGINT/SIGTERM it hands back the tasks it has not started, finishes (bounded) the ones it
 has, and says `offline`: nothing held is lost, nothing is reported twice.
+
+Results are never held back to fill a batch: the sender takes whatever finished while the
+previous batch was going out (at most 2,000), so a lone result leaves at once and a stream
+of tiny tasks costs one message per burst. Unless `prefetch` is given, the node asks for as
+much queued work as its workers finish in `prefetch_window` seconds (see node.work_queue).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import time
 import traceback
 import uuid
 from collections import OrderedDict
+from time import perf_counter
 from typing import Any, Callable
 
 from core import codec
@@ -26,8 +32,9 @@ from core.topics import DEFAULT_ROOT, Topics, validate_id
 from core.url import BrokerUrl, parse_broker_url
 from node import builtin_tasks as _builtin  # noqa: F401  (registers the built-in tasks)
 from node.identity import claim_node_id
+from node.lease_fence import LeaseFence
 from node.registry import TaskRegistry, default_registry
-from node.work_queue import PriorityTaskQueue
+from node.work_queue import PrefetchGauge, PriorityTaskQueue
 
 __all__ = ["ComputeNodeTransport"]
 
@@ -35,6 +42,9 @@ log = logging.getLogger(__name__)
 
 _RECENT_RESULTS = 20_000      # ids remembered to answer a re-dispatch without re-running
 _MAX_RESULT_BATCH = 2_000
+# values msgpack always carries: no trial encoding needed before reporting them
+_PLAIN = frozenset({type(None), bool, float, str})
+_MSGPACK_INT = range(-2 ** 63, 2 ** 64)
 
 
 class ComputeNodeTransport:
@@ -46,7 +56,8 @@ class ComputeNodeTransport:
                  heartbeat: float = 1.0, registry: TaskRegistry | None = None,
                  codec_name: str = codec.MSGPACK, drain_timeout: float = 30.0,
                  keepalive: int = 5, tls: TlsSettings | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, prefetch_window: float = 0.05,
+                 max_prefetch: int = 1000) -> None:
         if isinstance(broker_url, str):
             broker_url = parse_broker_url(broker_url)
         self.broker = broker_url or BrokerUrl(host=broker_host, port=broker_port)
@@ -56,8 +67,15 @@ class ComputeNodeTransport:
             raise ConfigError(f"unknown codec {codec_name!r}")
         self.node_id = validate_id(node_id, what="node id") if node_id else claim_node_id()
         self.topics = Topics(root)
+        if prefetch is not None and (not isinstance(prefetch, int) or prefetch < 0):
+            raise ConfigError(f"prefetch must be 0 or more, got {prefetch!r}")
+        if not prefetch_window > 0:
+            raise ConfigError(f"prefetch_window must be positive, got {prefetch_window!r}")
         self.capacity = capacity
         self.prefetch = capacity if prefetch is None else prefetch
+        # None: a fixed prefetch was asked for; else the prefetch follows task durations
+        self._gauge = PrefetchGauge(capacity=capacity, floor=capacity, ceiling=max_prefetch,
+                                    window=prefetch_window) if prefetch is None else None
         self.heartbeat = heartbeat
         self.codec = codec_name
         self.drain_timeout = drain_timeout
@@ -85,6 +103,8 @@ class ComputeNodeTransport:
             broker=self.broker, client_id=self.node_id, keepalive=keepalive, tls=tls,
             will=Will(self.topics.node_status(self.node_id), self._status_payload("dead")))
         self._session.subscribe(self.topics.node_tasks(self.node_id), self._on_task_message, qos=1)
+        self._fence = LeaseFence()  # replicated masters: work only from the lease holder
+        self._session.subscribe(self.topics.master_lease, lambda _t, p: self._fence.observe(p))
         self._session.on_connect(self._on_connected)
 
     # -- seed API ------------------------------------------------------------------------------
@@ -108,19 +128,34 @@ class ComputeNodeTransport:
         """Queue a result for the master; results leave in batches, a lone one at once."""
         if isinstance(result, dict):
             result = TaskResult.from_dict({"ts": self._clock(), **result})
+        self._finished([result])
+
+    def _finished(self, results: list[TaskResult]) -> None:
+        """Account finished tasks under one lock, then send them on.
+
+        With nothing else queued here and nothing waiting to go, this thread sends them now
+        (no hand-over to the sender thread); otherwise the sender takes them with the others
+        that finish meanwhile, in one message.
+        """
+        held, running, recent = self._held, self._running, self._recent
         with self._outbox_cond:
-            task_id = result.id
-            self._held.discard(task_id)
-            self._running.discard(task_id)
-            self._recent[task_id] = result
-            if len(self._recent) > _RECENT_RESULTS:
-                self._recent.popitem(last=False)
-            if result.ok:
-                self.tasks_done += 1
-            else:
-                self.tasks_failed += 1
-            self._outbox.append(result)
-            self._outbox_cond.notify()
+            for result in results:
+                task_id = result.id
+                held.discard(task_id)
+                running.discard(task_id)
+                recent[task_id] = result
+                if result.ok:
+                    self.tasks_done += 1
+                else:
+                    self.tasks_failed += 1
+            while len(recent) > _RECENT_RESULTS:
+                recent.popitem(last=False)
+            alone = not self._outbox and not self._released and not len(self._queue)
+            if not alone:
+                self._outbox.extend(results)
+                self._outbox_cond.notify()
+        if alone:
+            self._publish_results(results, [])
 
     def get_task(self, timeout: float | None = None) -> TaskSpec | None:
         """The most urgent queued task (None if none arrived within `timeout`)."""
@@ -129,6 +164,14 @@ class ComputeNodeTransport:
             with self._lock:
                 self._running.add(task.id)
         return task
+
+    def _take(self, count: int, timeout: float) -> list[TaskSpec]:
+        """The `count` most urgent queued tasks (fewer if fewer wait), marked running."""
+        tasks = self._queue.get_many(count, timeout)
+        if tasks:
+            with self._lock:
+                self._running.update(t.id for t in tasks)
+        return tasks
 
     def stop(self, *, graceful: bool = True) -> None:
         """Leave the fabric: hand back unstarted tasks, finish running ones (bounded), `offline`."""
@@ -187,7 +230,8 @@ class ComputeNodeTransport:
                 "message": f"no task named {task.name!r} on node {self.node_id}"}, ts=self._clock())
         try:
             value = fn(*task.args, **task.kwargs)
-            if self.codec == codec.MSGPACK:
+            if self.codec == codec.MSGPACK and type(value) not in _PLAIN \
+                    and not (type(value) is int and value in _MSGPACK_INT):
                 codec.encode({"v": value}, codec.MSGPACK)  # fail here, not in the batch
             return TaskResult(task.id, True, value=value, ts=self._clock())
         except TaskError as e:
@@ -205,11 +249,50 @@ class ComputeNodeTransport:
                 "traceback": traceback.format_exc(limit=8)}, ts=self._clock())
 
     def _worker_loop(self) -> None:
+        """Run tasks: one at a time, or, when they are tiny, the few that take a millisecond
+        together (one lock round per group instead of per task). A group that turns out
+        slow puts back what it has not started, so the queue can still hand it back."""
+        gauge = self._gauge
+        execute = self.execute
         while not self._stop.is_set():
-            task = self.get_task(timeout=0.5)
-            if task is None:
+            tasks = self._take(gauge.group if gauge is not None else 1, 0.5)
+            if not tasks:
                 continue
-            self.send_result(self.execute(task))
+            results = []
+            if gauge is None:
+                results = [execute(task) for task in tasks]
+            else:
+                deadline = perf_counter() + gauge.GROUP_SECONDS
+                for done, task in enumerate(tasks, 1):
+                    started = perf_counter()
+                    results.append(execute(task))
+                    ended = perf_counter()
+                    self.prefetch = gauge.record(ended - started)
+                    if ended > deadline and done < len(tasks):
+                        self._untake(tasks[done:])
+                        break
+            self._finished(results)
+            if gauge is not None and len(self._held) > 2 * (self.capacity + self.prefetch):
+                self._hand_back_excess()
+
+    def _untake(self, tasks: list[TaskSpec]) -> None:
+        """Tasks taken but not started go back to the front of the queue."""
+        with self._lock:
+            self._running.difference_update(t.id for t in tasks)
+        self._queue.put_front(tasks)
+
+    def _hand_back_excess(self) -> None:
+        """Tasks turned slow: give back what waits here beyond capacity + prefetch."""
+        excess = len(self._held) - self.capacity - self.prefetch
+        tasks = self._queue.take_least_urgent(excess)
+        if not tasks:
+            return
+        with self._outbox_cond:
+            for task in tasks:
+                self._held.discard(task.id)
+            self._released.extend(task.id for task in tasks)
+            self._outbox_cond.notify()
+        log.info("handed back %d queued tasks (prefetch now %d)", len(tasks), self.prefetch)
 
     # -- messages in -------------------------------------------------------------------------------
 
@@ -229,34 +312,47 @@ class ComputeNodeTransport:
             log.warning("rejected %r message on the task topic", message.TYPE)
 
     def _accept_batch(self, batch: TaskBatch) -> None:
-        if batch.epoch < self.epoch:
+        if not self._fence.admits(batch.epoch, batch.master):
             self.rejected += 1
-            log.warning("ignored %d tasks from stale master epoch %d (current %d)",
-                        len(batch.tasks), batch.epoch, self.epoch)
+            log.warning("refused %d tasks from master %r at epoch %d (the lease: %r, epoch %d)",
+                        len(batch.tasks), batch.master, batch.epoch, self._fence.holder,
+                        self._fence.epoch)
+            with self._outbox_cond:  # handed back: a legitimate sender dispatches them again
+                self._released.extend(t.id for t in batch.tasks if t.id not in self._held)
+                self._outbox_cond.notify()
             return
-        self.epoch = batch.epoch
+        self.epoch = self._fence.epoch
         resend: list[TaskResult] = []
+        fresh: list[TaskSpec] = []
+        held = self._held
+        recent = self._recent
         with self._outbox_cond:
             for task in batch.tasks:
-                if task.id in self._held:
+                task_id = task.id
+                if task_id in held:
                     self.duplicates += 1
                     continue
-                if task.id in self._recent:
+                if task_id in recent:
                     self.duplicates += 1
-                    cached = self._recent[task.id]
+                    cached = recent[task_id]
                     if cached is not None:
                         resend.append(cached)
                     continue
                 if not self._accepting:
-                    self._released.append(task.id)
+                    self._released.append(task_id)
                     continue
-                self._held.add(task.id)
-                self._queue.put(task)
+                held.add(task_id)
+                fresh.append(task)
+            self._queue.put_many(fresh)
             if resend or self._released:
                 self._outbox.extend(resend)
                 self._outbox_cond.notify()
 
     def _on_control(self, control: Control) -> None:
+        if not self._fence.admits_control(control.epoch):
+            self.rejected += 1
+            log.warning("ignored %r from a master of stale epoch %d", control.command, control.epoch)
+            return
         if control.command == "snapshot":
             with self._lock:
                 state = {"node_id": self.node_id, "instance": self.instance,
@@ -283,12 +379,18 @@ class ComputeNodeTransport:
                 results = self._outbox[:_MAX_RESULT_BATCH]
                 del self._outbox[:_MAX_RESULT_BATCH]
                 released, self._released = self._released, []
-            batch = ResultBatch(node_id=self.node_id, instance=self.instance,
-                                results=tuple(results), released=tuple(released))
-            try:
-                self._session.publish(topic, batch.encode(self.codec))
-            except FabricError:
-                log.exception("could not send %d results", len(results))
+            self._publish_results(results, released, topic)
+
+    def _publish_results(self, results: list[TaskResult], released: list[str],
+                         topic: str | None = None) -> None:
+        batch = ResultBatch(node_id=self.node_id, instance=self.instance,
+                            results=tuple(results), released=tuple(released),
+                            prefetch=self.prefetch if self._gauge is not None else 0)
+        try:
+            self._session.publish(topic or self.topics.results(self.node_id),
+                                  batch.encode(self.codec))
+        except FabricError:
+            log.exception("could not send %d results", len(results))
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.heartbeat):

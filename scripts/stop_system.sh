@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Stop what scripts/start_system.sh started from the current directory, by the pid files in
 # logs/: the prime job, then the compute nodes (they hand back unstarted tasks and say
-# `offline`), then the master (its journal keeps queued work), then its broker. Each gets
+# `offline`), then the master or the replicated masters (all at once, so the standbys do not
+# take over one after another; journals keep queued work), then the broker. Each gets
 # SIGTERM and a bounded time to exit, then SIGKILL. A pid file whose process is gone, or now
 # belongs to another program, is removed without signalling anything.
 #
@@ -53,11 +54,15 @@ shopt -s nullglob
 [ -f logs/job.pid ] && stop logs/job.pid "master.cli primes"
 for file in logs/*.pid; do
     case "$(basename "${file}")" in
-        job.pid|master.pid|broker.pid) ;;
+        job.pid|master.pid|master-*.pid|broker.pid) ;;
         *) stop "${file}" "node.cli" & ;;
     esac
 done
 wait
 [ -f logs/master.pid ] && stop logs/master.pid "master.cli serve"
+for file in logs/master-*.pid; do
+    stop "${file}" "master.cli serve" &
+done
+wait
 [ -f logs/broker.pid ] && stop logs/broker.pid "master.broker"
 exit 0

@@ -1,7 +1,8 @@
 """start_system.sh / stop_system.sh / run_prime_demo.sh as a user runs them, in a scratch
 working directory on a free port: the quick tests of the prime finder this follows (1: start
-with one worker, primes.txt appears; 3: kill a worker, the others go on, restart it by hand),
-and nothing left running after stop_system.sh."""
+with one worker, primes.txt appears; 2: kill the primary of the replicated masters, the job
+goes on; 3: kill a worker, the others go on, restart it by hand), and nothing left running
+after stop_system.sh."""
 
 from __future__ import annotations
 
@@ -169,11 +170,24 @@ def test_quick_test_3_a_killed_worker_is_restarted_by_hand(workdir: Workdir) -> 
     stop_and_check_nothing_left(workdir)
 
 
-def test_replicated_mode_says_it_is_not_available(workdir: Workdir) -> None:
-    result = workdir.run("start_system.sh", "replicated", "3")
-    assert result.returncode != 0
-    assert "replicated mode is not available yet" in result.stderr
-    assert not (workdir.path / "logs").exists()
+def test_quick_test_2_the_job_goes_on_when_the_primary_is_killed(workdir: Workdir) -> None:
+    files = workdir.generate("--files", "3", "--count", "100000", "--bits", "64")
+    result = workdir.run("start_system.sh", "replicated", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "started master-1 (active" in result.stdout and "started the prime job" in result.stdout
+    broker_pid = workdir.pid("broker")
+    with workdir.client() as client:
+        wait_until(lambda: client.status()["completed"] >= 1, 60, message="the job under way")
+        assert not job_finished(workdir)
+        os.kill(workdir.pid("master-1"), signal.SIGKILL)  # the seed's `pkill -f server1`
+        wait_until(lambda: job_finished(workdir), 120, message="the job to finish")
+        status = client.status()
+    assert ": complete" in (workdir.path / "logs/job.log").read_text()
+    assert (workdir.path / "primes.txt").read_text().split() == expected_primes(files)
+    assert status["master_id"] in ("master-2", "master-3") and status["epoch"] == 2
+    assert running(broker_pid)  # the broker runs on its own: a master's death leaves it be
+    stop_and_check_nothing_left(workdir)
+    assert not running(broker_pid)
 
 
 def test_stop_without_a_running_system_is_harmless(workdir: Workdir) -> None:

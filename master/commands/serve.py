@@ -13,7 +13,10 @@ NAME = "serve"
 HELP = "run the master (and the embedded broker)"
 DESCRIPTION = ("Run the master. With no --broker it starts the embedded MQTT broker configured by "
                "broker.conf (mosquitto syntax). Stops cleanly on Ctrl-C or SIGTERM; queued and "
-               "in-flight work survives in the journal, even a kill -9.")
+               "in-flight work survives in the journal, even a kill -9. With --replica, run "
+               "several masters (each with its own --id and --state, all on one --broker): "
+               "one is active, the others keep a copy of its journal and take over, with "
+               "nothing it acknowledged lost, when it dies or stops renewing its lease.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,6 +50,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--snapshot-interval", type=float, default=30.0, metavar="SECONDS",
                    help="take a snapshot every SECONDS (default %(default)s; 0 takes them only "
                         "on `master-node snapshot`)")
+    p.add_argument("--replica", action="store_true",
+                   help="one of replicated masters: stand by, copying the active master's "
+                        "journal, and take over when its lease lapses (the first to find no "
+                        "active master becomes it). Needs --broker: the broker must outlive "
+                        "each master; --pipelines is not replicated and is refused")
+    p.add_argument("--lease-ttl", type=float, default=3.0, metavar="SECONDS",
+                   help="with --replica: the active master renews its lease every third of "
+                        "this; a standby takes over when the lease lapses or its holder's "
+                        "connection drops (default %(default)s; the same on every master)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,9 +70,14 @@ def run(args: argparse.Namespace) -> int:
                            max_attempts=args.max_attempts, max_queued=args.max_queued,
                            master_id=args.master_id, pipelines=args.pipelines,
                            allow_remote_anonymous=args.allow_remote_anonymous,
-                           snapshots=args.snapshots, snapshot_interval=args.snapshot_interval)
+                           snapshots=args.snapshots, snapshot_interval=args.snapshot_interval,
+                           replica=args.replica, lease_ttl=args.lease_ttl)
 
-    def ready(_master: Any, url: Any) -> None:
-        print(f"master ready on {url}", flush=True)
+    def ready(master: Any, url: Any) -> None:
+        epoch = f" (active, epoch {master.epoch})" if args.replica else ""
+        print(f"master ready on {url}{epoch}", flush=True)
 
-    return serve(options, stop=stop, on_ready=ready)
+    def standby(url: Any) -> None:
+        print(f"standby ready on {url}", flush=True)
+
+    return serve(options, stop=stop, on_ready=ready, on_standby=standby)

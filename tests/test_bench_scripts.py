@@ -1,0 +1,95 @@
+"""The benchmark scripts run end to end with tiny counts and say what they measured.
+
+Speed is what the scripts report, not what these tests check: they check that a short run
+finishes, cleans up, and produces well-formed figures and tables.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support.fabric import REPO, child_env
+
+MOSQUITTO = shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()
+BROKERS = "embedded,mosquitto" if MOSQUITTO else "embedded"
+
+
+def run_script(args: list[str], timeout: float = 300.0) -> tuple[dict[str, Any], str]:
+    """Run a script to completion (SIGTERM on overrun, so it stops its own children)."""
+    proc = subprocess.Popen([sys.executable, *args], cwd=str(REPO), env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        raise AssertionError(f"{args[0]} overran {timeout:g}s:\n{err.decode()[-3000:]}")
+    assert proc.returncode == 0, f"{args[0]} exited {proc.returncode}:\n{err.decode()[-3000:]}"
+    return json.loads(out), err.decode()
+
+
+def _latency(summary: dict[str, Any], count: int) -> None:
+    assert summary["count"] == count
+    assert 0 < summary["p50_ms"] <= summary["p99_ms"] <= summary["max_ms"]
+
+
+def test_bench_fabric_short_run_reports_every_figure() -> None:
+    report, progress = run_script(["scripts/bench_fabric.py", "--tasks", "500", "--rtt-count",
+                                   "20", "--cli-count", "1", "--brokers", BROKERS,
+                                   "--no-prime-job", "--json"])
+    assert progress.count("[bench") >= 8  # a progress line per step
+    assert set(report["brokers"]) == set(BROKERS.split(","))
+    for kind, figures in report["brokers"].items():
+        assert "error" not in figures, figures
+        throughput = figures["throughput"]
+        assert throughput["tasks"] == 500 and throughput["tasks_per_s"] > 0
+        assert set(throughput["cpu_cores"]) == {"master", "broker", "nodes", "client"}
+        _latency(figures["round_trip_api"], 20)
+        _latency(figures["raw_request_reply"], 20)
+        _latency(figures["cli"]["subprocess"], 1)
+        _latency(figures["cli"]["in_process"], 20)
+        assert figures["rtt_ratio_p50"] > 0
+    verdicts = report["verdicts"]
+    assert "throughput_embedded" in verdicts and "rtt_p99_embedded" in verdicts
+    assert all(isinstance(v["met"], bool) for v in verdicts.values())
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from bench_fabric import format_table
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    table = format_table(report)
+    assert "no-op tasks/s" in table and "fabric p50 / raw p50" in table and "Targets:" in table
+
+
+def test_simulate_nodes_short_run_counts_every_node() -> None:
+    report, progress = run_script(["scripts/simulate_nodes.py", "--nodes", "50", "--idle", "1",
+                                   "--tasks", "500", "--brokers", BROKERS, "--json"])
+    assert "[simulate" in progress
+    for kind, figures in report["brokers"].items():
+        assert "error" not in figures, figures
+        assert figures["nodes"] == 50 and figures["connect_s"] >= 0
+        idle = figures["idle"]
+        assert idle["nodes_ready"] == 50
+        assert set(idle["cores"]) == {"master", "broker", "swarm"}
+        assert idle["master_rss_mb"] > 0
+        assert figures["tasks"]["tasks"] == 500 and figures["tasks"]["tasks_per_s"] > 0
+        assert figures["master_status"]["completed"] >= 500
+        assert figures["master_status"]["duplicates"] == 0
+        assert isinstance(figures["target_met"], bool)
+
+
+@pytest.mark.parametrize("script", ["scripts/bench_fabric.py", "scripts/simulate_nodes.py"])
+def test_scripts_explain_themselves(script: str) -> None:
+    done = subprocess.run([sys.executable, script, "--help"], cwd=str(REPO), env=child_env(),
+                          capture_output=True, timeout=60)
+    assert done.returncode == 0 and b"--json" in done.stdout
+    assert Path(REPO, script).read_text().startswith('"""')
