@@ -8,19 +8,25 @@ evaluated from the wire.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 
 from core.errors import DecodeError, EncodeError
 
-__all__ = ["JSON", "MSGPACK", "CODECS", "encode", "decode", "detect_codec"]
+__all__ = ["JSON", "MSGPACK", "CODECS", "MAX_PACKET", "PAYLOAD_LIMIT", "encode", "decode", "detect_codec",
+           "encode_within"]
 
 JSON = "json"
 MSGPACK = "msgpack"
 CODECS = (MSGPACK, JSON)
 
 _JSON_START = frozenset(b"{ \t\r\n")
+
+# The largest MQTT packet a broker takes by default here (broker.conf's max_packet_size); a
+# broker disconnects a client that sends more, so nothing larger may leave.
+MAX_PACKET = 1_048_576
+PAYLOAD_LIMIT = MAX_PACKET - 1024  # room for the fixed header, topic and packet id
 
 
 def detect_codec(payload: bytes) -> str:
@@ -36,10 +42,17 @@ def detect_codec(payload: bytes) -> str:
 
 
 def encode(obj: dict[str, Any], codec: str = MSGPACK) -> bytes:
-    """Serialise a message dict; raises EncodeError for values the codec cannot carry."""
+    """Serialise a message dict; raises EncodeError for values the codec cannot carry.
+
+    msgpack holds integers of 64 bits at most; a message with a larger one (a prime above
+    2^64, a count from a JSON peer) goes out as JSON instead, which every decoder reads.
+    """
     try:
         if codec == MSGPACK:
-            return msgpack.packb(obj, use_bin_type=True)
+            try:
+                return msgpack.packb(obj, use_bin_type=True)
+            except OverflowError:
+                codec = JSON
         if codec == JSON:
             return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
     except (TypeError, ValueError, OverflowError) as e:
@@ -60,3 +73,18 @@ def decode(payload: bytes) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise DecodeError(f"message must be a map, got {type(obj).__name__}")
     return obj
+
+
+def encode_within(items: list, make_payload: Callable[[list], bytes], *,
+                  limit: int = PAYLOAD_LIMIT) -> list[tuple[list, bytes]]:
+    """Encode `items` as few payloads as fit under `limit`, halving a batch that does not.
+
+    Returns (items, payload) pairs; a single item too large on its own comes back as is (its
+    payload over the limit), for the caller to replace with an error.
+    """
+    payload = make_payload(items)
+    if len(payload) <= limit or len(items) <= 1:
+        return [(items, payload)]
+    half = len(items) // 2
+    return (encode_within(items[:half], make_payload, limit=limit)
+            + encode_within(items[half:], make_payload, limit=limit))

@@ -97,7 +97,7 @@ class NodeInfo:
                 "in_flight": len(self.in_flight), "tasks_done": self.tasks_done,
                 "tasks_failed": self.tasks_failed, "rejected": self.rejected,
                 "instance": self.instance, "last_seen": self.reported_ts,
-                "heartbeat": self.heartbeat}
+                "heartbeat": self.heartbeat, "tasks": sorted(self.tasks or ())}
 
 
 class Scheduler:

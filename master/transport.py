@@ -72,7 +72,8 @@ class MasterNodeTransport:
         self._results: deque[tuple[str, TaskResult]] = deque(maxlen=100_000)  # (node, result)
         self._dead: list[str] = []
         self._dead_callback: Callable[[list[str]], None] | None = None
-        self._report_waiters: dict[str, Callable[[NodeReport], None]] = {}
+        # request id -> (callback, monotonic deadline): reports are taken for a while only
+        self._report_waiters: dict[str, tuple[Callable[[NodeReport], None], float]] = {}
         self._query_handlers: dict[str, Callable[[dict], Any]] = {}
         # filled during one loop turn, flushed after the journal commit
         self._finished: list[tuple[TaskRecord, Any]] = []
@@ -223,11 +224,13 @@ class MasterNodeTransport:
             return self._outcomes(list(task_ids))
 
     def broadcast_control(self, command: str, params: dict | None = None,
-                          on_report: Callable[[NodeReport], None] | None = None) -> str:
-        """Send a control message to every live node; reports go to `on_report`."""
+                          on_report: Callable[[NodeReport], None] | None = None, *,
+                          report_window: float = 30.0) -> str:
+        """Send a control message to every live node; reports arriving within
+        `report_window` seconds go to `on_report` (on the master's loop thread)."""
         request_id = uuid.uuid4().hex[:12]
         if on_report is not None:
-            self._report_waiters[request_id] = on_report
+            self._report_waiters[request_id] = (on_report, time.monotonic() + report_window)
         with self._lock:
             nodes = [n for n in self.scheduler.nodes.values() if n.alive]
         for node in nodes:
@@ -340,7 +343,7 @@ class MasterNodeTransport:
                 self._on_submit(topic, payload)
             elif kind == "query":
                 self._on_query(topic, payload)
-        except DecodeError as e:
+        except FabricError as e:  # malformed, or nothing that can be answered: this one only
             self.rejected += 1
             log.warning("rejected message on %s: %s", topic, e)
 
@@ -372,8 +375,8 @@ class MasterNodeTransport:
         if isinstance(message, NodeReport):
             if message.node_id == node_id:
                 waiter = self._report_waiters.get(message.request_id)
-                if waiter is not None:
-                    waiter(message)
+                if waiter is not None and time.monotonic() <= waiter[1]:
+                    waiter[0](message)
             return
         if not isinstance(message, ResultBatch) or message.node_id != node_id:
             raise DecodeError(f"results on {topic} are not a result batch of node {node_id!r}")
@@ -411,6 +414,9 @@ class MasterNodeTransport:
         for spec in message.tasks:
             task_id = spec.id
             if task_id in active or task_id in seen:  # queued or running already: keep it once
+                record = active.get(task_id)
+                if record is not None:
+                    record.client = client_id  # the latest submitter is the one still waiting
                 accepted.append(task_id)
                 continue
             if len(fresh) >= room:
@@ -451,10 +457,10 @@ class MasterNodeTransport:
             raise DecodeError(f"query on {topic} is not from client {client_id!r}")
         try:
             data = self._answer(message)
-            reply = QueryReply(request_id=message.request_id, ok=True, data=data)
-        except FabricError as e:
-            reply = QueryReply(request_id=message.request_id, ok=False, error=str(e))
-        self._outgoing.append((self.topics.client(client_id), reply.encode(), False))
+            payload = QueryReply(request_id=message.request_id, ok=True, data=data).encode()
+        except FabricError as e:  # also an answer that cannot be encoded
+            payload = QueryReply(request_id=message.request_id, ok=False, error=str(e)).encode()
+        self._outgoing.append((self.topics.client(client_id), payload, False))
 
     def _answer(self, query: Query) -> Any:
         if query.what == "nodes":
@@ -489,6 +495,10 @@ class MasterNodeTransport:
         return out
 
     def _check_liveness(self, now: float) -> None:
+        if self._report_waiters:
+            late = time.monotonic()
+            for request_id in [r for r, (_cb, end) in self._report_waiters.items() if end < late]:
+                del self._report_waiters[request_id]
         for node_id in self.scheduler.silent(now):
             log.warning("node %s missed its heartbeats: marking it dead", node_id)
             requeued, failed = self.scheduler.lose_node(node_id, f"node {node_id} stopped heartbeating")
@@ -536,10 +546,15 @@ class MasterNodeTransport:
         work = []
         for node_id, records in assignments.items():
             node = self.scheduler.nodes[node_id]
+            topic = self.topics.node_tasks(node_id)
+
+            def encode(batch: list[TaskRecord], node_codec: str = node.codec) -> bytes:
+                return TaskBatch(tasks=tuple(r.spec for r in batch), epoch=self.epoch,
+                                 master=self.master_id).encode(node_codec)
             for batch in self._batches(records, node.max_payload):
-                message = TaskBatch(tasks=tuple(r.spec for r in batch), epoch=self.epoch,
-                                    master=self.master_id)
-                work.append((self.topics.node_tasks(node_id), message.encode(node.codec), False))
+                # under the broker's packet limit, or the broker would hang up on the master
+                for _part, payload in codec.encode_within(batch, encode):
+                    work.append((topic, payload, False))
         self._outgoing[:0] = work
         if self._finished:
             handles = self._handles
@@ -557,9 +572,11 @@ class MasterNodeTransport:
                     outcomes.append(outcome)
             self._finished.clear()
         for client_id, outcomes in self._client_outcomes.items():
+            topic = self.topics.client(client_id)
             for start in range(0, len(outcomes), self.max_batch):
-                payload = OutcomeBatch.encode_wire(outcomes[start:start + self.max_batch])
-                self._outgoing.append((self.topics.client(client_id), payload, False))
+                chunk = outcomes[start:start + self.max_batch]
+                for _part, payload in codec.encode_within(chunk, OutcomeBatch.encode_wire):
+                    self._outgoing.append((topic, payload, False))
         self._client_outcomes.clear()
 
     def _batches(self, records: list[TaskRecord], max_payload: int) -> Iterable[list[TaskRecord]]:

@@ -383,12 +383,27 @@ class ComputeNodeTransport:
 
     def _publish_results(self, results: list[TaskResult], released: list[str],
                          topic: str | None = None) -> None:
-        batch = ResultBatch(node_id=self.node_id, instance=self.instance,
-                            results=tuple(results), released=tuple(released),
-                            prefetch=self.prefetch if self._gauge is not None else 0)
+        prefetch = self.prefetch if self._gauge is not None else 0
+
+        def encode(part: list[TaskResult], released: tuple[str, ...] = ()) -> bytes:
+            return ResultBatch(node_id=self.node_id, instance=self.instance,
+                               results=tuple(part), released=released,
+                               prefetch=prefetch).encode(self.codec)
+
+        payloads = [encode(results, tuple(released))]
+        if len(payloads[0]) > codec.PAYLOAD_LIMIT and results:
+            # past the broker's packet limit the broker would disconnect this node for good
+            payloads = [encode([], tuple(released))] if released else []
+            for part, payload in codec.encode_within(results, encode):
+                if len(payload) > codec.PAYLOAD_LIMIT:  # one result too large on its own
+                    payload = encode([TaskResult(part[0].id, False, ts=part[0].ts, error={
+                        "kind": "payload_too_large", "type": "PayloadTooLarge",
+                        "message": f"the result takes {len(payload)} bytes, more than a "
+                                   f"{codec.MAX_PACKET}-byte MQTT packet"})])
+                payloads.append(payload)
         try:
-            self._session.publish(topic or self.topics.results(self.node_id),
-                                  batch.encode(self.codec))
+            for payload in payloads:
+                self._session.publish(topic or self.topics.results(self.node_id), payload)
         except FabricError:
             log.exception("could not send %d results", len(results))
 
