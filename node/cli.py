@@ -9,6 +9,7 @@ import sys
 import threading
 
 from core.errors import FabricError
+from core.logs import configure_logging
 from core.topics import DEFAULT_ROOT
 from core.url import BROKER_ENV, parse_broker_url
 
@@ -46,8 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     from node.transport import ComputeNodeTransport
     from node.registry import default_registry, load_task
     from node.lambda_tasks import attach_lambdas

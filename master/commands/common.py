@@ -8,7 +8,7 @@ from typing import Any
 from core.topics import DEFAULT_ROOT
 from core.url import BROKER_ENV
 
-__all__ = ["add_client_options", "connect"]
+__all__ = ["add_client_options", "connect", "ask"]
 
 
 def add_client_options(parser: argparse.ArgumentParser) -> None:
@@ -24,3 +24,12 @@ def connect(args: argparse.Namespace) -> Any:
     """A started FabricClient for the command's --broker and --root."""
     from master.client import FabricClient
     return FabricClient(broker_url=args.broker, root=args.root).start(timeout=args.timeout)
+
+
+def ask(args: argparse.Namespace, what: str) -> Any:
+    """Connect, put one query to the master (`nodes`, `status`, ...), disconnect."""
+    client = connect(args)
+    try:
+        return client.query(what, timeout=args.timeout)
+    finally:
+        client.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from master.commands.common import add_client_options, connect
+from master.commands.common import add_client_options, ask
 from master.tables import format_age, format_table
 
 NAME = "nodes"
@@ -19,11 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    client = connect(args)
-    try:
-        nodes = client.nodes(timeout=args.timeout)
-    finally:
-        client.close()
+    nodes = ask(args, "nodes")
     if args.json:
         print(json.dumps(nodes, indent=2))
         return 0

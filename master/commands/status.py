@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from master.commands.common import add_client_options, connect
+from master.commands.common import add_client_options, ask
 from master.tables import format_table
 
 NAME = "status"
@@ -22,11 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    client = connect(args)
-    try:
-        status = client.status(timeout=args.timeout)
-    finally:
-        client.close()
+    status = ask(args, "status")
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
