@@ -12,7 +12,7 @@ import itertools
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Type, TypeVar
+from typing import Any, Callable, ClassVar, Type, TypeVar
 
 from core import codec as _codec
 from core.errors import ConfigError, DecodeError
@@ -96,16 +96,15 @@ def _str_list(d: dict, key: str, what: str) -> tuple[str, ...]:
 # -- base ------------------------------------------------------------------------------------
 
 class Message:
-    """Mixin giving every message `encode`, `decode` and its wire dict."""
+    """Mixin giving every message `encode`, `decode` and its wire dict.
+
+    Each message class defines `to_dict()` (its fields) and the classmethod `from_dict(d)`
+    (validating them); `message_from_dict` finds the class by the `type` tag.
+    """
 
     TYPE: ClassVar[str] = ""
-
-    def to_dict(self) -> dict[str, Any]:  # pragma: no cover - every subclass defines it
-        raise NotImplementedError
-
-    @classmethod
-    def from_dict(cls: Type[M], d: dict[str, Any]) -> M:  # pragma: no cover
-        raise NotImplementedError
+    to_dict: Callable[..., dict[str, Any]]
+    from_dict: Callable[..., Any]
 
     def wire(self) -> dict[str, Any]:
         d = self.to_dict()
