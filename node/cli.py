@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tasks run at once, one worker thread each (default 1; use one "
                              "node process per core for CPU-bound work)")
     parser.add_argument("--prefetch", type=int, default=None, metavar="N",
-                        help="extra tasks held ready beyond capacity (default: capacity)")
+                        help="extra tasks held ready beyond capacity (default: adaptive, about 50 ms "
+                             "of work: many tiny tasks, few slow ones)")
     parser.add_argument("--root", default=DEFAULT_ROOT, help="topic root (default %(default)s)")
     parser.add_argument("--heartbeat", type=float, default=1.0, metavar="SECONDS",
                         help="heartbeat interval (default %(default)s)")
