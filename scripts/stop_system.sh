@@ -22,11 +22,26 @@ ours() {  # pid pattern -> true if that pid is one of our processes
     [[ "${cmdline}" == *"$2"* ]]
 }
 
+started_at() {  # pid -> its start time in clock ticks since boot (tells a reused pid apart)
+    local stat fields
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    read -r -a fields <<<"${stat##*) }"
+    echo "${fields[19]}"
+}
+
+running_since() {  # pid start-time -> true while that very process runs (a zombie has ended)
+    local stat fields
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    read -r -a fields <<<"${stat##*) }"
+    [[ "${fields[0]}" != [ZX] && "${fields[19]}" == "$2" ]]
+}
+
 stop() {  # pid-file pattern
-    local file=$1 pattern=$2 name pid
+    local file=$1 pattern=$2 name pid since
     name=$(basename "${file}" .pid)
     pid=$(cat "${file}" 2>/dev/null || true)
-    if ! [[ "${pid}" =~ ^[0-9]+$ ]] || ! kill -0 "${pid}" 2>/dev/null; then
+    if ! [[ "${pid}" =~ ^[0-9]+$ ]] || ! since=$(started_at "${pid}") \
+            || ! running_since "${pid}" "${since}"; then
         rm -f "${file}"
         return 0
     fi
@@ -37,11 +52,17 @@ stop() {  # pid-file pattern
     fi
     kill -CONT "${pid}" 2>/dev/null || true
     kill -TERM "${pid}" 2>/dev/null || true
-    local deadline=$((SECONDS + TIMEOUT))
-    while kill -0 "${pid}" 2>/dev/null && ours "${pid}" "${pattern}"; do
-        if [ "${SECONDS}" -ge "${deadline}" ]; then
+    # wait for the process itself to end, not for its command line to vanish: that happens
+    # while it is still exiting
+    local deadline=$((SECONDS + TIMEOUT)) killed=0
+    while running_since "${pid}" "${since}"; do
+        if [ "${killed}" = 0 ] && [ "${SECONDS}" -ge "${deadline}" ]; then
             echo "stop_system.sh: ${name} (pid ${pid}) ignored SIGTERM for ${TIMEOUT}s: killing it" >&2
             kill -KILL "${pid}" 2>/dev/null || true
+            killed=1
+            deadline=$((SECONDS + 10))
+        elif [ "${killed}" = 1 ] && [ "${SECONDS}" -ge "${deadline}" ]; then
+            echo "stop_system.sh: ${name} (pid ${pid}) still runs 10s after SIGKILL" >&2
             break
         fi
         sleep 0.1

@@ -40,6 +40,13 @@ def running(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()
+    except OSError:
+        return "?"
+
+
 class Workdir:
     """A scratch working directory with generated input and the scripts' environment."""
 
@@ -115,7 +122,8 @@ def stop_and_check_nothing_left(work: Workdir) -> None:
     assert started, "the scripts reported no processes"
     result = work.run("stop_system.sh")
     assert result.returncode == 0, result.stderr
-    assert [pid for pid in started if running(pid)] == []
+    left = {pid: command_line(pid) for pid in started if running(pid)}
+    assert left == {}, result.stdout + result.stderr
     assert list((work.path / "logs").glob("*.pid")) == []
 
 
