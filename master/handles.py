@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 from typing import Any
 
 from core.errors import FabricError, FabricTimeout, TaskFailed
@@ -12,20 +13,49 @@ from core.protocol import TaskOutcome
 __all__ = ["TaskHandle"]
 
 
-class TaskHandle:
-    """Returned by `submit`: `.id`, `.result(timeout)`, `.outcome(timeout)`, or `await handle`."""
+# Guards the hand-over between a handle's resolver and the first to ask for its Future: one
+# lock for all handles costs nothing while uncontended, where a Future per handle (a Condition
+# and its lock, made for every task) was most of a submitter's CPU.
+_guard = threading.Lock()
 
-    __slots__ = ("id", "future")
+
+class TaskHandle:
+    """Returned by `submit`: `.id`, `.result(timeout)`, `.outcome(timeout)`, or `await handle`.
+
+    The outcome is stored on the handle; a `concurrent.futures.Future` (`.future`) is made
+    only for a handle someone waits on before its outcome is there."""
+
+    __slots__ = ("id", "_outcome", "_error", "_future")
 
     def __init__(self, task_id: str) -> None:
         self.id = task_id
-        self.future: concurrent.futures.Future[TaskOutcome] = concurrent.futures.Future()
+        self._outcome: TaskOutcome | None = None
+        self._error: FabricError | None = None
+        self._future: concurrent.futures.Future[TaskOutcome] | None = None
+
+    @property
+    def future(self) -> concurrent.futures.Future[TaskOutcome]:
+        """The outcome as a Future (for `concurrent.futures.wait` and asyncio)."""
+        with _guard:
+            future = self._future
+            if future is None:
+                future = self._future = concurrent.futures.Future()
+                if self._outcome is not None:
+                    future.set_result(self._outcome)
+                elif self._error is not None:
+                    future.set_exception(self._error)
+            return future
 
     def done(self) -> bool:
-        return self.future.done()
+        return self._outcome is not None or self._error is not None
 
     def outcome(self, timeout: float | None = None) -> TaskOutcome:
         """The final outcome (completed or failed); FabricTimeout if it is not there in time."""
+        outcome = self._outcome
+        if outcome is not None:
+            return outcome
+        if self._error is not None:
+            raise self._error
         try:
             return self.future.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -51,9 +81,31 @@ class TaskHandle:
     # -- used by the side that learns the outcome --------------------------------------------
 
     def resolve(self, outcome: TaskOutcome) -> None:
-        if not self.future.done():
-            self.future.set_result(outcome)
+        """Set the outcome; the first of resolve/reject wins."""
+        with _guard:
+            if self._outcome is not None or self._error is not None:
+                return
+            self._outcome = outcome
+            future = self._future
+        if future is not None:
+            _settle(future, outcome, None)
 
     def reject(self, error: FabricError) -> None:
-        if not self.future.done():
-            self.future.set_exception(error)
+        with _guard:
+            if self._outcome is not None or self._error is not None:
+                return
+            self._error = error
+            future = self._future
+        if future is not None:
+            _settle(future, None, error)
+
+
+def _settle(future: concurrent.futures.Future, outcome: TaskOutcome | None,
+            error: FabricError | None) -> None:
+    try:
+        if error is None:
+            future.set_result(outcome)
+        else:
+            future.set_exception(error)
+    except concurrent.futures.InvalidStateError:  # cancelled by whoever waited on it
+        pass
