@@ -10,6 +10,7 @@ import threading
 
 from core.errors import FabricError
 from core.logs import configure_logging
+from core.runtime import tune_for_messaging
 from core.topics import DEFAULT_ROOT
 from core.url import BROKER_ENV, parse_broker_url
 
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         for spec in args.task:
             load_task(spec, registry=registry)
         runner = attach_lambdas(registry, args.lambdas)
+        tune_for_messaging()
         node = ComputeNodeTransport(
             broker_url=parse_broker_url(args.broker), node_id=args.node_id, root=args.root,
             capacity=args.capacity, prefetch=args.prefetch, heartbeat=args.heartbeat,

@@ -62,7 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from core.runtime import tune_for_messaging
     from master.service import ServeOptions, install_signal_handlers, serve
+    tune_for_messaging()
     stop = threading.Event()
     install_signal_handlers(stop)
     options = ServeOptions(broker=args.broker, config=args.config, port=args.port,
