@@ -35,6 +35,7 @@ __all__ = ["MasterNodeTransport"]
 log = logging.getLogger(__name__)
 
 _MAX_INBOX_BATCH = 5000
+_INLINE_TURN_TASKS = 64  # below this many active tasks a message is handled where it arrives
 
 
 class MasterNodeTransport:
@@ -67,6 +68,9 @@ class MasterNodeTransport:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.RLock()
         self._stop = threading.Event()
+        self._pending = threading.Event()  # the loop thread has a turn to run
+        self._in_turn = False
+        self._next_liveness = self._next_status = 0.0
         self._thread: threading.Thread | None = None
         self._handles: dict[str, TaskHandle] = {}
         self._results: deque[tuple[str, TaskResult]] = deque(maxlen=100_000)  # (node, result)
@@ -116,7 +120,7 @@ class MasterNodeTransport:
         if self._stop.is_set():
             return
         self._stop.set()
-        self._inbox.put(None)
+        self._pending.set()
         if self._thread is not None:
             self._thread.join(timeout)
         with self._lock:
@@ -274,66 +278,91 @@ class MasterNodeTransport:
                 self._handles[spec.id] = handle
                 if record is not None:
                     records.append(record)
-            self.journal.submitted(records)
-            self.journal.commit()
+            self.journal.submitted(records)  # committed by the turn, before any dispatch
         self._wake()
         return handles
 
     def _inbound(self, kind: str) -> Callable[[str, bytes], None]:
         put = self._inbox.put
+        turn_now = self._turn_now
 
         def handler(topic: str, payload: bytes) -> None:
             put((kind, topic, payload))
+            turn_now()
         return handler
 
     def _wake(self) -> None:
-        self._inbox.put(("wake", "", b""))
+        self._turn_now()
 
     # -- internals: the loop ---------------------------------------------------------------------
 
+    def _turn_now(self) -> None:
+        """Run a turn in this thread if no other thread is in one, else leave it to the loop.
+
+        While few tasks are active, the thread that brings a message (the MQTT thread, or a
+        caller of submit) handles it at once: handing it to the loop thread would cost two
+        thread switches, a good part of a lone task's round trip. A busy master leaves it to
+        the loop thread, where what arrives meanwhile is handled in one turn (bigger batches,
+        fewer commits). Whoever holds the lock drains everything queued so far, so the order
+        of arrival is kept. Replicated masters wait for their standbys in each turn, so their
+        turns stay on the loop thread."""
+        if (len(self.scheduler.tasks) < _INLINE_TURN_TASKS and self.publish_gate is None
+                and not self._stop.is_set() and self._lock.acquire(blocking=False)):
+            try:
+                if not self._in_turn:
+                    self._turn()
+                    return
+            finally:
+                self._lock.release()
+        self._pending.set()
+
     def _run(self) -> None:
-        next_liveness = next_status = 0.0
-        inbox = self._inbox
+        pending = self._pending
         while not self._stop.is_set():
+            pending.wait(0.1)  # timers (liveness, status) run at least this often
+            pending.clear()
+            with self._lock:
+                self._turn()
+
+    def _turn(self) -> None:
+        """Apply what arrived, assign, journal, publish. Called with the lock held."""
+        inbox = self._inbox
+        items = []
+        while len(items) < _MAX_INBOX_BATCH:
             try:
-                first = inbox.get(timeout=0.1)
+                items.append(inbox.get_nowait())
             except queue.Empty:
-                first = ("wake", "", b"")
-            items = [first]
-            while len(items) < _MAX_INBOX_BATCH:
-                try:
-                    items.append(inbox.get_nowait())
-                except queue.Empty:
-                    break
-            try:
-                with self._lock:
-                    now = self._clock()
-                    for item in items:
-                        if item is not None:
-                            self._apply(item, now)
-                    if now >= next_liveness:
-                        self._check_liveness(now)
-                        next_liveness = now + 0.1
-                    gate = self.dispatch_gate
-                    assignments = self.scheduler.assign(now=now) if gate is None or gate() else {}
-                    if self.scheduler.unknown_failed:
-                        self._note_failed(self.scheduler.unknown_failed)
-                        self.scheduler.unknown_failed = []
-                    self._journal_turn(assignments)
-                    self._flush(assignments)
-                    if now >= next_status:
-                        self._outgoing.append((self.topics.master_status,
-                                               self._master_status("running").encode(), True))
-                        next_status = now + self.status_interval
-                    if self.publish_gate is None or self.publish_gate():
-                        self._publish_outgoing()
-            except Exception:  # the loop must survive any bug in one message's handling
-                log.exception("master loop turn failed")
+                break
+        else:
+            self._pending.set()  # more than one turn's worth: the loop takes the rest
+        self._in_turn = True
+        try:
+            now = self._clock()
+            for item in items:
+                self._apply(item, now)
+            if now >= self._next_liveness:
+                self._check_liveness(now)
+                self._next_liveness = now + 0.1
+            gate = self.dispatch_gate
+            assignments = self.scheduler.assign(now=now) if gate is None or gate() else {}
+            if self.scheduler.unknown_failed:
+                self._note_failed(self.scheduler.unknown_failed)
+                self.scheduler.unknown_failed = []
+            self._journal_turn(assignments)
+            self._flush(assignments)
+            if now >= self._next_status:
+                self._outgoing.append((self.topics.master_status,
+                                       self._master_status("running").encode(), True))
+                self._next_status = now + self.status_interval
+            if self.publish_gate is None or self.publish_gate():
+                self._publish_outgoing()
+        except Exception:  # the loop must survive any bug in one message's handling
+            log.exception("master loop turn failed")
+        finally:
+            self._in_turn = False
 
     def _apply(self, item: tuple[str, str, bytes], now: float) -> None:
         kind, topic, payload = item
-        if kind == "wake":
-            return
         try:
             if kind == "status":
                 self._on_status(topic, payload, now)
