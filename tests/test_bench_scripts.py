@@ -53,12 +53,14 @@ def test_bench_fabric_short_run_reports_every_figure() -> None:
         assert throughput["tasks"] == 500 and throughput["tasks_per_s"] > 0
         assert set(throughput["cpu_cores"]) == {"master", "broker", "nodes", "client"}
         _latency(figures["round_trip_api"], 20)
+        _latency(figures["round_trip_master_api"], 20)
         _latency(figures["raw_request_reply"], 20)
         _latency(figures["cli"]["subprocess"], 1)
         _latency(figures["cli"]["in_process"], 20)
-        assert figures["rtt_ratio_p50"] > 0
+        assert figures["rtt_ratio_p50"] > 0 and figures["rtt_ratio_master_api_p50"] > 0
     verdicts = report["verdicts"]
-    assert "throughput_embedded" in verdicts and "rtt_p99_embedded" in verdicts
+    assert {"throughput_embedded", "rtt_p99_embedded_client", "rtt_ratio_embedded_master"
+            } <= set(verdicts)
     assert all(isinstance(v["met"], bool) for v in verdicts.values())
 
     sys.path.insert(0, str(REPO / "scripts"))
