@@ -82,30 +82,23 @@ class TaskHandle:
 
     def resolve(self, outcome: TaskOutcome) -> None:
         """Set the outcome; the first of resolve/reject wins."""
-        with _guard:
-            if self._outcome is not None or self._error is not None:
-                return
-            self._outcome = outcome
-            future = self._future
-        if future is not None:
-            _settle(future, outcome, None)
+        self._settle(outcome, None)
 
     def reject(self, error: FabricError) -> None:
+        self._settle(None, error)
+
+    def _settle(self, outcome: TaskOutcome | None, error: FabricError | None) -> None:
         with _guard:
             if self._outcome is not None or self._error is not None:
                 return
-            self._error = error
+            self._outcome, self._error = outcome, error
             future = self._future
-        if future is not None:
-            _settle(future, None, error)
-
-
-def _settle(future: concurrent.futures.Future, outcome: TaskOutcome | None,
-            error: FabricError | None) -> None:
-    try:
-        if error is None:
-            future.set_result(outcome)
-        else:
-            future.set_exception(error)
-    except concurrent.futures.InvalidStateError:  # cancelled by whoever waited on it
-        pass
+        if future is None:
+            return
+        try:
+            if error is None:
+                future.set_result(outcome)
+            else:
+                future.set_exception(error)
+        except concurrent.futures.InvalidStateError:  # cancelled by whoever waited on it
+            pass
