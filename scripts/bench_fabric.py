@@ -13,7 +13,9 @@ prefetch) started as a user starts them:
 3. the CLI: `master-node submit noop` as a subprocess (per invocation, interpreter start
    included), and the same command's code path run in this process;
 4. the broker alone: a QoS 1 request/reply round trip between two clients of the same MQTT
-   session code, so the fabric's overhead over its own transport shows as a ratio.
+   session code, so the fabric's overhead over its own transport shows as a ratio. The three
+   round trips (raw, FabricClient, master API) are taken in turns, in blocks, so a machine
+   whose speed drifts during the run weighs on each alike.
 
 Then, with --peers, Dramatiq and Huey over Redis on the same workload (installed on demand,
 for the benchmark only), and the prime job of scripts/bench_prime_job.py with a short count
@@ -47,7 +49,7 @@ for _path in (str(_SCRIPTS.parent), str(_SCRIPTS)):
 from bench.procs import (REPO, Children, child_pids, console_script, cpu_seconds,  # noqa: E402
                          free_port, mosquitto_config, mosquitto_path, rss_bytes, wait_for,
                          wait_listening)
-from bench.raw_rtt import request_reply  # noqa: E402
+from bench.raw_rtt import RequestReply  # noqa: E402
 from bench.stats import Progress, latency_summary, machine, stop_on_sigterm  # noqa: E402
 
 TARGETS = {"tasks_per_s": 20_000, "peer_factor": 5.0, "rtt_ratio": 1.25, "rtt_p99_ms": 5.0}
@@ -118,18 +120,13 @@ def measure_broker(kind: str, args: argparse.Namespace, work: Path,
             wait_for(lambda: sum(n["status"] == "ready" for n in client.nodes()) >= args.nodes,
                      60, f"{args.nodes} ready nodes", interval=0.1)
             out["throughput"] = _throughput(client, fabric, args.tasks, progress)
-            out["round_trip_api"] = _api_round_trips(client, args.rtt_count, progress, kind)
+            out.update(_round_trips(client, fabric, args, work, progress))
         finally:
             client.close()
         out["cli"] = _cli_round_trips(fabric, args, progress)
-        out["round_trip_master_api"] = _master_api_round_trips(fabric, args, work, progress)
-        progress.step(f"{kind}: raw broker QoS 1 request/reply x {args.rtt_count}")
-        out["raw_request_reply"] = latency_summary(request_reply(fabric.url, args.rtt_count))
-        progress.step(f"{kind}: raw p50 {out['raw_request_reply']['p50_ms']} ms")
-        api, raw = out["round_trip_api"], out["raw_request_reply"]
-        out["rtt_ratio_p50"] = round(api["p50_ms"] / raw["p50_ms"], 2)
-        out["rtt_ratio_master_api_p50"] = round(
-            out["round_trip_master_api"]["p50_ms"] / raw["p50_ms"], 2)
+        raw = out["raw_request_reply"]["p50_ms"]
+        out["rtt_ratio_p50"] = round(out["round_trip_api"]["p50_ms"] / raw, 2)
+        out["rtt_ratio_master_api_p50"] = round(out["round_trip_master_api"]["p50_ms"] / raw, 2)
     return out
 
 
@@ -158,31 +155,16 @@ def _throughput(client: Any, fabric: FabricUnderTest, tasks: int,
     return figures
 
 
-def _api_round_trips(client: Any, count: int, progress: Progress, kind: str) -> dict[str, Any]:
-    progress.step(f"{kind}: {count:,} sequential round trips, FabricClient.submit().result()")
-    for _ in range(min(50, count)):
-        client.submit("noop").result(timeout=30)
-    latencies = []
-    for _ in range(count):
-        started = time.perf_counter()
-        client.submit("noop").result(timeout=30)
-        latencies.append(time.perf_counter() - started)
-    summary = latency_summary(latencies)
-    progress.step(f"{kind}: round trip p50 {summary['p50_ms']} ms, p99 {summary['p99_ms']} ms")
-    return summary
-
-
-def _master_api_round_trips(fabric: FabricUnderTest, args: argparse.Namespace, work: Path,
-                            progress: Progress) -> dict[str, Any]:
-    """The master's own API in the process that is the master: MasterNodeTransport.submit.
-
-    A program that embeds the master (the seed's MasterNodeTransport) skips the client's two
-    hops through the broker: its round trip is master -> node -> master."""
+def _round_trips(client: Any, fabric: FabricUnderTest, args: argparse.Namespace, work: Path,
+                 progress: Progress) -> dict[str, Any]:
+    """Sequential single-task round trips three ways, taken in turns in blocks so that each
+    sees the same moments of a machine whose speed drifts: the raw broker request/reply,
+    FabricClient.submit().result(), and MasterNodeTransport.submit().result() in this process
+    (a master of its own on the same broker, with its own nodes: a program embedding the
+    master skips the client's two trips through the broker)."""
     from master.transport import MasterNodeTransport
 
-    kind = fabric.kind
-    progress.step(f"{kind}: {args.rtt_count:,} sequential round trips, "
-                  "MasterNodeTransport.submit().result() in this process")
+    kind, count = fabric.kind, args.rtt_count
     root = f"{fabric.root}-api"
     master = MasterNodeTransport(broker_url=fabric.url, root=root, master_id="bench-master",
                                  state_dir=work / f"state-{kind}-api")
@@ -190,24 +172,44 @@ def _master_api_round_trips(fabric: FabricUnderTest, args: argparse.Namespace, w
     node_cmd = console_script("compute-node", "node.cli") + ["--log-level", "WARNING"]
     nodes = [fabric.children.start(f"api-node-{kind}-{i}", node_cmd + [
         "--broker", fabric.url, "--root", root, "--id", f"api-{i}"]) for i in range(args.nodes)]
+
+    def timed(submit: Any, times: int) -> list[float]:
+        out = []
+        for _ in range(times):
+            started = time.perf_counter()
+            submit("noop").result(timeout=30)
+            out.append(time.perf_counter() - started)
+        return out
+
+    samples: dict[str, list[float]] = {"raw_request_reply": [], "round_trip_api": [],
+                                       "round_trip_master_api": []}
     try:
         wait_for(lambda: len(master.get_nodes_by_status("ready")) >= args.nodes, 60,
                  f"{args.nodes} ready nodes", interval=0.1)
-        for _ in range(min(50, args.rtt_count)):
-            master.submit("noop").result(timeout=30)
-        latencies = []
-        for _ in range(args.rtt_count):
-            started = time.perf_counter()
-            master.submit("noop").result(timeout=30)
-            latencies.append(time.perf_counter() - started)
+        with RequestReply(fabric.url) as raw:
+            ways = {"raw_request_reply": raw.measure,
+                    "round_trip_api": lambda n: timed(client.submit, n),
+                    "round_trip_master_api": lambda n: timed(master.submit, n)}
+            for way in ways.values():  # warm-up, not counted
+                way(min(50, count))
+            blocks = max(1, min(10, count // 100))
+            progress.step(f"{kind}: {count:,} sequential round trips each way, in {blocks} "
+                          "turns: raw broker, FabricClient, master API")
+            for block in range(blocks):
+                size = count // blocks + (1 if block < count % blocks else 0)
+                for name, way in ways.items():
+                    samples[name] += way(size)
     finally:
         for node in nodes:
             node.stop()
         master.stop(quiet=True)
-    summary = latency_summary(latencies)
-    progress.step(f"{kind}: master API round trip p50 {summary['p50_ms']} ms, "
-                  f"p99 {summary['p99_ms']} ms")
-    return summary
+    out = {name: latency_summary(values) for name, values in samples.items()}
+    progress.step(f"{kind}: p50/p99 ms: raw {out['raw_request_reply']['p50_ms']}/"
+                  f"{out['raw_request_reply']['p99_ms']}, FabricClient "
+                  f"{out['round_trip_api']['p50_ms']}/{out['round_trip_api']['p99_ms']}, "
+                  f"master API {out['round_trip_master_api']['p50_ms']}/"
+                  f"{out['round_trip_master_api']['p99_ms']}")
+    return out
 
 
 def _cli_round_trips(fabric: FabricUnderTest, args: argparse.Namespace,
