@@ -23,6 +23,7 @@ import msgpack
 
 from core.protocol import TaskOutcome, TaskSpec
 from master.scheduler import COMPLETED, FAILED, QUEUED, RUNNING, STATE_NAMES, TaskRecord
+from master.sqlite_batch import BatchedWrites
 
 __all__ = ["Journal"]
 
@@ -73,7 +74,7 @@ def _unpack(blob: bytes | None) -> Any:
     return msgpack.unpackb(blob, raw=False, strict_map_key=False)
 
 
-class Journal:
+class Journal(BatchedWrites):
     """sqlite journal in WAL mode; used from one thread (the master's processing loop)."""
 
     def __init__(self, path: str | Path) -> None:
@@ -113,17 +114,7 @@ class Journal:
         finally:
             db.close()
 
-    # -- transactions ----------------------------------------------------------------------------
-
-    def _begin(self) -> None:
-        if not self._in_tx:
-            self._db.execute("BEGIN")
-            self._in_tx = True
-
-    def commit(self) -> None:
-        if self._in_tx:
-            self._db.execute("COMMIT")
-            self._in_tx = False
+    # -- closing (writes join one transaction until commit(): BatchedWrites) ----------------------
 
     def close(self) -> None:
         self.commit()

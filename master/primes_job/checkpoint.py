@@ -15,6 +15,7 @@ from typing import Iterable, Iterator
 
 from core.errors import ConfigError
 from master.primes_job.plan import ShardPlan
+from master.sqlite_batch import BatchedWrites
 
 __all__ = ["Checkpoint", "SCHEMA_VERSION"]
 
@@ -41,7 +42,7 @@ CREATE TABLE IF NOT EXISTS primes (
 DONE, RETRY, FAILED = "done", "retry", "failed"
 
 
-class Checkpoint:
+class Checkpoint(BatchedWrites):
     """One job's progress on disk. Used from one thread; `commit` groups writes."""
 
     def __init__(self, path: str | Path) -> None:
@@ -133,17 +134,7 @@ class Checkpoint:
         for (value,) in self._db.execute("SELECT value FROM primes ORDER BY digits, value"):
             yield value
 
-    # -- transactions --------------------------------------------------------------------------
-
-    def _begin(self) -> None:
-        if not self._in_tx:
-            self._db.execute("BEGIN")
-            self._in_tx = True
-
-    def commit(self) -> None:
-        if self._in_tx:
-            self._db.execute("COMMIT")
-            self._in_tx = False
+    # -- closing (writes join one transaction until commit(): BatchedWrites) --------------------
 
     def close(self) -> None:
         self.commit()
