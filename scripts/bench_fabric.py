@@ -35,7 +35,6 @@ import io
 import json
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -46,14 +45,13 @@ for _path in (str(_SCRIPTS.parent), str(_SCRIPTS)):
     if _path not in sys.path:  # run as a script from a checkout
         sys.path.insert(0, _path)
 
-from bench.procs import (REPO, Children, child_pids, console_script, cpu_seconds,  # noqa: E402
-                         free_port, mosquitto_config, mosquitto_path, rss_bytes, wait_for,
-                         wait_listening)
+from bench.fabric_run import BROKERS, each_broker, start_master  # noqa: E402
+from bench.procs import (REPO, Children, console_script, cpu_seconds, rss_bytes,  # noqa: E402
+                         wait_for)
 from bench.raw_rtt import RequestReply  # noqa: E402
 from bench.stats import Progress, latency_summary, machine, stop_on_sigterm  # noqa: E402
 
 TARGETS = {"tasks_per_s": 20_000, "peer_factor": 5.0, "rtt_ratio": 1.25, "rtt_p99_ms": 5.0}
-BROKERS = ("embedded", "mosquitto")
 
 
 # -- one broker ------------------------------------------------------------------------------
@@ -65,31 +63,10 @@ class FabricUnderTest:
         self.kind = kind
         self.root = f"bench{uuid.uuid4().hex[:6]}"
         self.children = children
-        state = work / f"state-{kind}"
-        master_cmd = console_script("master-node", "master.cli") + ["--log-level", "WARNING"]
-        if kind == "embedded":
-            self.master = children.start(
-                "master-embedded", master_cmd + [
-                    "serve", "--config", str(REPO / "broker.conf"), "--port", str(free_port()),
-                    "--state", str(state), "--root", self.root], stdout_pipe=True)
-            line = self.master.read_line_with("master ready on", 60)
-            self.url = line.split("master ready on", 1)[1].strip()
-            self.broker_pids = child_pids(self.master.pid)
-        else:
-            executable = mosquitto_path()
-            if executable is None:
-                raise RuntimeError("mosquitto is not installed")
-            port = free_port()
-            broker = children.start("mosquitto", [executable, "-c",
-                                                  str(mosquitto_config(port, work))])
-            wait_listening(port)
-            self.url = f"mqtt://127.0.0.1:{port}"
-            self.broker_pids = [broker.pid]
-            self.master = children.start(
-                "master-mosquitto", master_cmd + ["serve", "--broker", self.url, "--state",
-                                                  str(state), "--root", self.root],
-                stdout_pipe=True)
-            self.master.read_line_with("master ready on", 60)
+        started = start_master(kind, children, root=self.root, state=work / f"state-{kind}",
+                               log_dir=work)
+        self.master, self.url, self.broker_pids = (started.master, started.url,
+                                                   started.broker_pids)
         node_cmd = console_script("compute-node", "node.cli") + ["--log-level", "WARNING"]
         self.nodes = [children.start(f"node-{kind}-{i}", node_cmd + [
             "--broker", self.url, "--root", self.root, "--id", f"bench-{i}"])
@@ -396,13 +373,9 @@ def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     report: dict[str, Any] = {"machine": machine(), "args": {
         "tasks": args.tasks, "rtt_count": args.rtt_count, "cli_count": args.cli_count,
         "nodes": args.nodes, "brokers": args.brokers}, "brokers": {}}
-    with tempfile.TemporaryDirectory(prefix="bench-fabric-") as tmp:
-        for kind in args.brokers:
-            try:
-                report["brokers"][kind] = measure_broker(kind, args, Path(tmp), progress)
-            except Exception as e:  # report the other broker's figures even so
-                progress.step(f"{kind}: failed: {e}")
-                report["brokers"][kind] = {"broker": kind, "error": str(e)}
+    report["brokers"] = each_broker(
+        args.brokers, lambda kind, work: measure_broker(kind, args, work, progress),
+        prefix="bench-fabric-", progress=progress)
     if args.peers:
         from bench.peers import run_peers
         report["peers"] = run_peers(tasks=args.peer_tasks, rtt_count=args.peer_rtt_count,

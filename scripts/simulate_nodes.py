@@ -22,7 +22,6 @@ import json
 import random
 import signal
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -33,9 +32,8 @@ for _path in (str(_SCRIPTS.parent), str(_SCRIPTS)):
     if _path not in sys.path:  # run as a script from a checkout
         sys.path.insert(0, _path)
 
-from bench.procs import (REPO, Children, child_pids, console_script, cpu_seconds,  # noqa: E402
-                         free_port, mosquitto_config, mosquitto_path, rss_bytes, wait_for,
-                         wait_listening)
+from bench.fabric_run import BROKERS, each_broker, start_master  # noqa: E402
+from bench.procs import Children, cpu_seconds, rss_bytes, wait_for  # noqa: E402
 from bench.stats import Progress, machine, stop_on_sigterm  # noqa: E402
 
 HALF_A_CORE = 0.5
@@ -143,29 +141,10 @@ def measure(kind: str, args: argparse.Namespace, work: Path, progress: Progress)
     log_dir.mkdir(exist_ok=True)
     out: dict[str, Any] = {"broker": kind, "nodes": args.nodes}
     with Children(log_dir) as children:
-        master_cmd = console_script("master-node", "master.cli") + ["--log-level", "WARNING"]
-        state = work / f"state-{kind}"
-        if kind == "embedded":
-            master = children.start("master", master_cmd + [
-                "serve", "--config", str(REPO / "broker.conf"), "--port", str(free_port()),
-                "--state", str(state), "--root", root], stdout_pipe=True)
-            line = master.read_line_with("master ready on", 60)
-            url = line.split("master ready on", 1)[1].strip()
-            broker_pids = child_pids(master.pid)
-        else:
-            executable = mosquitto_path()
-            if executable is None:
-                raise RuntimeError("mosquitto is not installed")
-            port = free_port()
-            broker = children.start("mosquitto", [executable, "-c",
-                                                  str(mosquitto_config(port, log_dir))])
-            wait_listening(port)
-            url = f"mqtt://127.0.0.1:{port}"
-            broker_pids = [broker.pid]
-            master = children.start("master", master_cmd + ["serve", "--broker", url, "--state",
-                                                            str(state), "--root", root],
-                                    stdout_pipe=True)
-            master.read_line_with("master ready on", 60)
+        started_master = start_master(kind, children, root=root, state=work / f"state-{kind}",
+                                      log_dir=log_dir)
+        master, url, broker_pids = (started_master.master, started_master.url,
+                                    started_master.broker_pids)
         progress.step(f"{kind}: connecting {args.nodes} simulated nodes")
         started = time.monotonic()
         swarm = children.start("swarm", [sys.executable, str(Path(__file__).resolve()), "swarm",
@@ -275,13 +254,9 @@ def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     report: dict[str, Any] = {"machine": machine(), "args": {
         "nodes": args.nodes, "idle": args.idle, "tasks": args.tasks,
         "heartbeat": args.heartbeat, "brokers": args.brokers}, "brokers": {}}
-    with tempfile.TemporaryDirectory(prefix="simulate-nodes-") as tmp:
-        for kind in args.brokers:
-            try:
-                report["brokers"][kind] = measure(kind, args, Path(tmp), progress)
-            except Exception as e:  # report the other broker's figures even so
-                progress.step(f"{kind}: failed: {e}")
-                report["brokers"][kind] = {"broker": kind, "error": str(e)}
+    report["brokers"] = each_broker(
+        args.brokers, lambda kind, work: measure(kind, args, work, progress),
+        prefix="simulate-nodes-", progress=progress)
     report["load_average_end"] = machine()["load_average"]
     return report
 
@@ -306,7 +281,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.mode != "swarm":
         args.brokers = [b.strip() for b in args.brokers.split(",") if b.strip()]
-        if set(args.brokers) - {"embedded", "mosquitto"}:
+        if set(args.brokers) - set(BROKERS):
             p.error("--brokers takes embedded and/or mosquitto")
     if args.nodes < 1 or args.heartbeat <= 0:
         p.error("--nodes and --heartbeat must be positive")
