@@ -17,9 +17,9 @@ from typing import Any, Callable, Iterable
 
 from core.errors import DecodeError, FabricError, FabricTimeout, QueueFull
 from core.mqtt import MqttSession, TlsSettings
-from core.protocol import (DEFAULT_PRIORITY, MasterStatus, OutcomeBatch, Query, QueryReply,
-                           Submission, SubmitReply, TaskOutcome, TaskSpec, decode_message,
-                           make_task, new_task_id)
+from core.protocol import (DEFAULT_PRIORITY, MasterStatus, Message, OutcomeBatch, Query,
+                           QueryReply, Submission, SubmitReply, TaskOutcome, TaskSpec,
+                           decode_message, make_task, new_task_id)
 from core.topics import DEFAULT_ROOT, Topics
 from core.url import BrokerUrl, parse_broker_url
 from master.handles import TaskHandle
@@ -151,53 +151,47 @@ class FabricClient:
             backoff = min(backoff * 2, 1.0)
 
     def _submit_once(self, specs: list[TaskSpec], deadline: float) -> SubmitReply:
-        request_id = new_task_id()  # unique like a task id, without a system call
-        message = Submission(client_id=self.client_id, request_id=request_id, tasks=tuple(specs))
-        event = threading.Event()
-        slot: list = []
-        with self._lock:
-            self._replies[request_id] = (event, slot)
-        payload = message.encode()
-        try:
-            while True:
-                self._session.publish(self.topics.submit(self.client_id), payload)
-                wait = min(self.resend_after, max(0.0, deadline - time.monotonic()))
-                if event.wait(wait):
-                    return slot[0]
-                if time.monotonic() >= deadline:
-                    raise FabricTimeout(f"the master did not acknowledge {len(specs)} tasks in time"
-                                        " (is master-node serve running on this broker and root?)")
-        finally:
-            with self._lock:
-                self._replies.pop(request_id, None)
+        return self._request(
+            self.topics.submit(self.client_id),
+            lambda request_id: Submission(client_id=self.client_id, request_id=request_id,
+                                          tasks=tuple(specs)),
+            deadline, f"the master did not acknowledge {len(specs)} tasks in time")
 
     # -- asking ----------------------------------------------------------------------------------
 
     def query(self, what: str, params: dict | None = None, *, timeout: float = 10.0) -> Any:
         """Ask the master (`nodes`, `status`, `outcomes`, ...); raises on error or silence."""
+        reply: QueryReply = self._request(
+            self.topics.query(self.client_id),
+            lambda request_id: Query(client_id=self.client_id, request_id=request_id, what=what,
+                                     params=params or {}),
+            time.monotonic() + timeout,
+            f"no answer from the master to {what!r} within {timeout:g}s")
+        if not reply.ok:
+            raise FabricError(reply.error)
+        return reply.data
+
+    def _request(self, topic: str, make: Callable[[str], Message], deadline: float,
+                 silence: str) -> Any:
+        """Publish a request, again after each `resend_after` of silence, and return the
+        master's reply to it; FabricTimeout saying `silence` once `deadline` passes."""
         request_id = new_task_id()  # unique like a task id, without a system call
         event = threading.Event()
         slot: list = []
         with self._lock:
             self._replies[request_id] = (event, slot)
-        payload = Query(client_id=self.client_id, request_id=request_id, what=what,
-                        params=params or {}).encode()
-        deadline = time.monotonic() + timeout
+        payload = make(request_id).encode()
         try:
             while True:
-                self._session.publish(self.topics.query(self.client_id), payload)
+                self._session.publish(topic, payload)
                 if event.wait(min(self.resend_after, max(0.0, deadline - time.monotonic()))):
-                    break
+                    return slot[0]
                 if time.monotonic() >= deadline:
-                    raise FabricTimeout(f"no answer from the master to {what!r} within {timeout:g}s"
-                                        " (is master-node serve running on this broker and root?)")
+                    raise FabricTimeout(f"{silence} (is master-node serve running on this "
+                                        "broker and root?)")
         finally:
             with self._lock:
                 self._replies.pop(request_id, None)
-        reply: QueryReply = slot[0]
-        if not reply.ok:
-            raise FabricError(reply.error)
-        return reply.data
 
     def nodes(self, *, timeout: float = 10.0) -> list[dict]:
         return self.query("nodes", timeout=timeout)
