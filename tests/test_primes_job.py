@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import msgpack
 import pytest
 import sympy
 from hypothesis import given, settings
@@ -24,7 +25,7 @@ from hypothesis import strategies as st
 from master.primes_job import (BadLine, Checkpoint, ShardPlan, iter_shards, job_id_for,
                                parse_line, plan_shards, read_numbers, task_id, window_for,
                                write_primes)
-from master.primes_job.numbers import MAX_LINE_BYTES, wire_number
+from master.primes_job.numbers import MAX_LINE_BYTES, wire_number, wire_numbers
 from master.primes_job.plan import DEFAULT_SHARD_SIZE, number_cost
 from core.url import parse_broker_url
 from esp32_support import boards, micropython, umqtt_file  # noqa: F401 (fixtures)
@@ -154,9 +155,11 @@ def test_shards_are_cut_by_count_and_bytes_the_same_way_every_time(chunks, size,
         assert exact <= shard.cost and (exact <= max_bytes or len(shard.numbers) == 1)
 
 
-def test_wire_numbers_are_ints_below_2_63_else_strings() -> None:
-    assert wire_number(2**63 - 1) == 2**63 - 1 and wire_number(-(2**63) + 1) == -(2**63) + 1
-    assert wire_number(2**63) == str(2**63) and wire_number(-(2**63)) == str(-(2**63))
+def test_wire_numbers_are_ints_in_msgpack_range_else_strings() -> None:
+    assert wire_number(2**64 - 1) == 2**64 - 1 and wire_number(-(2**63)) == -(2**63)
+    assert wire_number(2**64) == str(2**64) and wire_number(-(2**63) - 1) == str(-(2**63) - 1)
+    big = [2**64 - 1, 2**63, -(2**63), 7]
+    assert msgpack.unpackb(msgpack.packb(wire_numbers(big))) == big  # they travel as they are
 
 
 def test_plan_fits_the_smallest_payload_and_is_capped_for_cpython() -> None:

@@ -24,7 +24,7 @@ __all__ = ["BadLine", "parse_line", "read_numbers", "wire_number", "wire_numbers
 MAX_DIGITS = 4300
 MAX_LINE_BYTES = MAX_DIGITS + 64
 BLOCK_BYTES = 1 << 20
-_INT63 = 1 << 63
+_WIRE_LOW, _WIRE_HIGH = -(1 << 63), 1 << 64  # msgpack's integers: int64 and uint64
 _NUMBER = re.compile(rb"[+-]?[0-9]+")
 _BLANK = b" \t\r\n\x0b\x0c"
 
@@ -130,12 +130,14 @@ def read_numbers(paths: Iterable[Path], *, on_bytes: Callable[[int], None] | Non
 
 
 def wire_number(n: int) -> int | str:
-    """How a number travels in a task: an int when |n| < 2**63, else a decimal string
-    (every peer's msgpack and JSON carry those ints; bigger ones would not survive all)."""
-    return n if -_INT63 < n < _INT63 else str(n)
+    """How a number travels in a task: an int when -2**63 <= n < 2**64, else a decimal
+    string (msgpack carries exactly those ints, and so does every peer's JSON, MicroPython's
+    included; bigger ones would not survive all). Every 64-bit number goes as an int: turning
+    half of them into text and back cost the job's client and nodes more than the test."""
+    return n if _WIRE_LOW <= n < _WIRE_HIGH else str(n)
 
 
 def wire_numbers(numbers: list[int]) -> list[int | str]:
     """`wire_number` of each, as one list comprehension (the hot path of a big job)."""
-    lo, hi = -_INT63, _INT63
-    return [n if lo < n < hi else str(n) for n in numbers]
+    lo, hi = _WIRE_LOW, _WIRE_HIGH
+    return [n if lo <= n < hi else str(n) for n in numbers]
