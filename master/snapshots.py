@@ -15,9 +15,7 @@ from __future__ import annotations
 import heapq
 import json
 import logging
-import os
 import re
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ from typing import Any, Callable, Iterable
 
 from core.errors import ConfigError, FabricError
 from core.protocol import NodeReport
+from master.atomic_file import atomic_text_file
 from master.scheduler import QUEUED
 
 __all__ = ["Snapshotter", "coordinator_state", "snapshot_filename", "next_snapshot_number",
@@ -98,21 +97,10 @@ def coordinator_state(scheduler: Any, *, master_id: str, limit: int = 1000) -> d
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    """Write beside the target, flush to disk, rename: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Readers see the old snapshot or the new one, never half of one."""
+    with atomic_text_file(path) as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
 
 
 # -- the snapshotter -------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ __all__ = [
     "PipelineConfig",
     "load_pipelines",
     "parse_pipelines",
+    "read_pipeline_toml",
     "DEFAULT_TIMEOUT",
     "DEFAULT_RETRIES",
     "INPUTS_KWARG",
@@ -139,16 +140,21 @@ def load_pipelines(
     With `known_tasks`, every job's task (and metadata task) must be one of them.
     """
     source = os.fspath(path)
+    data = read_pipeline_toml(source)
+    if "pipelines" not in data:
+        raise PipelineConfigError(f"{source}: no [pipelines] table", field="pipelines")
+    return parse_pipelines(data["pipelines"], known_tasks=known_tasks, source=source)
+
+
+def read_pipeline_toml(source: str) -> dict[str, Any]:
+    """The TOML document at `source`; `PipelineConfigError` if it cannot be read or parsed."""
     try:
         with open(source, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except OSError as e:
         raise PipelineConfigError(f"{source}: cannot read pipeline file: {e}") from e
     except tomllib.TOMLDecodeError as e:
         raise PipelineConfigError(f"{source}: not valid TOML: {e}") from e
-    if "pipelines" not in data:
-        raise PipelineConfigError(f"{source}: no [pipelines] table", field="pipelines")
-    return parse_pipelines(data["pipelines"], known_tasks=known_tasks, source=source)
 
 
 def parse_pipelines(

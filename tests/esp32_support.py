@@ -43,6 +43,7 @@ from core.protocol import (Control, NodeReport, NodeStatus, ResultBatch, TaskBat
                            TaskSpec, decode_message)
 from core.url import BrokerUrl, parse_broker_url
 from support.brokers import BrokerHandle, broker_params, start_broker
+from support.fabric import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 ESP32_DIR = REPO / "esp32"
@@ -59,15 +60,8 @@ T = TypeVar("T")
 # -- waiting -------------------------------------------------------------------------------------
 
 def wait_for(predicate: Callable[[], T], timeout: float, what: str, step: float = 0.02) -> T:
-    """Poll `predicate` until it returns something truthy; AssertionError after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(step)
+    """`support.fabric.wait_until` with the argument order these tests use."""
+    return wait_until(predicate, timeout, interval=step, message=what)
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> int:

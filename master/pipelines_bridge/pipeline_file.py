@@ -25,11 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import PipelineConfig, PipelineConfigError, parse_pipelines
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+from pipelines.config import read_pipeline_toml
 
 __all__ = ["BUILTIN_TASKS", "PipelineFile", "load_pipeline_file"]
 
@@ -58,13 +54,7 @@ class PipelineFile:
 def load_pipeline_file(path: str | os.PathLike[str]) -> PipelineFile:
     """Read and validate `path`; `PipelineConfigError` (naming pipeline, job, field) if wrong."""
     source = os.fspath(path)
-    try:
-        with open(source, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        raise PipelineConfigError(f"{source}: cannot read pipeline file: {e}") from e
-    except tomllib.TOMLDecodeError as e:
-        raise PipelineConfigError(f"{source}: not valid TOML: {e}") from e
+    data = read_pipeline_toml(source)
     declared = _declared_tasks(data.get(_TASKS_KEY, []), source)
     if "pipelines" not in data:
         raise PipelineConfigError(f"{source}: no [pipelines] table: define at least one "
