@@ -22,29 +22,29 @@ ours() {  # pid pattern -> true if that pid is one of our processes
     [[ "${cmdline}" == *"$2"* ]]
 }
 
-started_at() {  # pid -> its start time in clock ticks since boot (tells a reused pid apart)
+process_state() {  # pid -> "STATE START-TIME" from /proc (the start time tells a reused pid apart)
     local stat fields
     stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
     read -r -a fields <<<"${stat##*) }"
-    echo "${fields[19]}"
+    echo "${fields[0]} ${fields[19]}"
 }
 
 running_since() {  # pid start-time -> true while that very process runs (a zombie has ended)
-    local stat fields
-    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-    read -r -a fields <<<"${stat##*) }"
-    [[ "${fields[0]}" != [ZX] && "${fields[19]}" == "$2" ]]
+    local state
+    state=$(process_state "$1") || return 1
+    [[ "${state}" != [ZX]* && "${state#* }" == "$2" ]]
 }
 
 stop() {  # pid-file pattern
     local file=$1 pattern=$2 name pid since
     name=$(basename "${file}" .pid)
     pid=$(cat "${file}" 2>/dev/null || true)
-    if ! [[ "${pid}" =~ ^[0-9]+$ ]] || ! since=$(started_at "${pid}") \
-            || ! running_since "${pid}" "${since}"; then
+    if ! [[ "${pid}" =~ ^[0-9]+$ ]] || ! since=$(process_state "${pid}") \
+            || ! running_since "${pid}" "${since#* }"; then
         rm -f "${file}"
         return 0
     fi
+    since=${since#* }
     if ! ours "${pid}" "${pattern}"; then
         echo "stop_system.sh: ${file}: pid ${pid} is not ${name} any more; not touching it" >&2
         rm -f "${file}"
