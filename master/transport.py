@@ -2,8 +2,17 @@
 
 One processing thread owns the scheduler and the journal. Messages from the broker and
 calls from the API land in an inbox; the loop takes everything waiting (so work arrives in
-batches under load and at once when idle), applies it, commits the journal once, and only
-then publishes: task batches to nodes, acknowledgements and outcomes to clients.
+batches under load and at once when idle), applies it, and journals it in one commit.
+
+What the master tells anyone outside its process (acknowledgements, outcomes and answers to
+clients, statuses) is published only after the commit that records it. Task batches to nodes
+go out before it: a task whose row is lost in a crash was never acknowledged, so its
+submitter sends it again, and a result for a task the master does not know is dropped. The
+journal writes themselves wait in a backlog until a turn has something else to publish, or
+for at most `_JOURNAL_DELAY`: a lone task's round trip then carries no sqlite work, and an
+outcome handed to a caller in this process needs no commit first, since a crash ends that
+caller too. A replicated master (publish_gate set) commits every turn and publishes only
+after its standbys have the turn's changes.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -36,6 +46,7 @@ log = logging.getLogger(__name__)
 
 _MAX_INBOX_BATCH = 5000
 _INLINE_TURN_TASKS = 64  # below this many active tasks a message is handled where it arrives
+_JOURNAL_DELAY = 0.05    # seconds journal writes may wait for a turn that commits anyway
 
 
 class MasterNodeTransport:
@@ -84,6 +95,8 @@ class MasterNodeTransport:
         self._requeued: list[TaskRecord] = []
         self._outgoing: list[tuple[str, bytes, bool]] = []
         self._client_outcomes: dict[str, list[dict[str, Any]]] = {}  # wire-form outcomes
+        self._backlog: list[Callable[[], Any]] = []  # journal writes not made yet, in order
+        self._backlog_since = 0.0
         # Replicated masters (master.replica) plug in here; None for a master of its own.
         # dispatch_gate: may tasks be dispatched this turn? publish_gate: called after the
         # turn's commit, before anything of it is published; False holds it all back.
@@ -124,7 +137,7 @@ class MasterNodeTransport:
         if self._thread is not None:
             self._thread.join(timeout)
         with self._lock:
-            self.journal.commit()
+            self._commit()
             try:
                 if not quiet:
                     self._session.publish_and_wait(self.topics.master_status,
@@ -248,7 +261,7 @@ class MasterNodeTransport:
         instead of being dispatched again. How many were adopted."""
         with self._lock:
             records = self.scheduler.adopt(node_id, task_ids)
-            self.journal.dispatched(records)
+            self._journal_later(partial(self.journal.dispatched, records))
         self._wake()
         return len(records)
 
@@ -278,7 +291,7 @@ class MasterNodeTransport:
                 self._handles[spec.id] = handle
                 if record is not None:
                     records.append(record)
-            self.journal.submitted(records)  # committed by the turn, before any dispatch
+            self._journal_later(partial(self.journal.submitted, records))
         self._wake()
         return handles
 
@@ -349,13 +362,23 @@ class MasterNodeTransport:
                 self._note_failed(self.scheduler.unknown_failed)
                 self.scheduler.unknown_failed = []
             self._journal_turn(assignments)
-            self._flush(assignments)
+            work = self._task_batches(assignments)
+            self._settle_finished()
             if now >= self._next_status:
                 self._outgoing.append((self.topics.master_status,
                                        self._master_status("running").encode(), True))
                 self._next_status = now + self.status_interval
-            if self.publish_gate is None or self.publish_gate():
-                self._publish_outgoing()
+            if self.publish_gate is None:  # on its own: work first, the rest after the commit
+                self._send(work)
+                if self._outgoing or (self._backlog
+                                      and now - self._backlog_since >= _JOURNAL_DELAY):
+                    self._commit()
+                    self._send(self._outgoing)
+            else:
+                self._commit()
+                self._outgoing[:0] = work
+                if self.publish_gate():
+                    self._send(self._outgoing)
         except Exception:  # the loop must survive any bug in one message's handling
             log.exception("master loop turn failed")
         finally:
@@ -430,6 +453,7 @@ class MasterNodeTransport:
 
     def _on_submit(self, topic: str, payload: bytes) -> None:
         message = decode_message(payload)
+        self._write_backlog()  # the journal is read below: it must hold every earlier write
         client_id = self.topics.level(topic, 1)
         if not isinstance(message, Submission) or message.client_id != client_id:
             raise DecodeError(f"submission on {topic} is not from client {client_id!r}")
@@ -517,7 +541,7 @@ class MasterNodeTransport:
             else:
                 missing.append(task_id)
         if missing:
-            self.journal.commit()
+            self._commit()
             found = self.journal.outcomes(missing)
             for task_id in missing:
                 out[task_id] = found.get(task_id) or TaskOutcome(id=task_id, state="unknown")
@@ -555,23 +579,38 @@ class MasterNodeTransport:
     def _note_failed(self, records: list[TaskRecord]) -> None:
         self._finished.extend((r, None) for r in records)
 
-    # -- internals: after the commit -------------------------------------------------------------
+    # -- internals: journal and publication ------------------------------------------------------
+
+    def _journal_later(self, write: Callable[[], Any]) -> None:
+        """Queue a journal write; the backlog is written in order by `_write_backlog`."""
+        if not self._backlog:
+            self._backlog_since = self._clock()
+        self._backlog.append(write)
+
+    def _write_backlog(self) -> None:
+        for write in self._backlog:
+            write()
+        self._backlog.clear()
+
+    def _commit(self) -> None:
+        self._write_backlog()
+        self.journal.commit()
 
     def _journal_turn(self, assignments: dict[str, list[TaskRecord]]) -> None:
         journal = self.journal
         if self._requeued:
-            journal.requeued(self._requeued)
+            self._journal_later(partial(journal.requeued, self._requeued[:]))
             self._requeued.clear()
         if assignments:
-            journal.dispatched([r for records in assignments.values() for r in records])
+            self._journal_later(partial(
+                journal.dispatched, [r for records in assignments.values() for r in records]))
         if self._finished:
-            journal.finished(self._finished)
-        journal.commit()
+            self._journal_later(partial(journal.finished, self._finished[:], time.time()))
 
-    def _flush(self, assignments: dict[str, list[TaskRecord]]) -> None:
-        """Publish task batches and tell submitters; called only after the commit.
-
-        Task batches go out first: a node's work should not wait behind acknowledgements."""
+    def _task_batches(self, assignments: dict[str, list[TaskRecord]]
+                      ) -> list[tuple[str, bytes, bool]]:
+        """The turn's assignments as (topic, payload, retain) task batches, within each node's
+        payload limit (the broker would hang up on the master over a bigger packet)."""
         work = []
         for node_id, records in assignments.items():
             node = self.scheduler.nodes[node_id]
@@ -581,10 +620,13 @@ class MasterNodeTransport:
                 return TaskBatch(tasks=tuple(r.spec for r in batch), epoch=self.epoch,
                                  master=self.master_id).encode(node_codec)
             for batch in self._batches(records, node.max_payload):
-                # under the broker's packet limit, or the broker would hang up on the master
                 for _part, payload in codec.encode_within(batch, encode):
                     work.append((topic, payload, False))
-        self._outgoing[:0] = work
+        return work
+
+    def _settle_finished(self) -> None:
+        """Hand finished tasks' outcomes to their handles in this process now, and queue them
+        for their clients (published after the commit)."""
         if self._finished:
             handles = self._handles
             by_client = self._client_outcomes
@@ -624,14 +666,15 @@ class MasterNodeTransport:
         if batch:
             yield batch
 
-    def _publish_outgoing(self) -> None:
+    def _send(self, messages: list[tuple[str, bytes, bool]]) -> None:
+        """Publish (topic, payload, retain) messages in order, then empty the list."""
         publish = self._session.publish
-        for topic, payload, retain in self._outgoing:
+        for topic, payload, retain in messages:
             try:
                 publish(topic, payload, qos=1, retain=retain)
             except FabricError:
                 log.exception("publish to %s failed", topic)
-        self._outgoing.clear()
+        messages.clear()
 
     def _master_status(self, status: str) -> MasterStatus:
         s = self.scheduler

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections import Counter
+from pathlib import Path
 
 import msgpack
 
@@ -82,6 +83,34 @@ def test_a_lone_task_travels_alone_and_is_not_held_back(fabric: Fabric, observer
     lone = [m for m in _messages(observer, f"{fabric.root}/nodes/quiet/tasks")
             if m["type"] == "tasks" and any(t["id"] == handle.id for t in m["tasks"])]
     assert len(lone) == 1 and len(lone[0]["tasks"]) == 1
+
+
+def test_outcomes_given_in_process_reach_the_journal_soon_after(fabric: Fabric,
+                                                                  tmp_path: Path) -> None:
+    """A master embedded in a program hands it outcomes before their journal commit (a crash
+    would end that program too); the journal still has every one of them shortly after."""
+    from master.transport import MasterNodeTransport
+    fabric.node("near")
+    master = MasterNodeTransport(broker_url=fabric.broker_url, root=fabric.root,
+                                 state_dir=tmp_path / "embedded")
+    master.start()
+    try:
+        wait_until(lambda: master.get_nodes_by_status("ready"), 30, message="node ready")
+        handles = [master.submit("echo", [i]) for i in range(20)]
+        assert [h.result(timeout=30) for h in handles] == list(range(20))
+        ids = {h.id for h in handles}
+
+        def journalled() -> dict[str, int]:
+            db = sqlite3.connect(tmp_path / "embedded" / "master.sqlite3")
+            try:
+                return {i: s for i, s in db.execute("SELECT id, state FROM tasks") if i in ids}
+            finally:
+                db.close()
+        # committed by the master on its own (no stop, no other message) within its delay
+        wait_until(lambda: set(journalled().values()) == {2} and len(journalled()) == 20, 5,
+                   message="20 completed rows in the journal")
+    finally:
+        master.stop()
 
 
 def test_slow_tasks_after_tiny_ones_are_handed_back_not_hoarded(fabric: Fabric) -> None:
