@@ -72,6 +72,29 @@ def test_bench_fabric_short_run_reports_every_figure() -> None:
     assert "no-op tasks/s" in table and "fabric p50 / raw p50" in table and "Targets:" in table
 
 
+def test_prime_job_verdicts_hold_the_job_to_both_routines_and_to_a_right_count() -> None:
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from bench_fabric import verdicts
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+
+    def judged(vs_pure: float, vs_gmpy2: float, correct: bool) -> dict[str, bool]:
+        job = {"reference": "is_prime (gmpy2)", "jobs": [
+            {"nodes": 1, "vs_pure_routine": 9.0, "vs_routine": 9.0, "correct": True},
+            {"nodes": 2, "vs_pure_routine": vs_pure, "vs_routine": vs_gmpy2,
+             "correct": correct}]}
+        out = verdicts({"brokers": {}, "prime_job": job})
+        return {name: v["met"] for name, v in out.items()}
+
+    assert judged(2.3, 0.5, True) == {"prime_job_2_nodes_vs_pure_routine": True,
+                                      "prime_job_2_nodes_vs_gmpy2_routine": False}
+    assert judged(1.6, 1.8, True) == {"prime_job_2_nodes_vs_pure_routine": False,
+                                      "prime_job_2_nodes_vs_gmpy2_routine": True}
+    assert judged(2.3, 1.8, False) == {"prime_job_2_nodes_vs_pure_routine": False,
+                                       "prime_job_2_nodes_vs_gmpy2_routine": False}
+
+
 def test_simulate_nodes_short_run_counts_every_node() -> None:
     report, progress = run_script(["scripts/simulate_nodes.py", "--nodes", "50", "--idle", "1",
                                    "--tasks", "500", "--brokers", BROKERS, "--json"])
