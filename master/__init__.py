@@ -2,10 +2,31 @@
 
 `MasterNodeTransport` runs in the master process; `FabricClient` is how any other program
 (and the CLI) submits work and asks questions, through the broker.
+
+The names below are imported when first used, so a short-lived client (`master-node submit`)
+does not pay for loading the scheduler and the journal it never runs.
 """
 
-from master.client import FabricClient
-from master.handles import TaskHandle
-from master.transport import MasterNodeTransport
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 __all__ = ["MasterNodeTransport", "FabricClient", "TaskHandle"]
+
+_HOMES = {"MasterNodeTransport": "master.transport", "FabricClient": "master.client",
+          "TaskHandle": "master.handles"}
+
+if TYPE_CHECKING:
+    from master.client import FabricClient
+    from master.handles import TaskHandle
+    from master.transport import MasterNodeTransport
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'master' has no attribute {name!r}")
+    value = getattr(import_module(home), name)
+    globals()[name] = value
+    return value

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import threading
 from typing import Any
@@ -70,6 +69,7 @@ class TaskHandle:
 
     async def wait(self) -> Any:
         """The task's value, for asyncio code (`await handle.wait()` or `await handle`)."""
+        import asyncio  # here: a client that never awaits does not load asyncio at start-up
         outcome = await asyncio.wrap_future(self.future)
         if outcome.state != "completed":
             raise TaskFailed(self.id, outcome.error or {"kind": outcome.state, "message": ""})
