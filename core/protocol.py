@@ -40,6 +40,9 @@ __all__ = [
     "decode_message",
     "make_task",
     "new_task_id",
+    "new_token",
+    "result_for",
+    "MAX_ATTEMPTS",
     "NODE_STATES",
 ]
 
@@ -47,6 +50,7 @@ SCHEMA_VERSION = 1
 MIN_PRIORITY = 1
 MAX_PRIORITY = 10
 DEFAULT_PRIORITY = 5
+MAX_ATTEMPTS = 1000  # a per-task budget past this is a mistake, not a policy
 NODE_STATES = ("connected", "ready", "busy", "offline", "dead")
 
 M = TypeVar("M", bound="Message")
@@ -165,6 +169,9 @@ class TaskSpec:
     args: list = field(default_factory=list)
     kwargs: dict = field(default_factory=dict)
     priority: int = DEFAULT_PRIORITY
+    attempt: int = 0        # which dispatch of this task this is (0: not dispatched)
+    token: str = ""         # unguessable, one per dispatch: a result must echo it
+    max_attempts: int = 0   # real runs allowed before it ends failed (0: the master's default)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"id": self.id, "name": self.name, "priority": self.priority}
@@ -172,6 +179,24 @@ class TaskSpec:
             d["args"] = list(self.args)
         if self.kwargs:
             d["kwargs"] = self.kwargs
+        if self.attempt:
+            d["attempt"] = self.attempt
+            d["token"] = self.token
+        if self.max_attempts:
+            d["max_attempts"] = self.max_attempts
+        return d
+
+    def same_work(self, other: "TaskSpec") -> bool:
+        """True if `other` asks for the same computation (name and call; not its priority,
+        attempt or budget): what a task id is bound to."""
+        return self.name == other.name and self.args == other.args \
+            and self.kwargs == other.kwargs
+
+    def dispatched(self, attempt: int, token: str) -> dict[str, Any]:
+        """This task's wire form for one dispatch."""
+        d = self.to_dict()
+        d["attempt"] = attempt
+        d["token"] = token
         return d
 
     @classmethod
@@ -184,12 +209,19 @@ class TaskSpec:
             priority = d.get("priority", DEFAULT_PRIORITY)
             args = d.get("args", _ABSENT)
             kwargs = d.get("kwargs", _ABSENT)
+            attempt = d.get("attempt", 0)
+            token = d.get("token", "")
+            budget = d.get("max_attempts", 0)
             if type(task_id) is str and 0 < len(task_id) <= 128 and type(name) is str \
                     and type(priority) is int and MIN_PRIORITY <= priority <= MAX_PRIORITY \
                     and (type(args) is list or args is _ABSENT) \
-                    and (type(kwargs) is dict or kwargs is _ABSENT):
+                    and (type(kwargs) is dict or kwargs is _ABSENT) \
+                    and type(attempt) is int and 0 <= attempt <= _COUNTER_MAX \
+                    and type(token) is str and len(token) <= 64 \
+                    and type(budget) is int and 0 <= budget <= MAX_ATTEMPTS:
                 return _new_spec(task_id, name, [] if args is _ABSENT else args,
-                                 {} if kwargs is _ABSENT else kwargs, priority)
+                                 {} if kwargs is _ABSENT else kwargs, priority, attempt, token,
+                                 budget)
         return cls._checked(d)
 
     @classmethod
@@ -199,46 +231,70 @@ class TaskSpec:
         task_id = _get(d, "id", str, "task")
         if not task_id or len(task_id) > 128:
             raise DecodeError("task: 'id' must be 1-128 characters")
+        token = _get(d, "token", str, "task", "")
+        if len(token) > 64:
+            raise DecodeError("task: 'token' must be at most 64 characters")
         return cls(
             id=task_id,
             name=_get(d, "name", str, "task"),
             args=_get(d, "args", list, "task", []),
             kwargs=_get(d, "kwargs", dict, "task", {}),
             priority=_int(d, "priority", "task", DEFAULT_PRIORITY, MIN_PRIORITY, MAX_PRIORITY),
+            attempt=_int(d, "attempt", "task", 0, 0, _COUNTER_MAX),
+            token=token,
+            max_attempts=_int(d, "max_attempts", "task", 0, 0, MAX_ATTEMPTS),
         )
 
 
-def _fresh_id_source() -> None:
-    """A random prefix and counter start per process (again in a forked child)."""
-    global _id_prefix, _id_counter
-    _id_prefix = os.urandom(5).hex()
-    _id_counter = itertools.count(int.from_bytes(os.urandom(6), "big"))
+class _RandomHex:
+    """Hex digits from the system's random source, read 4 KiB at a time (one system call per
+    few hundred ids or tokens instead of one each); refilled anew in a forked child."""
+
+    def __init__(self) -> None:
+        self._pool = ""
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._drop)
+
+    def _drop(self) -> None:
+        self._pool = ""
+
+    def take(self, digits: int) -> str:
+        pool = self._pool
+        if len(pool) < digits:
+            pool = os.urandom(4096).hex()
+        self._pool = pool[digits:]
+        return pool[:digits]
 
 
-_id_prefix = ""
-_id_counter = itertools.count()
-_fresh_id_source()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_fresh_id_source)
+_random_hex = _RandomHex()
 
 
 def new_task_id() -> str:
-    """A fresh task id: 32 hex digits, milliseconds first, then a per-process random prefix and
-    a counter.
+    """A fresh task id: 32 hex digits, milliseconds first, then 84 random bits.
 
     Ids that grow with time land next to each other in the journal's index, so a batch of
     inserts touches a few pages instead of one random page per task (a tenfold cheaper
-    commit), and making one costs no system call. 40 random bits per process plus a counter
-    from a random 48-bit start keep them unique across clients.
+    commit). The random part makes an id unguessable from its neighbours.
     """
-    return f"{time.time_ns() // 1_000_000:011x}{_id_prefix}{next(_id_counter) & 0xFFFFFFFFFFF:011x}"
+    return f"{time.time_ns() // 1_000_000:011x}{_random_hex.take(21)}"
+
+
+def new_token() -> str:
+    """An unguessable dispatch token (64 random bits)."""
+    return _random_hex.take(16)
 
 
 def make_task(name: str, args: Any = (), kwargs: dict | None = None, *,
-              priority: int = DEFAULT_PRIORITY, task_id: str | None = None) -> TaskSpec:
+              priority: int = DEFAULT_PRIORITY, task_id: str | None = None,
+              max_attempts: int = 0) -> TaskSpec:
     """A new task with a fresh id, checked the way the master will check it."""
     if not isinstance(name, str) or not name:
         raise ConfigError("task name must be a non-empty string")
+    if task_id is not None and (not isinstance(task_id, str) or not 0 < len(task_id) <= 128):
+        raise ConfigError(f"task id must be a string of 1-128 characters, got {task_id!r}")
+    if type(max_attempts) is not int or not 0 <= max_attempts <= MAX_ATTEMPTS:
+        raise ConfigError(f"max_attempts must be an integer 1-{MAX_ATTEMPTS} (0: the master's "
+                          f"default), got {max_attempts!r}")
     if type(priority) is not int or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
         if isinstance(priority, bool) or not isinstance(priority, int) \
                 or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
@@ -250,7 +306,8 @@ def make_task(name: str, args: Any = (), kwargs: dict | None = None, *,
         kwargs = dict(kwargs)
     else:
         raise ConfigError("kwargs must be a dict")
-    return _new_spec(task_id or new_task_id(), name, list(args), kwargs, priority)
+    return _new_spec(task_id or new_task_id(), name, list(args), kwargs, priority, 0, "",
+                     max_attempts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,14 +319,24 @@ class TaskResult:
     value: Any = None
     error: dict | None = None
     ts: float = 0.0
+    attempt: int = 0   # the dispatch this answers, echoed with its token
+    token: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"id": self.id, "ok": self.ok, "ts": self.ts}
+        d: dict[str, Any] = {"id": self.id, "ok": self.ok, "ts": self.ts,
+                             "attempt": self.attempt, "token": self.token}
         if self.ok:
             d["value"] = self.value
         else:
             d["error"] = self.error or {"kind": "error", "message": ""}
         return d
+
+    def answering(self, task: TaskSpec) -> "TaskResult":
+        """This result as the answer to `task`'s dispatch (its attempt and token)."""
+        if task.attempt == self.attempt and task.token == self.token:
+            return self
+        return _new_result(self.id, self.ok, self.value, self.error, self.ts, task.attempt,
+                           task.token)
 
     @classmethod
     def from_dict(cls, d: Any) -> "TaskResult":
@@ -277,18 +344,23 @@ class TaskResult:
             task_id = d.get("id")
             ok = d.get("ok")
             ts = d.get("ts", 0.0)
-            if type(task_id) is str and (type(ts) is float or type(ts) is int):
+            attempt = d.get("attempt", 0)
+            token = d.get("token", "")
+            if type(task_id) is str and (type(ts) is float or type(ts) is int) \
+                    and type(attempt) is int and type(token) is str:
                 if ok is True:
-                    return _new_result(task_id, True, d.get("value"), None, ts)
+                    return _new_result(task_id, True, d.get("value"), None, ts, attempt, token)
                 error = d.get("error")
                 if ok is False and type(error) is dict:
-                    return _new_result(task_id, False, None, error, ts)
+                    return _new_result(task_id, False, None, error, ts, attempt, token)
         if not isinstance(d, dict):
             raise DecodeError("result must be a map")
         ok = _get(d, "ok", bool, "result")
         error = None if ok else _get(d, "error", dict, "result")
         return cls(id=_get(d, "id", str, "result"), ok=ok, value=d.get("value") if ok else None,
-                   error=error, ts=_num(d, "ts", "result", 0.0))
+                   error=error, ts=_num(d, "ts", "result", 0.0),
+                   attempt=_int(d, "attempt", "result", 0, 0, _COUNTER_MAX),
+                   token=_get(d, "token", str, "result", ""))
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,25 +407,34 @@ def _setters(cls: type, names: tuple[str, ...]) -> tuple:
     return tuple(cls.__dict__[n].__set__ for n in names)
 
 
-_SPEC_SET = _setters(TaskSpec, ("id", "name", "args", "kwargs", "priority"))
-_RESULT_SET = _setters(TaskResult, ("id", "ok", "value", "error", "ts"))
+_SPEC_SET = _setters(TaskSpec, ("id", "name", "args", "kwargs", "priority", "attempt", "token",
+                                 "max_attempts"))
+_RESULT_SET = _setters(TaskResult, ("id", "ok", "value", "error", "ts", "attempt", "token"))
 _OUTCOME_SET = _setters(TaskOutcome, ("id", "state", "value", "error", "node_id", "attempts"))
 
 
-def _new_spec(task_id: str, name: str, args: list, kwargs: dict, priority: int, *,
+def _new_spec(task_id: str, name: str, args: list, kwargs: dict, priority: int,
+              attempt: int = 0, token: str = "", max_attempts: int = 0, *,
               _new: Any = object.__new__, _s: tuple = _SPEC_SET) -> TaskSpec:
     spec = _new(TaskSpec)
     _s[0](spec, task_id), _s[1](spec, name), _s[2](spec, args), _s[3](spec, kwargs)
-    _s[4](spec, priority)
+    _s[4](spec, priority), _s[5](spec, attempt), _s[6](spec, token), _s[7](spec, max_attempts)
     return spec
 
 
-def _new_result(task_id: str, ok: bool, value: Any, error: dict | None, ts: float, *,
+def _new_result(task_id: str, ok: bool, value: Any, error: dict | None, ts: float,
+                attempt: int = 0, token: str = "", *,
                 _new: Any = object.__new__, _s: tuple = _RESULT_SET) -> TaskResult:
     result = _new(TaskResult)
     _s[0](result, task_id), _s[1](result, ok), _s[2](result, value), _s[3](result, error)
-    _s[4](result, ts)
+    _s[4](result, ts), _s[5](result, attempt), _s[6](result, token)
     return result
+
+
+def result_for(task: TaskSpec, ok: bool, value: Any = None, error: dict | None = None,
+               ts: float = 0.0) -> TaskResult:
+    """A node's result for one dispatch of `task` (its id, attempt and token)."""
+    return _new_result(task.id, ok, value, error, ts, task.attempt, task.token)
 
 
 def _new_outcome(task_id: str, state: str, value: Any, error: dict | None, node_id: str,
@@ -378,6 +459,13 @@ class TaskBatch(Message):
     def to_dict(self) -> dict[str, Any]:
         return {"tasks": [t.to_dict() for t in self.tasks], "epoch": self.epoch,
                 "master": self.master}
+
+    @staticmethod
+    def encode_wire(tasks: list[dict[str, Any]], *, epoch: int, master: str,
+                    codec: str = _codec.MSGPACK) -> bytes:
+        """Encode tasks already in their dispatched wire form (`TaskSpec.dispatched`)."""
+        return _codec.encode({"tasks": tasks, "epoch": epoch, "master": master,
+                              "type": TaskBatch.TYPE, "v": SCHEMA_VERSION}, codec)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TaskBatch":
@@ -481,7 +569,9 @@ class NodeStatus(Message):
     rejected: int = 0
     heartbeat: float = 1.0
     ts: float = 0.0
-    tasks: str = ""
+    tasks: str = ""     # task names it runs, comma-separated ("": not said, runs any)
+    lambdas: str = ""   # lambda names it runs, comma-separated ("": none)
+    seq: int = 0        # birth sequence: the will carries its birth's number
 
     def to_dict(self) -> dict[str, Any]:
         return {"node_id": self.node_id, "status": self.status, "kind": self.kind,
@@ -489,7 +579,8 @@ class NodeStatus(Message):
                 "workload": self.workload, "max_payload": self.max_payload,
                 "instance": self.instance, "tasks_done": self.tasks_done,
                 "tasks_failed": self.tasks_failed, "rejected": self.rejected,
-                "heartbeat": self.heartbeat, "ts": self.ts, "tasks": self.tasks}
+                "heartbeat": self.heartbeat, "ts": self.ts, "tasks": self.tasks,
+                "lambdas": self.lambdas, "seq": self.seq}
 
     def encode(self, codec: str = _codec.JSON) -> bytes:
         return _codec.encode(self.wire(), codec)
@@ -514,7 +605,8 @@ class NodeStatus(Message):
                    tasks_failed=_int(d, "tasks_failed", w, 0, 0, _COUNTER_MAX),
                    rejected=_int(d, "rejected", w, 0, 0, _COUNTER_MAX),
                    heartbeat=_heartbeat(d), ts=_num(d, "ts", w, 0.0),
-                   tasks=_get(d, "tasks", str, w, ""))
+                   tasks=_get(d, "tasks", str, w, ""), lambdas=_get(d, "lambdas", str, w, ""),
+                   seq=_int(d, "seq", w, 0, 0, _COUNTER_MAX))
 
 
 _COUNTER_MAX = 2**63 - 1       # what msgpack and sqlite carry; a larger counter is a forgery
@@ -664,13 +756,16 @@ class MasterStatus(Message):
     nodes_ready: int = 0
     nodes_total: int = 0
     ts: float = 0.0
+    waiting: int = 0       # queued tasks no live node can run now
+    waiting_for: str = ""  # why: the task (or lambda:NAME) names no live node offers
 
     def to_dict(self) -> dict[str, Any]:
         return {"master_id": self.master_id, "status": self.status, "epoch": self.epoch,
                 "queued": self.queued, "in_flight": self.in_flight,
                 "completed": self.completed, "failed": self.failed,
                 "duplicates": self.duplicates, "rejected": self.rejected,
-                "nodes_ready": self.nodes_ready, "nodes_total": self.nodes_total, "ts": self.ts}
+                "nodes_ready": self.nodes_ready, "nodes_total": self.nodes_total, "ts": self.ts,
+                "waiting": self.waiting, "waiting_for": self.waiting_for}
 
     def encode(self, codec: str = _codec.JSON) -> bytes:
         return _codec.encode(self.wire(), codec)
@@ -681,5 +776,5 @@ class MasterStatus(Message):
         return cls(master_id=_get(d, "master_id", str, w), status=_get(d, "status", str, w),
                    **{k: _int(d, k, w, 0, 0) for k in (
                        "epoch", "queued", "in_flight", "completed", "failed", "duplicates",
-                       "rejected", "nodes_ready", "nodes_total")},
-                   ts=_num(d, "ts", w, 0.0))
+                       "rejected", "nodes_ready", "nodes_total", "waiting")},
+                   ts=_num(d, "ts", w, 0.0), waiting_for=_get(d, "waiting_for", str, w, ""))
