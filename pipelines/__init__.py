@@ -1,8 +1,9 @@
 """Pipelines on the fabric: jobs with dependencies, schedules, state machines and events.
 
-Each job of a pipeline runs as one fabric task. This package knows nothing of MQTT: the master
+Each job of a pipeline runs as one fabric task. The package itself speaks no MQTT: the master
 hands it `run_task` (how to run a task on the fabric), forwards its events, and publishes the
-state payloads it computes. A typical wiring:
+state payloads it computes; a program on its own uses `FabricRunTask` (a fabric client), the
+default when no `run_task` is given. A typical wiring:
 
     events = EventSystem()
     store = VersionedStore("state.sqlite")
@@ -14,7 +15,8 @@ state payloads it computes. A typical wiring:
 """
 
 from pipelines.config import (DEFAULT_TIMEOUT, INPUTS_KWARG, METADATA_KWARG, JobConfig,
-                              PipelineConfig, load_pipelines, parse_pipelines)
+                              PipelineConfig, load_pipelines, parse_pipeline_data,
+                              parse_pipelines)
 from pipelines.errors import (IllegalTransition, JobFailed, PipelineBusy, PipelineConfigError,
                               PipelineError, ScheduleError, StoreError, TransactionConflict,
                               TransactionError, UnknownPipeline, UnknownRun)
@@ -22,14 +24,16 @@ from pipelines.events import (EVENT_NAMES, JOB_COMPLETED, JOB_FAILED, JOB_RETRYI
                               PIPELINE_COMPLETED, PIPELINE_FAILED, PIPELINE_PAUSED,
                               PIPELINE_RESUMED, PIPELINE_STARTED, EventSystem)
 from pipelines.executor import MANUAL, PipelineExecutor, RunTask
-from pipelines.manager import SCHEDULED_TRIGGER, Due, PipelineManager
-from pipelines.models import JobModel, PipelineModel
+from pipelines.fabric_runner import FabricRunTask
+from pipelines.manager import SCHEDULED_TRIGGER, Due, IntervalSchedule, PipelineManager
+from pipelines.models import JobModel, PipelineModel, Staged
 from pipelines.schedule import next_run
 from pipelines.state_topic import pipeline_state_payload
 from pipelines.states import (COMPLETED, FAILED, JOB_STATES, JOB_TRANSITIONS, PAUSED, PENDING,
                               PIPELINE_STATES, PIPELINE_TRANSITIONS, RUNNING, SCHEDULED,
                               StateMachine, job_state_machine, pipeline_state_machine)
-from pipelines.store import JobRun, RunRecord, Transaction, Version, VersionedStore
+from pipelines.store import (JobRun, RunRecord, Transaction, Version, VersionedStore,
+                             default_store)
 from pipelines.timestrings import parse_time_string
 
 __all__ = [
@@ -45,12 +49,14 @@ __all__ = [
     "JOB_STATES", "JOB_TRANSITIONS",
     # storage and models
     "VersionedStore", "Transaction", "Version", "RunRecord", "JobRun", "PipelineModel",
-    "JobModel",
+    "JobModel", "Staged", "default_store",
     # configuration
-    "PipelineConfig", "JobConfig", "load_pipelines", "parse_pipelines", "DEFAULT_TIMEOUT",
+    "PipelineConfig", "JobConfig", "load_pipelines", "parse_pipelines", "parse_pipeline_data",
+    "DEFAULT_TIMEOUT",
     "INPUTS_KWARG", "METADATA_KWARG",
     # running
     "PipelineExecutor", "RunTask", "MANUAL", "PipelineManager", "Due", "SCHEDULED_TRIGGER",
+    "IntervalSchedule", "FabricRunTask",
     "pipeline_state_payload",
     # errors
     "PipelineError", "ScheduleError", "PipelineConfigError", "IllegalTransition",

@@ -6,7 +6,7 @@ schedule = "5m"            # optional: run the whole pipeline at this interval
 metadata = "load_meta"     # optional: a task whose output every job receives as `metadata`
 
 [pipelines.etl.jobs.extract]
-task = "echo"              # the fabric task the job runs
+task = "echo"              # the fabric task the job runs (default: the job's own name)
 args = [1]                 # optional, JSON values
 kwargs = {}                # optional, JSON values
 priority = 5               # optional, 1-10, 10 most urgent
@@ -19,6 +19,14 @@ schedule = "10m"           # optional: also re-run this job alone at this interv
 Only the `pipelines` table is read; other top-level tables belong to other parts of the fabric.
 Every error names the file, pipeline, job and field, e.g.
 ``etl.toml: pipelines.etl.jobs.load.depends_on: unknown job 'extrac'``.
+
+A pipeline given as data (`parse_pipeline_data`) is the same table with its `name` inside, and
+its jobs either as that table or as a list of job tables that carry their own `name`:
+
+    {"name": "etl", "jobs": [{"name": "extract", "task": "echo", "args": [1]},
+                             {"name": "load", "depends_on": ["extract"]}]}
+
+It is validated by the same rules, so the same mistakes give the same errors.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ __all__ = [
     "PipelineConfig",
     "load_pipelines",
     "parse_pipelines",
+    "parse_pipeline_data",
     "read_pipeline_toml",
     "DEFAULT_TIMEOUT",
     "DEFAULT_RETRIES",
@@ -171,6 +180,39 @@ def parse_pipelines(
             for name, definition in pipelines.items()]
 
 
+def parse_pipeline_data(
+    data: Mapping[str, Any] | PipelineConfig,
+    *,
+    name: str | None = None,
+    known_tasks: Collection[str] | None = None,
+    source: str = "<pipeline data>",
+) -> PipelineConfig:
+    """A validated config from one pipeline given as data (see the module docstring).
+
+    `name` names the pipeline when the data does not (a data `name` must then agree). A
+    `PipelineConfig` is taken as it is, checked only against `known_tasks`.
+    """
+    if isinstance(data, PipelineConfig):
+        data = data.to_dict()
+    if not isinstance(data, Mapping):
+        raise PipelineConfigError(f"{source}: a pipeline must be a table (dict), got "
+                                  f"{_kind(data)}")
+    table = dict(data)
+    given = table.pop("name", None)
+    if given is not None and name is not None and given != name:
+        raise PipelineConfigError(f"{source}: pipelines.{name}.name: says {given!r}",
+                                  pipeline=name, field="name")
+    chosen = given if given is not None else name
+    if not isinstance(chosen, str):
+        raise PipelineConfigError(f"{source}: a pipeline needs a name (the key 'name'), got "
+                                  f"{chosen!r}", field="name")
+    parser = _Parser(source, chosen, known_tasks)
+    jobs = table.get("jobs")
+    if isinstance(jobs, (list, tuple)):
+        table["jobs"] = parser.job_list(jobs)
+    return parser.pipeline(table)
+
+
 class _Parser:
     """Validates one pipeline, so that every error can say where it is."""
 
@@ -212,10 +254,7 @@ class _Parser:
         self.check_name(name, name)
         table = self.table(spec, job=name, field=None)
         self.check_keys(table, _JOB_KEYS, job=name)
-        if "task" not in table:
-            raise self.error("missing: name the fabric task this job runs", job=name,
-                             field="task")
-        task = self.task_name(table["task"], job=name, field="task")
+        task = self.task_name(table.get("task", name), job=name, field="task")
         args = table.get("args", [])
         if not isinstance(args, list):
             raise self.error(f"must be an array, got {_kind(args)}", job=name, field="args")
@@ -251,6 +290,23 @@ class _Parser:
             depends_on=tuple(depends_on),
             schedule=self.schedule(table.get("schedule"), job=name),
         )
+
+    def job_list(self, jobs: list[Any] | tuple[Any, ...]) -> dict[str, Any]:
+        """Jobs given as a list of tables with a `name` each, as the table of jobs by name."""
+        table: dict[str, Any] = {}
+        for index, spec in enumerate(jobs):
+            if not isinstance(spec, Mapping):
+                raise self.error(f"item {index} must be a table, got {_kind(spec)}",
+                                 field="jobs")
+            rest = dict(spec)
+            job = rest.pop("name", None)
+            if not isinstance(job, str):
+                raise self.error(f"item {index} needs a name (the key 'name'), got {job!r}",
+                                 field="jobs")
+            if job in table:
+                raise self.error(f"two jobs are called {job!r}", job=job)
+            table[job] = rest
+        return table
 
     def check_name(self, name: str, job: str | None) -> None:
         try:

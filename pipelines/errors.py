@@ -47,7 +47,8 @@ class PipelineConfigError(PipelineError):
 class IllegalTransition(PipelineError):
     """A state change that the transition table does not allow."""
 
-    def __init__(self, from_state: str, to_state: str, message: str | None = None) -> None:
+    def __init__(self, from_state: str | None, to_state: str,
+                 message: str | None = None) -> None:
         self.from_state = from_state
         self.to_state = to_state
         super().__init__(message or f"illegal transition {from_state} -> {to_state}")
@@ -75,10 +76,15 @@ class StoreError(PipelineError):
 
 
 class JobFailed(PipelineError):
-    """A job's task failed; raised by `run_task` to report a failure, and by `run_job`."""
+    """A job's task failed; raised by `run_task` to report a failure, and by `run_job`.
 
-    def __init__(self, message: str, *, job: str | None = None) -> None:
+    `permanent`: another run cannot cure it (e.g. no node has the task), so no retry is spent.
+    """
+
+    def __init__(self, message: str, *, job: str | None = None,
+                 permanent: bool = False) -> None:
         self.job = job
+        self.permanent = permanent
         super().__init__(message)
 
 

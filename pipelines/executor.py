@@ -5,8 +5,13 @@ The fabric is reached only through `run_task`, an async callable the master prov
     await run_task(task_name, args: list, kwargs: dict, *, priority: int, timeout: float | None)
 
 It returns the task's value, or raises (`JobFailed` or any other exception) when the task
-failed. The executor also bounds each attempt by the job's timeout. Values must be
-JSON-serialisable: they are stored in the run record so that an interrupted run can resume.
+failed. A call runs the task at most once: the job's `retries` are the only retries, so a job
+runs at most `1 + retries` times in all (the fabric's runners submit each call with
+`max_attempts=1`). A `JobFailed(permanent=True)` (another run cannot cure it) is not retried.
+The executor also bounds each attempt by the job's timeout. Values must be JSON-serialisable:
+they are stored in the run record so that an interrupted run can resume. Without a `run_task`,
+jobs run on the fabric through `FabricRunTask()` (see `pipelines.fabric_runner`); `close()`
+disconnects it.
 
 What a job's task receives: the job's `args` and `kwargs`, plus
 - `inputs`: {dependency name: its result}, only when the job has `depends_on`;
@@ -48,6 +53,7 @@ from pipelines.errors import JobFailed, PipelineBusy, PipelineError
 from pipelines.events import (JOB_COMPLETED, JOB_FAILED, JOB_RETRYING, JOB_STARTED,
                               PIPELINE_COMPLETED, PIPELINE_FAILED, PIPELINE_PAUSED,
                               PIPELINE_RESUMED, PIPELINE_STARTED, EventSystem)
+from pipelines.fabric_runner import FabricRunTask
 from pipelines.models import JobModel, PipelineModel
 from pipelines.states import COMPLETED, FAILED, PAUSED, PENDING, RUNNING, SCHEDULED
 from pipelines.store import JobRun, RunRecord, VersionedStore
@@ -73,12 +79,13 @@ class PipelineExecutor:
         pipeline_model: PipelineModel,
         event_system: EventSystem,
         *,
-        run_task: RunTask,
+        run_task: RunTask | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.pipeline = pipeline_model
         self.event_system = event_system
-        self._run_task = run_task
+        self._owned_runner = FabricRunTask() if run_task is None else None
+        self._run_task: RunTask = run_task if run_task is not None else self._owned_runner
         self._clock = clock
         self._collectors: list[Collector] = []
         self._collected: dict[str, set[str]] = {}
@@ -114,6 +121,11 @@ class PipelineExecutor:
         self.jobs = {job.name: JobModel.load(self.name, job, store=self.store)
                      for job in self.config.jobs}
         return list(self.jobs.values())
+
+    def close(self) -> None:
+        """Disconnect the fabric runner this executor opened itself, if any."""
+        if self._owned_runner is not None:
+            self._owned_runner.close()
 
     def add_collector(self, collector: Collector) -> None:
         """Call `collector(job_name, result)` (sync or async) for each completed job."""
@@ -242,7 +254,7 @@ class PipelineExecutor:
                 raise
             except Exception as e:
                 error = _describe(e, timeout=config.timeout)
-                if attempt <= config.retries:
+                if attempt <= config.retries and not getattr(e, "permanent", False):
                     job.state_machine.set_state(PENDING)
                     self._update_job(job.name, state=PENDING, error=error)
                     self._publish(JOB_RETRYING, self._job_event(

@@ -12,8 +12,13 @@ started; the run waits as Paused. Resuming continues that run at once, and the s
 next one full interval after the resume. A paused pipeline stays paused across restarts; a run
 interrupted by a crash is continued by `recover()` (which `run_forever` calls first).
 
-Methods that start runs (`run`, `tick`, `schedule_pipelines`, `resume`, `recover`) must be called
-from the running event loop; runs go on as tasks, and `wait_run` waits for one.
+Methods that start runs (`run`, `tick`, `schedule_pipelines`, `resume`, `recover`,
+`startup_event`) must be called from the running event loop; runs go on as tasks, and
+`wait_run` waits for one.
+
+Built as `PipelineManager(pipeline_configs, event_system)`, with configs given as data (see
+`parse_pipeline_data`), the manager keeps its state in `default_store()` and runs its jobs on
+the fabric through `FabricRunTask()`; `close()` disconnects that runner.
 """
 
 from __future__ import annotations
@@ -22,24 +27,25 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Generator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from core.errors import FabricTimeout
 
-from pipelines.config import PipelineConfig, load_pipelines
+from pipelines.config import PipelineConfig, load_pipelines, parse_pipeline_data
 from pipelines.errors import PipelineBusy, PipelineConfigError, PipelineError, UnknownPipeline
 from pipelines.events import EventSystem
 from pipelines.executor import MANUAL, PipelineExecutor, RunTask
+from pipelines.fabric_runner import FabricRunTask
 from pipelines.models import PipelineModel
 from pipelines.schedule import next_run
 from pipelines.state_topic import pipeline_state_payload
 from pipelines.states import COMPLETED, FAILED, PAUSED, RUNNING
-from pipelines.store import RunRecord, VersionedStore
+from pipelines.store import RunRecord, VersionedStore, default_store
 from pipelines.timestrings import parse_time_string
 
-__all__ = ["PipelineManager", "Due", "SCHEDULED_TRIGGER", "StateListener"]
+__all__ = ["PipelineManager", "Due", "IntervalSchedule", "SCHEDULED_TRIGGER", "StateListener"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,26 +67,46 @@ class Due:
         return SCHEDULED_TRIGGER if self.job is None else f"{SCHEDULED_TRIGGER}:{self.job}"
 
 
+class IntervalSchedule:
+    """What `schedule_pipelines_with_interval` returns: the interval is set already; awaiting
+    this runs the manager (`run_forever`) until `stop_event` is set or the await is cancelled."""
+
+    def __init__(self, manager: PipelineManager, interval: float,
+                 stop_event: asyncio.Event | None, poll_interval: float) -> None:
+        self.manager = manager
+        self.interval = interval
+        self.stop_event = stop_event
+        self.poll_interval = poll_interval
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return self._run().__await__()
+
+    async def _run(self) -> None:
+        stop_event = self.stop_event if self.stop_event is not None else asyncio.Event()
+        await self.manager.run_forever(stop_event, poll_interval=self.poll_interval)
+
+
 class PipelineManager:
     """Owns one executor per pipeline and decides when each runs."""
 
     def __init__(
         self,
-        pipeline_configs: Iterable[PipelineConfig],
+        pipeline_configs: Iterable[PipelineConfig | Mapping[str, Any]],
         event_system: EventSystem,
         *,
-        run_task: RunTask,
-        store: VersionedStore,
+        run_task: RunTask | None = None,
+        store: VersionedStore | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.pipeline_configs = list(pipeline_configs)
+        self.pipeline_configs = [_config(config) for config in pipeline_configs]
         names = [config.name for config in self.pipeline_configs]
         for name in names:
             if names.count(name) > 1:
                 raise PipelineConfigError(f"two pipelines are called {name!r}", pipeline=name)
         self.event_system = event_system
-        self.store = store
-        self._run_task = run_task
+        self.store = store if store is not None else default_store()
+        self._owned_runner = FabricRunTask() if run_task is None else None
+        self._run_task: RunTask = run_task if run_task is not None else self._owned_runner
         self._clock = clock
         self.executors: dict[str, PipelineExecutor] = {}
         self._intervals: dict[Due, float] = {}
@@ -110,17 +136,44 @@ class PipelineManager:
         """An executor per configured pipeline (with its stored state) and their schedules."""
         now = self._clock()
         for config in self.pipeline_configs:
-            if config.name in self.executors:
-                continue
-            model = PipelineModel.load(config, store=self.store)
-            self.executors[config.name] = PipelineExecutor(
-                model, self.event_system, run_task=self._run_task, clock=self._clock)
-            if config.interval is not None:
-                self._arm(Due(config.name), config.interval, now)
-            for job in config.jobs:
-                if job.interval is not None:
-                    self._arm(Due(config.name, job.name), job.interval, now)
+            if config.name not in self.executors:
+                self._add_executor(config, now)
         return list(self.executors.values())
+
+    def add_pipeline(self, config: PipelineConfig | Mapping[str, Any]) -> PipelineExecutor:
+        """Manage one more pipeline, or take a new definition of one that is not running.
+
+        The same definition again changes nothing; a new one replaces the old (its stored
+        state and history stay) unless a run of it is going (`PipelineBusy`).
+        """
+        config = _config(config)
+        existing = self.executors.get(config.name)
+        if existing is not None:
+            if existing.config == config:
+                return existing
+            if self._busy(config.name):
+                raise PipelineBusy(f"pipeline {config.name!r} is running run "
+                                   f"{existing.current_run_id}: its definition cannot change "
+                                   f"until the run ends")
+            for due in [due for due in self._next if due.pipeline == config.name]:
+                del self._next[due]
+                del self._intervals[due]
+            self.pipeline_configs = [config if c.name == config.name else c
+                                     for c in self.pipeline_configs]
+        else:
+            self.pipeline_configs.append(config)
+        return self._add_executor(config, self._clock())
+
+    def _add_executor(self, config: PipelineConfig, now: float) -> PipelineExecutor:
+        model = PipelineModel.load(config, store=self.store)
+        executor = self.executors[config.name] = PipelineExecutor(
+            model, self.event_system, run_task=self._run_task, clock=self._clock)
+        if config.interval is not None:
+            self._arm(Due(config.name), config.interval, now)
+        for job in config.jobs:
+            if job.interval is not None:
+                self._arm(Due(config.name, job.name), job.interval, now)
+        return executor
 
     def executor(self, name: str) -> PipelineExecutor:
         """The executor of pipeline `name`; `UnknownPipeline` if there is none."""
@@ -149,10 +202,35 @@ class PipelineManager:
             started.append(self._start(name, trigger=due.trigger))
         return started
 
-    def schedule_pipelines_with_interval(self, interval_str: str) -> None:
+    async def startup_event(self, *, timeout: float | None = None) -> list[RunRecord]:
+        """At start-up: continue interrupted runs, run every pipeline that is neither paused
+        nor running once, and wait for all of these runs; returns them as stored, in order.
+
+        Each run ends by itself (every job attempt is bounded by its timeout); `timeout`
+        bounds the wait further (`FabricTimeout`, the runs go on).
+        """
+        started = self.recover() + self.schedule_pipelines()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        records = []
+        for run_id in started:
+            task = self._tasks_by_run.get(run_id)
+            if task is not None:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                await asyncio.wait({task}, timeout=left)
+                if not task.done():
+                    raise FabricTimeout(f"run {run_id} still running after {timeout:g}s")
+            records.append(self.store.get_run(run_id))
+        return records
+
+    def schedule_pipelines_with_interval(
+        self, interval_str: str, *, stop_event: asyncio.Event | None = None,
+        poll_interval: float = 1.0,
+    ) -> IntervalSchedule:
         """Run every pipeline at this interval (a time string), first one interval from now.
 
-        This replaces the pipelines' own schedules; job schedules are kept.
+        This replaces the pipelines' own schedules; job schedules are kept. The interval is
+        set when this returns; awaiting the result runs the schedules (`run_forever`) until
+        `stop_event` is set or the await is cancelled.
         """
         interval = parse_time_string(interval_str)
         now = self._clock()
@@ -160,6 +238,7 @@ class PipelineManager:
             due = Due(name)
             self._intervals[due] = interval
             self._next[due] = now + interval
+        return IntervalSchedule(self, interval, stop_event, poll_interval)
 
     def due(self, now: float) -> list[Due]:
         """What is due at `now`: whole pipelines first, then jobs alone; paused ones never."""
@@ -289,12 +368,14 @@ class PipelineManager:
 
     async def close(self, *, timeout: float = _CLOSE_TIMEOUT) -> None:
         """Cancel the runs still going and wait for them (bounded); the store keeps them
-        resumable."""
+        resumable. A fabric runner the manager opened itself is disconnected."""
         tasks = [task for task in self._active.values() if not task.done()]
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
+        if self._owned_runner is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._owned_runner.close)
 
     # -- inspection -------------------------------------------------------------------------
 
@@ -371,3 +452,7 @@ class PipelineManager:
                 listener(name, payload)
             except Exception:
                 logger.exception("state listener %r failed on pipeline %r", listener, name)
+
+
+def _config(config: PipelineConfig | Mapping[str, Any]) -> PipelineConfig:
+    return config if isinstance(config, PipelineConfig) else parse_pipeline_data(config)

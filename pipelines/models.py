@@ -5,21 +5,43 @@
     model.commit(tx)             # or model.rollback(tx); TransactionConflict if another
                                  # transaction changed the same model first
 
-Saves are synchronous (sqlite is); `save()` does the three steps in one call.
+Saves are synchronous (sqlite is); `save()` does the three steps in one call. `save_pipeline`
+and `save_job` stage at once and return an awaitable that is already done, so coroutine code
+may write `await model.save_pipeline(tx)` with the same effect.
+
+Without a `store`, a model uses `default_store()`. A pipeline's config may be a
+`PipelineConfig` or the same pipeline as data (`{"jobs": [{"name": "extract"}, ...]}`, see
+`parse_pipeline_data`), validated on construction.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Generator, Mapping
 from typing import Any
 
-from pipelines.config import JobConfig, PipelineConfig
+from pipelines.config import JobConfig, PipelineConfig, parse_pipeline_data
 from pipelines.errors import PipelineError, StoreError
 from pipelines.states import (JOB_STATES, PENDING, PIPELINE_STATES, SCHEDULED, StateMachine,
                               job_state_machine, pipeline_state_machine)
-from pipelines.store import Transaction, Version, VersionedStore
+from pipelines.store import Transaction, Version, VersionedStore, default_store
+from pipelines.timestrings import parse_time_string
 
-__all__ = ["VersionedModel", "PipelineModel", "JobModel"]
+__all__ = ["VersionedModel", "PipelineModel", "JobModel", "Staged"]
+
+
+class Staged:
+    """What `save_pipeline`/`save_job` return: the write is already staged; awaiting it is a
+    no-op that lets coroutine code await the save as well."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield  # a generator that finishes at once
+
+
+_STAGED = Staged()
 
 
 class VersionedModel(ABC):
@@ -27,14 +49,16 @@ class VersionedModel(ABC):
 
     state_machine: StateMachine
 
-    def __init__(self, key: str, *, store: VersionedStore) -> None:
+    def __init__(self, key: str, *, store: VersionedStore | None) -> None:
         self.key = key
-        self.store = store
+        self.store = store if store is not None else default_store()
         self.version = 0  # the last version this object saved or loaded; 0 = never stored
 
     @property
     def state(self) -> str:
-        return self.state_machine.get_state()
+        state = self.state_machine.get_state()
+        assert state is not None  # models always start in a state
+        return state
 
     def begin_transaction(self) -> Transaction:
         """A transaction on the model's store."""
@@ -84,8 +108,10 @@ class VersionedModel(ABC):
 class PipelineModel(VersionedModel):
     """A pipeline: its config, its lifecycle state and its latest run."""
 
-    def __init__(self, name: str, config: PipelineConfig, *, store: VersionedStore,
-                 state: str = SCHEDULED) -> None:
+    def __init__(self, name: str, config: PipelineConfig | Mapping[str, Any], *,
+                 store: VersionedStore | None = None, state: str = SCHEDULED) -> None:
+        if not isinstance(config, PipelineConfig):
+            config = parse_pipeline_data(config, name=name)
         if config.name != name:
             raise PipelineError(f"pipeline model {name!r} given the config of {config.name!r}")
         super().__init__(f"pipeline:{name}", store=store)
@@ -95,7 +121,8 @@ class PipelineModel(VersionedModel):
         self.last_run_id: str | None = None
 
     @classmethod
-    def load(cls, config: PipelineConfig, *, store: VersionedStore) -> PipelineModel:
+    def load(cls, config: PipelineConfig, *,
+             store: VersionedStore | None = None) -> PipelineModel:
         """The model as last committed (state, latest run), or a new Scheduled one."""
         model = cls(config.name, config, store=store)
         stored = model._restore(PIPELINE_STATES)
@@ -103,9 +130,10 @@ class PipelineModel(VersionedModel):
             model.last_run_id = stored.data.get("last_run_id")
         return model
 
-    def save_pipeline(self, tx: Transaction) -> None:
-        """Stage the current state of the pipeline in `tx`."""
+    def save_pipeline(self, tx: Transaction) -> Staged:
+        """Stage the current state of the pipeline in `tx` (awaitable, already done)."""
         self._stage(tx)
+        return _STAGED
 
     def data(self) -> dict[str, Any]:
         return {"name": self.name, "last_run_id": self.last_run_id,
@@ -116,7 +144,7 @@ class JobModel(VersionedModel):
     """A job of a pipeline: its config and the outcome of its latest run."""
 
     def __init__(self, pipeline_id: str, name: str, schedule: str | None = None, *,
-                 store: VersionedStore, config: JobConfig | None = None,
+                 store: VersionedStore | None = None, config: JobConfig | None = None,
                  state: str = PENDING) -> None:
         if config is not None and config.name != name:
             raise PipelineError(f"job model {name!r} given the config of {config.name!r}")
@@ -125,12 +153,15 @@ class JobModel(VersionedModel):
         self.name = name
         self.config = config
         self.schedule = schedule if schedule is not None else (config.schedule if config else None)
+        if self.schedule is not None:
+            parse_time_string(self.schedule)  # ScheduleError now, not at the first fire
         self.state_machine = job_state_machine(state)
         self.last_run_id: str | None = None
         self.error: str | None = None
 
     @classmethod
-    def load(cls, pipeline_id: str, config: JobConfig, *, store: VersionedStore) -> JobModel:
+    def load(cls, pipeline_id: str, config: JobConfig, *,
+             store: VersionedStore | None = None) -> JobModel:
         """The job as last committed, or a new Pending one."""
         model = cls(pipeline_id, config.name, store=store, config=config)
         stored = model._restore(JOB_STATES)
@@ -139,9 +170,10 @@ class JobModel(VersionedModel):
             model.error = stored.data.get("error")
         return model
 
-    def save_job(self, tx: Transaction) -> None:
-        """Stage the current state of the job in `tx`."""
+    def save_job(self, tx: Transaction) -> Staged:
+        """Stage the current state of the job in `tx` (awaitable, already done)."""
         self._stage(tx)
+        return _STAGED
 
     def data(self) -> dict[str, Any]:
         return {"pipeline": self.pipeline_id, "name": self.name, "schedule": self.schedule,

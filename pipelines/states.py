@@ -21,6 +21,11 @@ Jobs (one job of a pipeline, across runs):
 
 A job is Failed only once its retries are spent, or when a dependency failed; a failing attempt
 with retries left goes back to Pending.
+
+`StateMachine(states)` alone, with no table and no initial state, is a free machine: it starts
+with no state (`get_state()` is None) and `set_state` accepts any of the listed states from any
+other, itself included; a name not in the list is still refused. The pipelines and jobs of this
+package use the tables above.
 """
 
 from __future__ import annotations
@@ -73,10 +78,16 @@ class StateMachine:
     """The current state of one thing, changed only along the transitions of its table."""
 
     def __init__(
-        self, states: Iterable[str], transitions: Mapping[str, Iterable[str]], initial: str
+        self, states: Iterable[str], transitions: Mapping[str, Iterable[str]] | None = None,
+        initial: str | None = None,
     ) -> None:
         self.states: tuple[str, ...] = tuple(states)
         known = set(self.states)
+        if not self.states or len(known) != len(self.states) \
+                or not all(isinstance(state, str) and state for state in self.states):
+            raise PipelineError(f"states must be distinct non-empty names, got {list(self.states)}")
+        if transitions is None:  # free: any listed state may follow any other
+            transitions = {state: self.states for state in self.states}
         self.transitions: dict[str, frozenset[str]] = {
             source: frozenset(targets) for source, targets in transitions.items()
         }
@@ -84,20 +95,22 @@ class StateMachine:
             unknown = ({source} | targets) - known
             if unknown:
                 raise PipelineError(f"transition table names unknown states {sorted(unknown)}")
-        if initial not in known:
+        if initial is not None and initial not in known:
             raise PipelineError(f"initial state {initial!r} is not one of {list(self.states)}")
-        self.current_state = initial
+        self.current_state: str | None = initial
 
-    def get_state(self) -> str:
-        """The current state."""
+    def get_state(self) -> str | None:
+        """The current state; None before the first `set_state` of a machine with no initial."""
         return self.current_state
 
     def can_transition(self, state: str) -> bool:
         """Whether `set_state(state)` would be allowed now."""
-        return state in self.transitions.get(self.current_state, frozenset())
+        return state in self.allowed()
 
     def allowed(self) -> frozenset[str]:
-        """The states reachable from the current one."""
+        """The states reachable from the current one (every state, while there is none)."""
+        if self.current_state is None:
+            return frozenset(self.states)
         return self.transitions.get(self.current_state, frozenset())
 
     def set_state(self, state: str) -> None:

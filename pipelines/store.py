@@ -21,6 +21,10 @@ JSON-serialisable.
 Threading. A `VersionedStore` wraps one sqlite connection, which sqlite3 lets only the creating
 thread use: create the store in the thread that uses it (the master's event-loop thread) and
 keep it there. Every call is synchronous and short.
+
+Models and managers built without a store use `default_store()`: the file named by
+$FABRIC_PIPELINES_STORE, else `pipelines.sqlite3` in the working directory, opened once per
+thread. State written that way survives the process, as it does in the master.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -38,7 +43,11 @@ from typing import Any
 from pipelines.errors import StoreError, TransactionConflict, TransactionError, UnknownRun
 from pipelines.states import COMPLETED, FAILED, PAUSED, PENDING, RUNNING
 
-__all__ = ["VersionedStore", "Transaction", "Version", "RunRecord", "JobRun", "to_json"]
+__all__ = ["VersionedStore", "Transaction", "Version", "RunRecord", "JobRun", "to_json",
+           "default_store", "STORE_ENV", "DEFAULT_STORE_PATH"]
+
+STORE_ENV = "FABRIC_PIPELINES_STORE"
+DEFAULT_STORE_PATH = "pipelines.sqlite3"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pipeline_versions (
@@ -83,6 +92,21 @@ def to_json(value: Any, *, what: str) -> str:
         return json.dumps(value, separators=(",", ":"))
     except (TypeError, ValueError) as e:
         raise StoreError(f"{what} is not JSON-serialisable: {e}") from e
+
+
+_defaults = threading.local()
+
+
+def default_store() -> VersionedStore:
+    """This thread's store at $FABRIC_PIPELINES_STORE (else ./pipelines.sqlite3), opened once
+    per path and thread (sqlite connections stay in the thread that opened them)."""
+    path = os.path.abspath(os.environ.get(STORE_ENV) or DEFAULT_STORE_PATH)
+    stores: dict[str, VersionedStore] = getattr(_defaults, "stores", None) or {}
+    _defaults.stores = stores
+    store = stores.get(path)
+    if store is None:
+        store = stores[path] = VersionedStore(path)
+    return store
 
 
 def _from_json(text: str | None) -> Any:
@@ -281,6 +305,13 @@ class VersionedStore:
             "SELECT key, version, state, data, committed_at FROM pipeline_versions "
             "WHERE key = ? ORDER BY version", (key,))
         return [self._version(row) for row in rows]
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Every key with a committed version that starts with `prefix`, in first-commit order."""
+        rows = self._query_all(
+            "SELECT key FROM pipeline_versions WHERE substr(key, 1, ?) = ? GROUP BY key "
+            "ORDER BY MIN(seq)", (len(prefix), prefix))
+        return [row[0] for row in rows]
 
     def _latest(self, key: str, *, before: int | None = None) -> Version | None:
         if before is None:

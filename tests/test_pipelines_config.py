@@ -112,7 +112,6 @@ JOB = '[pipelines.p.jobs.j]\ntask = "echo"\n'
     (JOB + "retries = -1\n", "p", "j", "retries", "integer >= 0"),
     # types of args and kwargs
     (JOB.replace('task = "echo"', "task = 5"), "p", "j", "task", "must be a task name"),
-    ('[pipelines.p.jobs.j]\nargs = []\n', "p", "j", "task", "missing"),
     (JOB + 'args = "x"\n', "p", "j", "args", "must be an array"),
     (JOB + "kwargs = [1]\n", "p", "j", "kwargs", "must be a table"),
     (JOB + "args = [1979-05-27]\n", "p", "j", "args", "cannot be sent to a task"),

@@ -1,10 +1,12 @@
-"""`master-node pipelines`: list, run, pause, resume a running master's pipelines; their history."""
+"""`master-node pipelines`: list, run, pause, resume a running master's pipelines; their history;
+submit a pipelines file for one run without restarting the master."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from core.errors import FabricError
@@ -12,12 +14,13 @@ from master.commands.common import add_client_options, connect
 from master.tables import format_age, format_table
 
 NAME = "pipelines"
-HELP = "list, run, pause and resume pipelines; show their history"
-DESCRIPTION = ("Drive the pipelines of a master started with `master-node serve --pipelines FILE`, "
-               "through the broker. `list` shows every pipeline's state, `run NAME` starts a "
-               "run now, `pause NAME` stops its schedules and lets the jobs under way finish "
-               "(the run waits), `resume NAME` continues it, and `history NAME` shows the "
-               "latest runs with every job's state, attempts, result or error.")
+HELP = "list, run, pause and resume pipelines; show their history; submit one-off pipelines"
+DESCRIPTION = ("Drive the pipelines of a master (those of `master-node serve --pipelines FILE` "
+               "and those submitted), through the broker. `list` shows every pipeline's state, "
+               "`run NAME` starts a run now, `pause NAME` stops its schedules and lets the jobs "
+               "under way finish (the run waits), `resume NAME` continues it, `history NAME` "
+               "shows the latest runs with every job's state, attempts, result or error, and "
+               "`submit FILE` runs the pipelines of a file once, now, on a running master.")
 
 _QUERY = "pipelines"
 _PREVIEW = 48
@@ -48,14 +51,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                          "with every job's state, attempts and result or error.")
     history.add_argument("--limit", type=int, default=10, metavar="N",
                          help="how many runs (default %(default)s)")
+    submit = ops.add_parser("submit", help="run the pipelines of a file once, now",
+                            description="Run each pipeline of FILE (the TOML of serve "
+                                        "--pipelines, without schedules) once, now, on the "
+                                        "running master; no restart. The file is checked here, "
+                                        "its task names by the master, which knows its nodes. "
+                                        "Follow the runs with `history NAME`.")
+    submit.add_argument("file", type=Path, metavar="FILE", help="a pipelines TOML file")
     for sub in (run, pause, resume, history):
         sub.add_argument("name", metavar="NAME", help="the pipeline's name")
-    for sub in (listing, run, pause, resume, history):
+    for sub in (listing, run, pause, resume, history, submit):
         sub.add_argument("--json", action="store_true", help="print JSON instead of text")
         add_client_options(sub)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.op == "submit":
+        return _submit(args)
     params: dict[str, Any] = {"op": args.op}
     if args.op != "list":
         params["name"] = args.name
@@ -79,9 +91,34 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _submit(args: argparse.Namespace) -> int:
+    from master.pipelines_bridge.dispatch import pipeline_data_from_file
+    pipelines = pipeline_data_from_file(args.file)  # a bad file is refused before connecting
+    client = connect(args)
+    try:
+        started = []
+        for data in pipelines:
+            try:
+                run_id = client.dispatch_pipeline(data, timeout=args.timeout)
+            except FabricError as e:
+                if str(e).startswith(f"unknown query '{_QUERY}'"):
+                    raise FabricError("this master does not run pipelines (it predates "
+                                      "them, or it is a replica)") from e
+                raise
+            started.append({"pipeline": data["name"], "run_id": run_id})
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps(started, indent=2))
+    else:
+        print("\n".join(_run_text(answer) for answer in started))
+    return 0
+
+
 def _list_text(states: list[dict[str, Any]]) -> str:
     if not states:
-        return "no pipelines"
+        return ("no pipelines (give `master-node serve --pipelines FILE`, or run one with "
+                "`master-node pipelines submit FILE`)")
     rows = []
     for s in states:
         jobs = f"{s.get('jobs_done', 0)}/{s.get('jobs_total', 0)}"

@@ -27,10 +27,10 @@ from typing import Any
 from pipelines import PipelineConfig, PipelineConfigError, parse_pipelines
 from pipelines.config import read_pipeline_toml
 
-__all__ = ["BUILTIN_TASKS", "PipelineFile", "load_pipeline_file"]
+__all__ = ["BUILTIN_TASKS", "TASKS_KEY", "PipelineFile", "load_pipeline_file", "declared_tasks"]
 
 BUILTIN_TASKS: frozenset[str] = frozenset({"noop", "echo", "sleep", "fail", "primes", "lambda"})
-_TASKS_KEY = "tasks"
+TASKS_KEY = "tasks"
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def load_pipeline_file(path: str | os.PathLike[str]) -> PipelineFile:
     """Read and validate `path`; `PipelineConfigError` (naming pipeline, job, field) if wrong."""
     source = os.fspath(path)
     data = read_pipeline_toml(source)
-    declared = _declared_tasks(data.get(_TASKS_KEY, []), source)
+    declared = declared_tasks(data.get(TASKS_KEY, []), source)
     if "pipelines" not in data:
         raise PipelineConfigError(f"{source}: no [pipelines] table: define at least one "
                                   f"[pipelines.NAME.jobs.JOB]", field="pipelines")
@@ -66,12 +66,13 @@ def load_pipeline_file(path: str | os.PathLike[str]) -> PipelineFile:
     return PipelineFile(path=Path(source), configs=tuple(configs), declared_tasks=declared)
 
 
-def _declared_tasks(value: Any, source: str) -> frozenset[str]:
+def declared_tasks(value: Any, source: str) -> frozenset[str]:
+    """The user task names a `tasks` list declares; `PipelineConfigError` if it is not one."""
     if not isinstance(value, list):
-        raise PipelineConfigError(f"{source}: {_TASKS_KEY}: must be an array of task names, "
-                                  f"got {type(value).__name__}", field=_TASKS_KEY)
+        raise PipelineConfigError(f"{source}: {TASKS_KEY}: must be an array of task names, "
+                                  f"got {type(value).__name__}", field=TASKS_KEY)
     for name in value:
         if not isinstance(name, str) or not name or "," in name or name != name.strip():
-            raise PipelineConfigError(f"{source}: {_TASKS_KEY}: {name!r} is not a task name",
-                                      field=_TASKS_KEY)
+            raise PipelineConfigError(f"{source}: {TASKS_KEY}: {name!r} is not a task name",
+                                      field=TASKS_KEY)
     return frozenset(value)

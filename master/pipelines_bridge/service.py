@@ -5,6 +5,16 @@ as flat JSON on `<root>/events/<event>`, and each pipeline's state is kept retai
 `<root>/pipelines/<name>/state`. Clients drive pipelines with the `pipelines` query
 (`FabricClient.query("pipelines", {"op": ..., "name": ...})`, used by `master-node pipelines`).
 
+The pipelines come from the file of `serve --pipelines` and from `dispatch_pipeline(data)`
+(in the master's process on this service, or from any program with
+`FabricClient.dispatch_pipeline`, the `dispatch` operation of the query): a pipeline given as
+data runs once, now (see `dispatch`). Its definition is kept in the store, so after a restart
+it is still listed, its history kept and an interrupted run of it continued.
+
+One budget for retries. Each attempt of a job is one task submitted with `max_attempts=1`: the
+job's `retries` are its only retries, so a job with `retries = r` runs at most r + 1 times in
+all, whatever the master's `--max-attempts`; errors another run cannot cure are not retried.
+
 Threads. The manager, its store (`<state>/pipelines.sqlite3`, a file of its own) and its events
 live on the `pipelines` thread. Query handlers run on the master's loop thread while it holds
 the master's lock, so they must never wait for anything that needs that lock. Hence the
@@ -13,8 +23,9 @@ on a small pool of threads, and the loop only awaits their futures. A query ther
 most `answer_timeout`) only for a loop that is always free to answer; `list` is answered from a
 cache of the state payloads without waiting at all.
 
-Exactly once across a master crash. A job's task id is derived from its run, job and attempt
-(`<run_id>:job:<job>:<attempt>`; `<run_id>:metadata` for the metadata task), so when a run is
+Exactly once across a master crash. A job's task id is derived from its run, job, attempt and a
+digest of what it computes (`<run_id>:job:<job>:<attempt>:<digest>`; `<run_id>:metadata:
+<digest>` for the metadata task), so when a run is
 continued after kill -9 the job that was in flight is not submitted again: the master restored
 that task from its journal, the submission of the same id joins it, and a task that had already
 finished is answered from the journal. The executor publishes `job_started` from the job's own
@@ -28,22 +39,26 @@ import asyncio
 import concurrent.futures
 import contextvars
 import hashlib
+import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.errors import ConfigError, FabricError, FabricTimeout
 from core.protocol import TaskOutcome
 from master.handles import TaskHandle
+from master.pipelines_bridge.dispatch import node_task_names, parse_dispatched
 from master.pipelines_bridge.flat import flat_json_bytes
 from master.pipelines_bridge.pipeline_file import PipelineFile
 from master.pipelines_bridge.views import run_view
 from pipelines import (DEFAULT_TIMEOUT, JOB_FAILED, JOB_STARTED, PIPELINE_COMPLETED,
-                       PIPELINE_FAILED, PIPELINE_STARTED, EventSystem, JobFailed, PipelineError,
-                       PipelineManager, UnknownPipeline, VersionedStore)
+                       PIPELINE_FAILED, PIPELINE_STARTED, EventSystem, PipelineConfig,
+                       PipelineConfigError, PipelineError, PipelineManager, UnknownPipeline,
+                       VersionedStore, parse_pipeline_data)
+from pipelines.fabric_runner import ONE_RUN, task_failure
 
 if TYPE_CHECKING:
     from master.transport import MasterNodeTransport
@@ -53,8 +68,9 @@ __all__ = ["PipelineService", "serve_pipelines", "QUERY", "OPERATIONS", "STORE_F
 log = logging.getLogger(__name__)
 
 QUERY = "pipelines"
-OPERATIONS = ("list", "run", "pause", "resume", "history")
+OPERATIONS = ("list", "run", "pause", "resume", "history", "dispatch")
 STORE_FILE = "pipelines.sqlite3"
+_DISPATCHED = "dispatched:"  # store key prefix of the definitions of dispatched pipelines
 _MAX_TASK_ID = 128
 _MAX_HISTORY = 1000
 _FINISHED = ("completed", "failed")
@@ -65,9 +81,10 @@ _NEXT_TASK: contextvars.ContextVar[tuple[str, str] | None] = contextvars.Context
 
 
 class PipelineService:
-    """Runs the pipelines of one file inside a master; see the module docstring."""
+    """Runs the pipelines of a file, and those dispatched as data, inside a master; see the
+    module docstring."""
 
-    def __init__(self, *, master: MasterNodeTransport, pipelines: PipelineFile,
+    def __init__(self, *, master: MasterNodeTransport, pipelines: PipelineFile | None,
                  store_path: str | Path, poll_interval: float = 1.0,
                  answer_timeout: float = 5.0, submit_threads: int = 2,
                  clock: Callable[[], float] = time.time) -> None:
@@ -80,7 +97,7 @@ class PipelineService:
         self.answer_timeout = answer_timeout
         self._clock = clock
         self._topics = master.topics
-        self._metadata_tasks = {c.name: c.metadata for c in pipelines.configs}
+        self._file_configs: tuple[PipelineConfig, ...] = pipelines.configs if pipelines else ()
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=submit_threads, thread_name_prefix="pipelines-submit")
         self._lock = threading.Lock()
@@ -147,7 +164,8 @@ class PipelineService:
         try:
             events = EventSystem()
             events.add_listener(self._on_event)
-            manager = PipelineManager(self.pipelines.configs, events, run_task=self.run_task,
+            configs = list(self._file_configs) + self._restore_dispatched(store)
+            manager = PipelineManager(configs, events, run_task=self.run_task,
                                       store=store, clock=self._clock)
             manager.add_state_listener(self._on_state)
             continued = manager.recover()
@@ -157,8 +175,9 @@ class PipelineService:
             self._loop = asyncio.get_running_loop()
             self._running = True
             self._ready.set()
-            log.info("pipelines %s from %s running (store %s%s)",
-                     ", ".join(self.pipelines.names), self.pipelines.path, self.store_path,
+            log.info("pipelines %s running (store %s%s)",
+                     f"{', '.join(self.pipelines.names)} from {self.pipelines.path}"
+                     if self.pipelines else "(none from a file)", self.store_path,
                      f"; continuing {len(continued)} interrupted run(s)" if continued else "")
             await manager.run_forever(self._stop_event, poll_interval=self.poll_interval)
         finally:
@@ -166,15 +185,70 @@ class PipelineService:
             self._manager = None
             store.close()
 
+    def _restore_dispatched(self, store: VersionedStore) -> list[PipelineConfig]:
+        """The dispatched pipelines kept in the store, unless the file now defines the name."""
+        in_file = {config.name for config in self._file_configs}
+        restored = []
+        for key in store.keys(_DISPATCHED):
+            version = store.read(key)
+            name = key[len(_DISPATCHED):]
+            if version is None or name in in_file:
+                continue
+            try:
+                restored.append(parse_pipeline_data(version.data, name=name,
+                                                    source=f"stored {key}"))
+            except PipelineError as e:
+                log.error("dispatched pipeline %r cannot be restored: %s", name, e)
+        return restored
+
+    # -- dispatched pipelines --------------------------------------------------------------------
+
+    def dispatch_pipeline(self, pipeline_data: Mapping[str, Any]) -> str:
+        """Run a pipeline given as data once, now; returns its run id (any thread).
+
+        Validated like the pipelines file (see `master.pipelines_bridge.dispatch`), with the
+        tasks the master's nodes offer counted as known. The same name again runs the pipeline
+        again, with the new definition if it changed (refused while a run of it is going, and
+        for a pipeline of the file unless the definition is the file's own).
+        """
+        config = parse_dispatched(pipeline_data,
+                                  node_tasks=node_task_names(self.master.get_node_info()))
+        if not self._running:
+            raise PipelineError("the master's pipelines are not running (starting or stopping)")
+        return self._on_loop(self._dispatch(config), "dispatch")
+
+    async def _dispatch(self, config: PipelineConfig) -> str:
+        manager = self._manager
+        if manager is None:
+            raise PipelineError("the master's pipelines are stopping")
+        in_file = next((c for c in self._file_configs if c.name == config.name), None)
+        if in_file is not None and in_file != config:
+            raise PipelineConfigError(
+                f"pipeline {config.name!r} is defined by the master's pipelines file with other "
+                f"jobs: give the dispatched pipeline another name", pipeline=config.name,
+                field="name")
+        manager.add_pipeline(config)
+        stored = manager.store.read(_DISPATCHED + config.name)
+        if in_file is None and (stored is None or stored.data != config.to_dict()):
+            tx = manager.store.begin()
+            tx.write(_DISPATCHED + config.name, None, config.to_dict())
+            manager.store.commit(tx)
+        run_id = manager.run(config.name)
+        self._on_state(config.name, manager.state_payload(config.name))
+        log.info("dispatched pipeline %s: run %s", config.name, run_id)
+        return run_id
+
     # -- running jobs on the fabric --------------------------------------------------------------
 
     async def run_task(self, task_name: str, args: list[Any], kwargs: dict[str, Any], *,
                        priority: int, timeout: float | None = None) -> Any:
-        """The manager's `run_task`: submit to the master, await the outcome (bounded by the
-        job's timeout). A task given up on this way stays with the master, which has no way
-        to withdraw it; the next attempt is a task of its own."""
+        """The manager's `run_task`: submit to the master for one run (`max_attempts=1`: the
+        job's retries are the executor's), await the outcome (bounded by the job's timeout).
+        A task given up on this way stays with the master, which has no way to withdraw it;
+        the next attempt is a task of its own."""
         noted = _NEXT_TASK.get()
-        task_id = noted[1] if noted is not None and noted[0] == task_name else None
+        task_id = (_task_id(f"{noted[1]}:{_digest(task_name, args, kwargs)}")
+                   if noted is not None and noted[0] == task_name else None)
         loop = asyncio.get_running_loop()
         submitted = await loop.run_in_executor(self._pool, self._submit, task_name, list(args),
                                                dict(kwargs), priority, task_id)
@@ -184,7 +258,7 @@ class PipelineService:
         else:
             outcome = submitted
         if outcome.state != "completed":
-            raise JobFailed(_failure(outcome))
+            raise task_failure(outcome)
         return outcome.value
 
     def _submit(self, name: str, args: list[Any], kwargs: dict[str, Any], priority: int,
@@ -196,7 +270,8 @@ class PipelineService:
                 log.info("task %s finished before the restart: using its recorded outcome",
                          task_id)
                 return known
-        return self.master.submit(name, args, kwargs, priority=priority, task_id=task_id)
+        return self.master.submit(name, args, kwargs, priority=priority, task_id=task_id,
+                                  max_attempts=ONE_RUN)
 
     # -- events and states -----------------------------------------------------------------------
 
@@ -218,11 +293,13 @@ class PipelineService:
         if event_name == JOB_STARTED:
             task, job, attempt = data.get("task"), data.get("job"), data.get("attempt")
             if isinstance(task, str) and isinstance(job, str) and isinstance(attempt, int):
-                _NEXT_TASK.set((task, _task_id(f"{run_id}:job:{job}:{attempt}")))
+                _NEXT_TASK.set((task, f"{run_id}:job:{job}:{attempt}"))
         elif event_name == PIPELINE_STARTED:
-            metadata_task = self._metadata_tasks.get(data.get("pipeline"))
+            manager = self._manager
+            executor = manager.executors.get(data.get("pipeline")) if manager else None
+            metadata_task = executor.config.metadata if executor is not None else None
             if metadata_task is not None:
-                _NEXT_TASK.set((metadata_task, _task_id(f"{run_id}:metadata")))
+                _NEXT_TASK.set((metadata_task, f"{run_id}:metadata"))
 
     def _on_state(self, name: str, payload: dict[str, Any]) -> None:
         with self._lock:
@@ -237,14 +314,16 @@ class PipelineService:
             log.exception("could not publish %s", topic)
 
     def states(self) -> list[dict[str, Any]]:
-        """The latest state payload of every pipeline, in file order (thread-safe)."""
+        """The latest state payload of every pipeline: the file's in file order, then the
+        dispatched ones (thread-safe)."""
         with self._lock:
-            return [dict(self._states[n]) for n in self.pipelines.names if n in self._states]
+            return [dict(state) for state in self._states.values()]
 
     # -- the `pipelines` query -------------------------------------------------------------------
 
     def answer(self, params: Any) -> Any:
-        """Answer a `pipelines` query: {"op": list|run|pause|resume|history, "name": ...}.
+        """Answer a `pipelines` query: {"op": list|run|pause|resume|history, "name": ...}, or
+        {"op": "dispatch", "pipeline": pipeline_data} (answered {"pipeline", "run_id"}).
 
         Runs on the master's loop thread under its lock: `list` reads the cache; the other
         operations run on the pipelines loop, waited for at most `answer_timeout`.
@@ -259,12 +338,18 @@ class PipelineService:
             raise PipelineError("the master's pipelines are not running (starting or stopping)")
         if op == "list":
             return self.states()
+        if op == "dispatch":
+            pipeline = params.get("pipeline")
+            run_id = self.dispatch_pipeline(pipeline)
+            return {"pipeline": pipeline.get("name"), "run_id": run_id}
         name = params.get("name")
         if not isinstance(name, str) or not name:
             raise ConfigError(f"pipelines {op} needs params.name: a pipeline name")
-        if name not in self.pipelines.names:
+        with self._lock:
+            names = list(self._states)
+        if name not in names:
             raise UnknownPipeline(f"no pipeline called {name!r} (pipelines: "
-                                  f"{', '.join(self.pipelines.names)})")
+                                  f"{', '.join(names) or 'none'})")
         jobs = params.get("jobs")
         if jobs is not None and (not isinstance(jobs, list)
                                  or not all(isinstance(j, str) for j in jobs) or not jobs):
@@ -314,15 +399,13 @@ class PipelineService:
 
 
 def serve_pipelines(master: MasterNodeTransport, pipelines: PipelineFile | None, *,
-                    state_dir: str | Path, **options: Any) -> PipelineService | None:
-    """Answer `pipelines` queries on `master`; with a file, also run its pipelines (started).
+                    state_dir: str | Path, **options: Any) -> PipelineService:
+    """Run the pipelines of `master` (those of the file, if one is given, and any dispatched
+    later) and answer `pipelines` queries; returns the started service.
 
-    Without a file the query answers with an error saying how to give one. Call after
-    `master.start()`, so the journal's unfinished tasks are back before runs continue.
+    Call after `master.start()`, so the journal's unfinished tasks are back before runs
+    continue.
     """
-    if pipelines is None:
-        master.add_query(QUERY, _no_pipelines)
-        return None
     service = PipelineService(master=master, pipelines=pipelines,
                               store_path=Path(state_dir) / STORE_FILE, **options)
     master.add_query(QUERY, service.answer)
@@ -334,19 +417,11 @@ def serve_pipelines(master: MasterNodeTransport, pipelines: PipelineFile | None,
     return service
 
 
-def _no_pipelines(_params: Any) -> Any:
-    raise PipelineError("this master runs no pipelines: start it with "
-                        "`master-node serve --pipelines FILE`")
-
-
-def _failure(outcome: TaskOutcome) -> str:
-    """What a job's error says: the task's own error first, then which task and node."""
-    error = outcome.error or {}
-    what = error.get("type") or error.get("kind") or outcome.state
-    message = error.get("message") or ""
-    node = error.get("node_id") or outcome.node_id
-    where = f"task {outcome.id}" + (f" on {node}" if node else "")
-    return f"{what}: {message} ({where})" if message else f"{what} ({where})"
+def _digest(task_name: str, args: list[Any], kwargs: dict[str, Any]) -> str:
+    """A short digest of what a task computes, so a task id names one piece of work."""
+    text = json.dumps([task_name, args, kwargs], sort_keys=True, separators=(",", ":"),
+                      default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _task_id(text: str) -> str:
