@@ -30,7 +30,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from core.errors import BrokerUnavailable, FabricError, FabricTimeout
 from core.url import BrokerUrl
 
-__all__ = ["MqttSession", "Will", "TlsSettings", "Handler", "topic_matches"]
+__all__ = ["MqttSession", "Will", "TlsSettings", "Handler", "topic_matches", "connect_failure"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,50 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
     return paho.topic_matches_sub(topic_filter, topic)
 
 
+_BROKER_HINT = ("is the broker running? `master-node serve` starts one; else give "
+                "--broker mqtt://HOST:PORT or set $FABRIC_BROKER")
+
+
+def _is_definite(error: Exception | None) -> bool:
+    """A first attempt's error that waiting would not change."""
+    return isinstance(error, (ConnectionRefusedError, socket.gaierror, UnicodeError,
+                              ssl.SSLError, ssl.CertificateError)) or _handshake_timeout(error)
+
+
+def _handshake_timeout(error: Exception | None) -> bool:
+    """TCP connected but TLS got no answer: a plain listener does not speak TLS."""
+    return isinstance(error, TimeoutError) and "handshake" in str(error)
+
+
+def connect_failure(broker: BrokerUrl, *, refused: str | None,
+                    error: Exception | None) -> tuple[str, str]:
+    """(reason, hint) for a connection that did not come up, in a person's words."""
+    if refused is not None:
+        lowered = refused.lower()
+        if "authori" in lowered or "password" in lowered:
+            return (f"not authorized ({refused})",
+                    "check user:password in the broker URL against the broker's "
+                    "password_file and acl_file")
+        return f"the broker refused the connection ({refused})", "see the broker's log"
+    if isinstance(error, ConnectionRefusedError):
+        return f"connection refused: nothing listens on {broker.host}:{broker.port}", _BROKER_HINT
+    if isinstance(error, socket.gaierror):
+        return (f"unknown host {broker.host!r} ({error.strerror or error})",
+                "check the host name in --broker / $FABRIC_BROKER")
+    if isinstance(error, UnicodeError):  # the name cannot even be looked up
+        return (f"unknown host {broker.host!r} (not a valid host name)",
+                "check the host name in --broker / $FABRIC_BROKER")
+    if isinstance(error, (ssl.SSLError, ssl.CertificateError)) or _handshake_timeout(error):
+        detail = ("the listener did not answer the handshake: a plain mqtt:// port?"
+                  if _handshake_timeout(error) else getattr(error, "reason", None) or str(error))
+        return (f"TLS handshake failed ({detail})",
+                "check mqtts:// against the listener, the CA file that signs the broker's "
+                "certificate, and that the certificate names this host")
+    if error is not None:
+        return f"no answer ({error})", _BROKER_HINT
+    return "no answer", _BROKER_HINT
+
+
 class MqttSession:
     """One MQTT connection with bounded waits, automatic reconnect and re-subscription."""
 
@@ -74,7 +118,8 @@ class MqttSession:
         self._on_disconnect_hooks: list[Callable[[], None]] = []
         self._connected = threading.Event()
         self._lock = threading.Lock()
-        self._refused: str | None = None
+        self._refused: str | None = None                # the broker's CONNACK refusal
+        self._connect_error: Exception | None = None    # the last failed connection attempt
         self._stopping = False
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
@@ -113,15 +158,29 @@ class MqttSession:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self, *, timeout: float = 10.0) -> None:
-        """Connect and start the network thread; raise BrokerUnavailable after `timeout`."""
+        """Connect and start the network thread.
+
+        Raises BrokerUnavailable at once when the first attempt gets a definite answer (the
+        connection refused, an unknown host, a TLS failure, the broker refusing our
+        credentials), else after `timeout` with the last reason seen; either way with a hint.
+        Once connected, losing the broker only means reconnecting.
+        """
         self._client.connect_async(self.broker.host, self.broker.port, keepalive=self._keepalive)
         self._thread = threading.Thread(target=self._network_loop, name=f"mqtt-{self.client_id}",
                                         daemon=True)
         self._thread.start()
-        if not self._connected.wait(timeout):
-            reason = self._refused or "no answer"
-            self._halt_thread(timeout=2.0)
-            raise BrokerUnavailable(f"cannot connect to {self.broker} within {timeout:g}s: {reason}")
+        deadline = time.monotonic() + timeout
+        while not self._connected.wait(max(0.0, min(0.02, deadline - time.monotonic()))):
+            definite = self._refused is not None or _is_definite(self._connect_error)
+            if definite or time.monotonic() >= deadline:
+                break
+        if self._connected.is_set():
+            return
+        self._halt_thread(timeout=2.0)
+        reason, hint = connect_failure(self.broker, refused=self._refused,
+                                       error=self._connect_error)
+        within = "" if reason != "no answer" else f" within {timeout:g}s"
+        raise BrokerUnavailable(f"cannot connect to {self.broker}{within}: {reason} ({hint})")
 
     def stop(self, *, timeout: float = 5.0) -> None:
         """Wait (bounded) for queued QoS>0 publishes, disconnect cleanly, stop the thread."""
@@ -224,6 +283,11 @@ class MqttSession:
                 return
         self._wake()
 
+    def set_will(self, will: Will) -> None:
+        """The will for the next (re)connection; the current one keeps the will it has."""
+        with self._write_lock:
+            self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+
     def _wake(self) -> None:
         try:
             self._wake_w.send(b"\0")
@@ -251,6 +315,7 @@ class MqttSession:
                     try:
                         client.reconnect()
                     except (OSError, ValueError) as e:
+                        self._connect_error = e
                         log.debug("cannot reach %s yet: %s", self.broker, e)
                 continue
             pending = sock.pending() if hasattr(sock, "pending") else 0
@@ -345,6 +410,7 @@ class MqttSession:
             log.warning("broker %s refused connection: %s", self.broker, reason_code)
             return
         self._refused = None
+        self._connect_error = None
         self._backoff = self._reconnect_min
         self.connects += 1
         with self._lock:

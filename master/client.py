@@ -203,6 +203,16 @@ class FabricClient:
         """Publish on the fabric's broker (e.g. a job's own progress, retained)."""
         self._session.publish(topic, payload, retain=retain)
 
+    @property
+    def connected(self) -> bool:
+        """Whether the broker connection is up right now (it reconnects by itself)."""
+        return self._session.connected
+
+    def subscribe(self, topic_filter: str, handler: Callable[[str, bytes], None]) -> None:
+        """Watch topics of the fabric (e.g. retained statuses) on the client's connection;
+        `handler(topic, payload)` runs on the network thread, so keep it short."""
+        self._session.subscribe(topic_filter, handler)
+
     def pending(self) -> int:
         with self._lock:
             return len(self._handles)

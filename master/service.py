@@ -86,6 +86,7 @@ def serve(options: ServeOptions, *, stop: threading.Event | None = None,
             on_ready(master, broker_url)
         while not stop.wait(0.5):
             pass
+        log.info("master %s stopping", options.master_id)
     finally:
         if pipelines is not None:
             pipelines.stop()
@@ -94,6 +95,7 @@ def serve(options: ServeOptions, *, stop: threading.Event | None = None,
         master.stop()
         if broker_process is not None:
             broker_process.stop()
+    log.info("master %s stopped", options.master_id)
     return 0
 
 
@@ -138,8 +140,10 @@ def _serve_replica(options: ServeOptions, *, stop: threading.Event,
     try:
         while not stop.wait(0.5):
             pass
+        log.info("master %s stopping", options.master_id)
     finally:
         replica.stop()
+    log.info("master %s stopped", options.master_id)
     return 0
 
 

@@ -17,7 +17,9 @@ from core.errors import ConfigError, FabricTimeout, TaskFailed
 from core.protocol import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
 from master.handles import TaskHandle
 
-__all__ = ["shard_data", "assign_shards", "map_shards", "Submitter"]
+__all__ = ["shard_data", "assign_shards", "map_shards", "Submitter", "DEFAULT_MAP_TIMEOUT"]
+
+DEFAULT_MAP_TIMEOUT = 300.0  # seconds a map_shards call waits for all its shards by default
 
 
 class Submitter(Protocol):
@@ -75,13 +77,14 @@ def assign_shards(fabric: Submitter, job_data: dict) -> list[TaskHandle]:
 
 
 def map_shards(fabric: Submitter, task_name: str, data: Sequence[Any], num_shards: int, *,
-               timeout: float, kwargs: dict | None = None,
+               timeout: float = DEFAULT_MAP_TIMEOUT, kwargs: dict | None = None,
                priority: int = DEFAULT_PRIORITY) -> list[Any]:
     """Run `task_name(shard, **kwargs)` over the shards of `data`; one result per item, in
     input order. Each shard's task must return a list as long as its shard.
 
     A shard whose node dies is run again elsewhere by the master. Raises TaskFailed when a
-    shard ended failed, FabricTimeout (naming the unfinished shards) after `timeout` seconds.
+    shard ended failed, FabricTimeout (naming the unfinished shards) after `timeout` seconds
+    (DEFAULT_MAP_TIMEOUT unless given: a map never waits forever).
     """
     if timeout <= 0:
         raise ConfigError("timeout must be positive")

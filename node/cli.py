@@ -48,8 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        configure_logging(args.log_level)
+    except ValueError:
+        parser.error(f"--log-level {args.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
     from node.transport import ComputeNodeTransport
     from node.registry import default_registry, load_task
     from node.lambda_tasks import attach_lambdas
@@ -67,18 +71,21 @@ def main(argv: list[str] | None = None) -> int:
         node = ComputeNodeTransport(
             broker_url=parse_broker_url(args.broker), node_id=args.node_id, root=args.root,
             capacity=args.capacity, prefetch=args.prefetch, heartbeat=args.heartbeat,
-            registry=registry)
+            registry=registry, lambdas=lambda: runner.names)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         node.start()
-        logging.getLogger("compute-node").info(
-            "node %s ready on %s (capacity %d)", node.node_id, node.broker, node.capacity)
+        log = logging.getLogger("compute-node")
+        log.info("node %s ready on %s (capacity %d)", node.node_id, node.broker, node.capacity)
         while not stop.wait(1.0):
             pass
+        log.info("node %s stopping: handing back unstarted tasks, finishing running ones",
+                 node.node_id)
         node.stop(graceful=True)
         if runner is not None:
             runner.close()
+        log.info("node %s stopped", node.node_id)
         return 0
     except FabricError as e:
         print(f"compute-node: error: {e}", file=sys.stderr)

@@ -20,4 +20,11 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   $SUDO apt-get install -y -qq --no-install-recommends mosquitto >/dev/null
 fi
 
+# chromium: the dashboard test loads the page headless
+if ! command -v chromium >/dev/null 2>&1; then
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
+
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'

@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.bind is not None:
             config = config.with_bind(args.bind)
     except BrokerError as e:
-        return _fail(str(e), status=2)
+        return _fail(str(e), status=2, parent=args.parent_pid is not None)
     configure_logging(config)
     pid_file = config.pid_file
     try:
@@ -179,13 +179,17 @@ def main(argv: list[str] | None = None) -> int:
             pid_file.write_text(f"{os.getpid()}\n")
         return asyncio.run(_serve(config, args))
     except BrokerError as e:
-        return _fail(str(e), status=1)
+        return _fail(str(e), status=1, parent=args.parent_pid is not None)
     finally:
         if pid_file is not None:
             pid_file.unlink(missing_ok=True)
 
 
-def _fail(message: str, *, status: int) -> int:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    print(f"ERROR {message.splitlines()[0] if message else 'failed'}", flush=True)
+def _fail(message: str, *, status: int, parent: bool) -> int:
+    """Say why once: on stdout's protocol line for the master that started us (which reports
+    it), on stderr for a person; both when stdout goes elsewhere than a terminal."""
+    if not parent:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    if parent or not sys.stdout.isatty():
+        print(f"ERROR {message.splitlines()[0] if message else 'failed'}", flush=True)
     return status

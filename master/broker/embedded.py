@@ -8,7 +8,9 @@ and authentication and ACLs are the mosquitto-file plugins of `master.broker.plu
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import re
 import ssl
 import sys
 from types import TracebackType
@@ -29,6 +31,16 @@ SHUTDOWN_TIMEOUT = 10.0
 
 _TLS_MINIMUM = {"tlsv1.1": ssl.TLSVersion.TLSv1_1, "tlsv1.2": ssl.TLSVersion.TLSv1_2,
                 "tlsv1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def _start_failure(cause: BaseException) -> str:
+    """Why listening failed, in one line: a busy port says which and what to do."""
+    if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
+        found = re.search(r"\('([^']*)', (\d+)", str(cause))
+        where = f"{found.group(1)}:{found.group(2)}" if found else "a listener's port"
+        return (f"{where} is already in use (is another broker or "
+                "master-node serve running? stop it, or pick another port with --port)")
+    return str(cause) or type(cause).__name__
 
 
 def check_anonymous_policy(config: BrokerConfig, *, allow_remote_anonymous: bool = False) -> None:
@@ -136,10 +148,15 @@ class EmbeddedBroker:
         broker = FabricBroker(settings, servers=servers, max_packet_size=config.max_packet_size,
                               max_queued_messages=config.max_queued_messages,
                               connection_messages=config.connection_messages)
+        amqtt_log = logging.getLogger("amqtt.broker")
+        level = amqtt_log.level
+        amqtt_log.setLevel(logging.CRITICAL)  # its traceback of the cause we report ourselves
         try:
             await broker.start()
         except AmqttBrokerError as e:
-            raise BrokerStartError(f"embedded broker did not start: {e.__cause__ or e}") from e
+            raise BrokerStartError(_start_failure(e.__cause__ or e)) from e
+        finally:
+            amqtt_log.setLevel(level)
         self._broker = broker
 
     async def stop(self) -> None:

@@ -55,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "journal, and take over when its lease lapses (the first to find no "
                         "active master becomes it). Needs --broker: the broker must outlive "
                         "each master; --pipelines is not replicated and is refused")
+    p.add_argument("--dashboard", metavar="HOST:PORT",
+                   help="also serve the live web dashboard there (e.g. 127.0.0.1:8080; the "
+                        "same page as `master-node dashboard`)")
     p.add_argument("--lease-ttl", type=float, default=3.0, metavar="SECONDS",
                    help="with --replica: the active master renews its lease every third of "
                         "this; a standby takes over when the lease lapses or its holder's "
@@ -75,11 +78,40 @@ def run(args: argparse.Namespace) -> int:
                            snapshots=args.snapshots, snapshot_interval=args.snapshot_interval,
                            replica=args.replica, lease_ttl=args.lease_ttl)
 
+    listen = None
+    if args.dashboard:
+        from master.dashboard import parse_listen
+        listen = parse_listen(args.dashboard)  # a bad address stops serve before it starts
+    dashboards: list[Any] = []
+
+    def start_dashboard(url: Any) -> None:
+        if listen is None or dashboards:
+            return
+        from master.dashboard import Dashboard
+        dashboard = Dashboard(broker_url=url, host=listen[0], port=listen[1], root=args.root)
+        dashboards.append(dashboard.start())
+        print(f"dashboard on {dashboard.url}", flush=True)
+
     def ready(master: Any, url: Any) -> None:
+        from master.dashboard import register_queue_query
+        register_queue_query(master)
         epoch = f" (active, epoch {master.epoch})" if args.replica else ""
         print(f"master ready on {url}{epoch}", flush=True)
+        start_dashboard(url)
 
     def standby(url: Any) -> None:
         print(f"standby ready on {url}", flush=True)
+        start_dashboard(url)
 
-    return serve(options, stop=stop, on_ready=ready, on_standby=standby)
+    def stop_dashboards() -> None:
+        stop.wait()  # before the master and its broker go, so the page's client leaves quietly
+        for dashboard in list(dashboards):
+            dashboard.stop()
+
+    if listen is not None:
+        threading.Thread(target=stop_dashboards, name="dashboard-stop", daemon=True).start()
+    try:
+        return serve(options, stop=stop, on_ready=ready, on_standby=standby)
+    finally:
+        for dashboard in dashboards:
+            dashboard.stop()
