@@ -4,8 +4,10 @@ One MQTT session over umqtt.simple, one poll loop, reconnection owned by the cal
 (main.py). Topics, all JSON:
 
     <root>/nodes/<node_id>/status   retained: birth `ready`, heartbeat, will `dead`
+                                    (birth and will carry the same `seq`, one per connect)
     <root>/nodes/<node_id>/tasks    task batches and control messages (QoS 1)
     <root>/results/<node_id>        result batches and snapshot reports (QoS 1)
+    <root>/master/lease             retained: the replicated masters' lease (read only)
 
 Nothing a broker or master sends can crash the node (see task_queue and mqtt_client).
 The code is split in modules of a few kilobytes because compiling a .py file on the
@@ -17,10 +19,10 @@ import json
 import time
 
 import _thread
-import select
 
+import node_info
 import tasks
-from mqtt_client import PINGRESP, BoundedClient
+from link import Link, log
 from task_queue import TaskQueue, now
 
 RESULT_BATCH = 8      # results sent in one message at most
@@ -28,41 +30,10 @@ RESULT_WAIT_MS = 200  # how long a finished result may wait for others to share 
 CHEAP = ("noop", "echo")  # tasks quick enough that a result may wait for theirs
 
 
-def log(*args):
-    print("[%d]" % time.ticks_ms(), *args)
-
-
-def _hex(raw):
-    return "".join("%02x" % b for b in raw)
-
-
-def default_node_id():
-    """`esp32-<mac hex>`: stable across reboots, unique per board."""
-    raw = None
-    try:
-        import machine
-        raw = machine.unique_id()
-    except Exception:
-        pass
-    if not raw:
-        import network
-        raw = network.WLAN(network.STA_IF).config("mac")
-    return "esp32-" + _hex(raw)
-
-
-def _random_hex():
-    try:
-        import os
-        return _hex(os.urandom(4))
-    except Exception:
-        import random
-        return "%08x" % random.getrandbits(32)
-
-
-class ComputeNode:
+class ComputeNode(Link):
     """One board on the fabric (seed API: connect, is_connected, handle_disconnect,
     check_messages, mqtt_keepalive_loop, start_keepalive_thread, publish_status,
-    send_result, get_task); main.py drives it."""
+    send_result, get_task); main.py drives it. The MQTT half is link.Link."""
 
     def __init__(self, broker_host, broker_port=1883, broker_keepalive=60, node_id=None,
                  user=None, password=None, root="fabric", heartbeat=5, max_payload=8192,
@@ -80,13 +51,17 @@ class ComputeNode:
         self.clean_session = clean_session
         self.wlan = wlan          # has isconnected(); None when the link is not Wi-Fi
         self.wifi_up = wifi_up    # brings Wi-Fi up within a bound; True when up
-        self.node_id = node_id or default_node_id()
+        self.node_id = node_id or node_info.default_node_id()
         base = root + "/nodes/" + self.node_id
         self.task_topic = base + "/tasks"
         self.status_topic = base + "/status"
         self.result_topic = root + "/results/" + self.node_id
-        self.instance = _random_hex()
+        self.lease_topic = root + "/master/lease"
+        self.lease_key = self.lease_topic.encode()  # umqtt hands topics over as bytes
+        self.instance = node_info.random_hex()
         self.task_names = tasks.names()
+        self.lambda_names = tasks.lambda_names()
+        self.seq = 0              # birth sequence: +1 per connect, in the birth and the will
         # The master sends up to 1 + prefetch tasks of up to max_payload bytes: hold them all.
         self.queue = TaskQueue(queue_size, queue_bytes or (1 + prefetch) * max_payload)
         # Every message is read into this one buffer; allocate it early (main.py does).
@@ -108,69 +83,6 @@ class ComputeNode:
         self.heap_min_free = 1 << 30
         self.started = time.ticks_ms()
 
-    # -- connection ------------------------------------------------------------------------
-
-    def connect(self):
-        """Wi-Fi (through wifi_up), MQTT with the will `dead`, subscribe, birth. True if online."""
-        self.handle_disconnect()
-        if self.wifi_up is not None and not self.wifi_up():
-            return False
-        c = BoundedClient(self.node_id, self.broker_host, self.broker_port, self.user,
-                          self.password, self.broker_keepalive)
-        c.limit = self.max_payload
-        c.rx = self.rx
-        c.io_timeout = self.io_timeout
-        c.set_callback(self._on_message)
-        c.set_last_will(self.status_topic, self._status_json("dead"), True, 1)
-        try:
-            try:
-                c.connect(self.clean_session, self.io_timeout)
-            except TypeError:  # umqtt.simple before 1.4: no connect timeout
-                c.connect(self.clean_session)
-            c.sock.settimeout(self.io_timeout)
-            try:  # umqtt writes a message in pieces: without this, Nagle adds ~40 ms
-                c.sock.setsockopt(6, 1, 1)  # IPPROTO_TCP, TCP_NODELAY (lwIP and Linux)
-            except Exception:
-                pass
-            c.last_rx = time.ticks_ms()
-            c.subscribe(self.task_topic, 1)
-            poller = select.poll()
-            poller.register(c.sock, select.POLLIN)
-        except Exception:
-            try:
-                c.sock.close()
-            except Exception:
-                pass
-            raise
-        with self.lock:
-            self.client = c
-            self.poller = poller
-            self.broken = False
-            self.last_ping = self.last_beat = time.ticks_ms()
-        self.reconnects += 1
-        self.publish_status(self.state())
-        log("online as", self.node_id, "at", self.broker_host, self.broker_port)
-        return True
-
-    def is_connected(self):
-        """True while the MQTT session is up and (when known) the Wi-Fi link too."""
-        if self.client is None or self.broken:
-            return False
-        return self.wlan is None or self.wlan.isconnected()
-
-    def handle_disconnect(self):
-        """Drop the session without DISCONNECT (the broker sends the will); keep all tasks."""
-        with self.lock:
-            c = self.client
-            self.client = None
-            self.poller = None
-        if c is not None:
-            try:
-                c.sock.close()
-            except Exception:
-                pass
-        gc.collect()
-
     def shutdown(self):
         """Clean exit: hand back queued tasks, send what is done, say `offline`, DISCONNECT."""
         self.stopping = True
@@ -190,35 +102,14 @@ class ComputeNode:
 
     # -- receiving ---------------------------------------------------------------------------
 
-    def check_messages(self, wait_ms=0):
-        """Take waiting messages into the queue, waiting up to wait_ms for the first.
-
-        Raises OSError when the connection is gone or the broker stopped answering pings.
-        """
-        c = self.client
-        poller = self.poller
-        if c is None:
-            raise OSError("not connected")
-        if wait_ms > 0 and poller is not None:
-            poller.poll(wait_ms)
-        with self.lock:
-            for _ in range(16):
-                op = c.check_msg()
-                if op is None:
-                    break
-                if op != PINGRESP and op & 0xF0 != 0x30:
-                    raise OSError("unexpected MQTT packet 0x%02x" % op)
-        if self.broker_keepalive:
-            limit = (self.broker_keepalive * 3 // 2 + self.io_timeout) * 1000
-            if time.ticks_diff(time.ticks_ms(), c.last_rx) > limit:
-                raise OSError("broker stopped answering")
-
     def _on_message(self, topic, msg):
         # Runs inside umqtt's read, also while a publish waits for its PUBACK: it only
         # records; flush() sends what follows from it.
         try:
             if msg is None:
                 self.queue.rejected += 1  # longer than max_payload: drained unread
+            elif topic == self.lease_key:
+                self.queue.fence.observe(msg)
             else:
                 self.queue.handle(msg, self.rx)
                 self.sample_heap()  # the message and what it decoded to are still allocated
@@ -242,19 +133,11 @@ class ComputeNode:
         """Run a task from get_task(); its result is queued for sending and returned."""
         result, cache = tasks.run(task, {"node_id": self.node_id, "task_id": task["id"],
                                          "instance": self.instance})
-        self.queue.running = None
-        self.queue.finish(result, cache)
+        self.queue.finish(result, cache, task)
         self.sample_heap()
         return result
 
     # -- sending -----------------------------------------------------------------------------
-
-    def _publish(self, topic, msg, retain=False, qos=1):
-        c = self.client
-        if c is None:
-            raise OSError("not connected")
-        with self.lock:
-            c.publish(topic, msg, retain, qos)
 
     def publish_status(self, status, qos=1):
         """Publish the retained status (`ready`, `busy`, `offline`, ...)."""
@@ -272,7 +155,8 @@ class ComputeNode:
             r = result_data[i]
             if "id" not in r:
                 r = result_data[i] = {"id": str(r.get("task_id")), "ok": True,
-                                      "value": r.get("output")}
+                                      "value": r.get("output"),
+                                      "attempt": r.get("attempt", 0), "token": r.get("token", "")}
             if "ts" not in r:
                 r["ts"] = ts
         self._publish(self.result_topic, json.dumps({
@@ -311,44 +195,6 @@ class ComputeNode:
             q.outbox_since = time.ticks_ms()
         gc.collect()
 
-    # -- keepalive and heartbeat ------------------------------------------------------------
-
-    def mqtt_keepalive_loop(self):
-        """Ping the broker and publish the heartbeat, also while a long task runs.
-
-        Only writes (ping, QoS 0 status) under the socket lock: reading stays with the main
-        loop, so message callbacks never run on this thread.
-        """
-        while True:
-            try:
-                time.sleep_ms(100)
-                c = self.client
-                if c is None or self.broken:
-                    continue
-                t = time.ticks_ms()
-                if (self.broker_keepalive
-                        and time.ticks_diff(t, self.last_ping) >= self.broker_keepalive * 500):
-                    with self.lock:
-                        if self.client is c:
-                            c.ping()
-                    self.last_ping = t
-                if time.ticks_diff(t, self.last_beat) >= int(self.heartbeat * 1000):
-                    msg = self._status_json(self.state())
-                    with self.lock:
-                        if self.client is c and not self.stopping:
-                            c.publish(self.status_topic, msg, True, 0)
-                    self.last_beat = t
-            except Exception as e:
-                self.broken = True  # the main loop reconnects
-                self.errors += 1
-                log("keepalive:", repr(e))
-
-    def start_keepalive_thread(self):
-        """Start mqtt_keepalive_loop once per boot; it idles while disconnected."""
-        if not self.thread_started:
-            self.thread_started = True
-            _thread.start_new_thread(self.mqtt_keepalive_loop, ())
-
     # -- state -------------------------------------------------------------------------------
 
     def state(self):
@@ -366,26 +212,7 @@ class ComputeNode:
 
     def snapshot(self):
         """Counters and heap for a snapshot report (heap_free/heap_alloc after a collection)."""
-        q = self.queue
-        gc.collect()
-        return {"tasks_processed": q.tasks_done + q.tasks_failed, "tasks_done": q.tasks_done,
-                "tasks_failed": q.tasks_failed, "held": q.held(), "heap_free": gc.mem_free(),
-                "heap_alloc": gc.mem_alloc(), "heap_peak": self.heap_peak,
-                "heap_live_peak": self.heap_live_peak, "heap_min_free": self.heap_min_free,
-                "rejected": q.rejected,
-                "duplicates": q.duplicates, "reconnects": self.reconnects,
-                "errors": self.errors, "queue_size": q.size, "instance": self.instance,
-                "uptime": time.ticks_diff(time.ticks_ms(), self.started) // 1000}
+        return node_info.snapshot(self)
 
     def _status_json(self, status):
-        q = self.queue
-        return json.dumps({
-            "type": "status", "v": 1, "node_id": self.node_id, "status": status,
-            "kind": "micropython", "codec": "json", "capacity": 1, "prefetch": self.prefetch,
-            "workload": q.workload(), "max_payload": self.max_payload,
-            "instance": self.instance, "tasks_done": q.tasks_done,
-            "tasks_failed": q.tasks_failed, "rejected": q.rejected,
-            "heartbeat": self.heartbeat, "ts": now(), "tasks": self.task_names,
-            "duplicates": q.duplicates, "reconnects": self.reconnects,
-            "heap_free": gc.mem_free(), "heap_alloc": gc.mem_alloc(),
-            "heap_peak": self.heap_peak})
+        return node_info.status_json(self, status)

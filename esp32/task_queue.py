@@ -5,20 +5,29 @@ fields are wrong is answered with a `bad_request` error; anything else that is n
 message is counted in `rejected`. Past `size` tasks, or past `max_bytes` of held task
 payload (a decoded task takes a few times its JSON size in heap), the least urgent task is
 handed back (`released`) so the master can give it to another node; so are the tasks of
-a batch the heap cannot decode, their ids read from the raw JSON.
+a batch the heap cannot decode, their ids read from the raw JSON, and those a `release`
+control asks for.
+
+Each dispatch carries an `attempt` and a `token` that its result echoes. Results are
+remembered by (id, attempt): the same attempt again is answered from memory, a newer one
+runs again (or, while the task is still held, replaces the held copy's attempt and token).
+
+Replicated masters: a batch the lease fence (lease.py) refuses is handed back, so its
+legitimate sender dispatches it again.
 """
 
 import gc
 import json
 import time
 
+from lease import LeaseFence
 from tasks import error
 
 MIN_PRIORITY = 1
 MAX_PRIORITY = 10
 DEFAULT_PRIORITY = 5
 MAX_ID = 128   # longest task id, as on the master
-RECENT = 16    # completed ids remembered to drop duplicates
+RECENT = 16    # completed (id, attempt) pairs remembered to drop duplicates
 
 # MicroPython ports other than unix count time from 2000-01-01; the wire wants unix time.
 EPOCH = 946684800 if time.gmtime(0)[0] == 2000 else 0
@@ -37,9 +46,10 @@ class TaskQueue:
         self.max_bytes = max_bytes  # held tasks' share of their messages: bounds the heap
         self.items = []       # (priority, seq, task, size), in arrival order
         self.seq = 0
-        self.epoch = 0        # highest master epoch seen; older batches are stale
+        self.fence = LeaseFence()
         self.running = None   # id of the task being run
-        self.recent = []      # [id, result or None], newest last
+        self.run_task = None  # ... and the task itself (a newer attempt updates it)
+        self.recent = []      # [id, attempt, result or None], newest last
         self.outbox = []      # results not yet acknowledged by the broker
         self.outbox_since = 0
         self.released = []    # ids handed back unstarted
@@ -72,15 +82,33 @@ class TaskQueue:
             self.rejected += 1
         elif kind == "tasks" and type(m.get("tasks")) is list:
             epoch = m.get("epoch", 0)
-            if type(epoch) is not int or epoch < self.epoch:
-                self.rejected += 1  # from a master that lost its lease
+            if type(epoch) is not int or not self.fence.admits(epoch, m.get("master", "")):
+                self.rejected += 1  # not the lease holder's: handed back
+                for t in m["tasks"]:
+                    tid = t.get("id") if type(t) is dict else None
+                    if (type(tid) is str and tid != self.running and self.find(tid) < 0
+                            and tid not in self.released):
+                        self.released.append(tid)
                 return
-            self.epoch = epoch
             share = len(msg) // (len(m["tasks"]) or 1)
             for t in m["tasks"]:
                 self.accept(t, share)
-        elif kind == "control" and m.get("command") == "snapshot":
+        elif kind == "control":
+            self.control(m)
+        else:
+            self.rejected += 1
+
+    def control(self, m):
+        epoch = m.get("epoch", 0)
+        command = m.get("command")
+        params = m.get("params", {})
+        if type(epoch) is not int or not self.fence.admits_control(epoch):
+            self.rejected += 1
+        elif command == "snapshot":
             self.snapshots.append(str(m.get("request_id", "")))
+        elif command == "release" and type(params) is dict \
+                and type(params.get("count")) is int and params["count"] > 0:
+            self.release(params["count"])
         else:
             self.rejected += 1
 
@@ -93,14 +121,26 @@ class TaskQueue:
         if type(tid) is not str or not 0 < len(tid) <= MAX_ID:
             self.rejected += 1
             return
-        if tid == self.running or self.find(tid) >= 0:
-            self.duplicates += 1
+        a = t.get("attempt", 0)
+        tok = t.get("token", "")
+        if type(a) is not int or a < 0 or type(tok) is not str or len(tok) > 64:
+            self.finish({"id": tid, "ok": False, "error": error(
+                "bad_request", "TypeError", "attempt must be an int >= 0, token a string")})
+            return
+        i = self.find(tid)
+        held = self.run_task if tid == self.running else self.items[i][2] if i >= 0 else None
+        if held is not None:
+            if a > held.get("attempt", 0):  # re-dispatched: answer the newest attempt
+                held["attempt"] = a
+                held["token"] = tok
+            else:
+                self.duplicates += 1
             return
         for entry in self.recent:
-            if entry[0] == tid:
+            if entry[0] == tid and entry[1] >= a:
                 self.duplicates += 1
-                if entry[1] is not None:
-                    self.send(entry[1])
+                if entry[1] == a and entry[2] is not None:
+                    self.send(entry[2])
                 return
         p = t.get("priority", DEFAULT_PRIORITY)
         if (type(t.get("name")) is not str or type(t.get("args", [])) is not list
@@ -108,22 +148,34 @@ class TaskQueue:
                 or not MIN_PRIORITY <= p <= MAX_PRIORITY):
             self.finish({"id": tid, "ok": False, "error": error(
                 "bad_request", "TypeError",
-                "name must be a string, args a list, kwargs a map, priority 1-10")})
+                "name must be a string, args a list, kwargs a map, priority 1-10")}, True, t)
             return
         q = self.items
         # Over the count or the byte budget (one task always fits): hand back the least
         # urgent (the newest among equals), which may be this one.
         while q and (len(q) >= self.size or self.held_bytes() + size > self.max_bytes):
-            low = 0
-            for i in range(1, len(q)):
-                if q[i][0] <= q[low][0]:
-                    low = i
+            low = self._least()
             if q[low][0] >= p:
                 self.released.append(tid)
                 return
             self.released.append(q.pop(low)[2]["id"])
         self.seq += 1
         q.append((p, self.seq, t, size))
+
+    def _least(self):
+        """Index of the least urgent held task (the newest among equals)."""
+        q = self.items
+        low = 0
+        for i in range(1, len(q)):
+            if q[i][0] <= q[low][0]:
+                low = i
+        return low
+
+    def release(self, n):
+        """Hand back up to n unstarted tasks, least urgent first (the master's `release`)."""
+        while n > 0 and self.items:
+            self.released.append(self.items.pop(self._least())[2]["id"])
+            n -= 1
 
     def hand_back_unread(self, buf, n):
         """A batch too big for the heap left: hand back the task ids its raw JSON names.
@@ -181,16 +233,23 @@ class TaskQueue:
             return None
         task = self.items.pop(self._best())[2]
         self.running = task["id"]
+        self.run_task = task
         return task
 
-    def finish(self, result, cache=True):
-        """Record a task's result and queue it for sending."""
+    def finish(self, result, cache=True, task=None):
+        """Record a task's result, with the attempt and token of its (newest) dispatch, and
+        queue it for sending."""
+        if result["id"] == self.running:
+            self.running = self.run_task = None
+        d = task or {}
+        result["attempt"] = d.get("attempt", 0)
+        result["token"] = d.get("token", "")
         result["ts"] = now()
         if result["ok"]:
             self.tasks_done += 1
         else:
             self.tasks_failed += 1
-        self.recent.append([result["id"], result if cache else None])
+        self.recent.append([result["id"], result["attempt"], result if cache else None])
         if len(self.recent) > RECENT:
             self.recent.pop(0)
         self.send(result)
@@ -204,7 +263,7 @@ class TaskQueue:
         """Hand back every task without a result (clean shutdown, also one interrupted)."""
         if self.running is not None:
             self.released.append(self.running)
-            self.running = None
+            self.running = self.run_task = None
         self.released.extend(item[2]["id"] for item in self.items)
         self.items = []
 

@@ -1,7 +1,8 @@
 """The board's tasks: built-ins (noop, echo, sleep, primes) and the firmware lambdas.
 
 run() turns one task into its wire result and never raises: a failure becomes an error
-with a kind the master can act on (bad_request, unknown_task, memory, exception).
+with a kind the master can act on (bad_request, unknown_task, unknown_lambda, memory,
+exception).
 """
 
 import gc
@@ -36,12 +37,17 @@ def error(kind, type_name, message):
 
 
 def names():
-    """The task names this board runs, for its status."""
+    """The task names this board runs, for its status (a lambda also runs by its name)."""
     out = list(BUILTIN)
     for name in LAMBDAS:
         if name not in out:
             out.append(name)
     return ",".join(out)
+
+
+def lambda_names():
+    """The firmware lambdas, for its status: where the master sends `lambda` tasks."""
+    return ",".join(LAMBDAS)
 
 
 def primes(numbers):
@@ -85,7 +91,7 @@ def _call(name, args, kwargs, context):
         fn = LAMBDAS.get(kwargs.get("name"))
         event = kwargs.get("event")
         if fn is None:
-            raise TaskError("unknown_task", "no lambda %r here" % kwargs.get("name"))
+            raise TaskError("unknown_lambda", "no lambda %r here" % kwargs.get("name"))
     elif name in LAMBDAS:
         fn = LAMBDAS[name]
         event = kwargs.get("event", args[0] if args else None)

@@ -39,7 +39,8 @@ from core.url import parse_broker_url  # noqa: E402
 ESP32_DIR = _ROOT / "esp32"
 PRIMALITY = _ROOT / "core" / "primality.py"
 ENTRY_FILES = ("boot.py", "main.py")  # run by the firmware by name: always .py
-MODULES = ("compute_node", "task_queue", "tasks", "mqtt_client", "wifi", "lambdas")
+MODULES = ("compute_node", "link", "node_info", "task_queue", "lease", "tasks", "mqtt_client",
+           "wifi", "lambdas")
 UMQTT_PACKAGE = "umqtt.simple"
 MASK = "********"
 

@@ -45,6 +45,7 @@ from core import codec
 from core.mqtt import MqttSession
 from core.protocol import (Control, NodeReport, NodeStatus, ResultBatch, TaskBatch, TaskResult,
                            TaskSpec, decode_message)
+from core.replication import Lease
 from core.url import BrokerUrl, parse_broker_url
 from support.brokers import BrokerHandle, broker_params, start_broker
 from support.fabric import wait_until
@@ -55,7 +56,7 @@ SHIMS_DIR = Path(__file__).resolve().parent / "esp32_shims"
 FIRMWARE = SHIMS_DIR / "_firmware.py"
 PRIMALITY = REPO / "core" / "primality.py"
 NODE_FILES = ("boot.py", "main.py", "compute_node.py", "task_queue.py", "tasks.py",
-              "mqtt_client.py", "wifi.py", "lambdas.py")
+              "mqtt_client.py", "wifi.py", "lambdas.py", "lease.py", "node_info.py", "link.py")
 UMQTT_PACKAGE = "micropython-umqtt.simple"
 
 T = TypeVar("T")
@@ -287,9 +288,10 @@ class Harness:
     def tasks_topic(self, node_id: str) -> str:
         return f"{self.root}/nodes/{node_id}/tasks"
 
-    def send(self, node_id: str, tasks: Iterable[TaskSpec], epoch: int = 0) -> float:
+    def send(self, node_id: str, tasks: Iterable[TaskSpec], epoch: int = 0,
+             master: str = "harness") -> float:
         """Publish one JSON task batch (QoS 1); returns the monotonic time it was handed over."""
-        batch = TaskBatch(tasks=tuple(tasks), epoch=epoch, master="harness")
+        batch = TaskBatch(tasks=tuple(tasks), epoch=epoch, master=master)
         at = time.monotonic()
         self.session.publish_and_wait(self.tasks_topic(node_id), batch.encode("json"), qos=1)
         return at
@@ -323,11 +325,23 @@ class Harness:
     def send_raw(self, node_id: str, payload: bytes) -> None:
         self.session.publish_and_wait(self.tasks_topic(node_id), payload, qos=1)
 
-    def snapshot(self, node_id: str, timeout: float = 10.0) -> dict[str, Any]:
+    def control(self, node_id: str, command: str, epoch: int = 0, **params: Any) -> None:
+        self.session.publish_and_wait(
+            self.tasks_topic(node_id),
+            Control(command=command, params=params, epoch=epoch).encode("json"), qos=1)
+
+    def lease(self, holder: str, epoch: int, state: str = "held") -> None:
+        """Publish the replicated masters' retained lease, as an active master does."""
+        lease = Lease(holder=holder, epoch=epoch, state=state, ts=time.time())
+        self.session.publish_and_wait(f"{self.root}/master/lease", lease.encode("json"), qos=1,
+                                      retain=True)
+
+    def snapshot(self, node_id: str, timeout: float = 10.0, epoch: int = 0) -> dict[str, Any]:
         request_id = uuid.uuid4().hex[:8]
         self.session.publish_and_wait(
             self.tasks_topic(node_id),
-            Control(command="snapshot", request_id=request_id).encode("json"), qos=1)
+            Control(command="snapshot", request_id=request_id, epoch=epoch).encode("json"),
+            qos=1)
         seen = self.wait(lambda: next((r for r in self.reports
                                        if r.message.request_id == request_id), None),
                          timeout, f"snapshot {request_id} from {node_id}")

@@ -25,7 +25,7 @@ from support.brokers import BrokerHandle  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "deploy_esp32.py"
 NODE_FILES = ("boot.py", "main.py", "compute_node.py", "task_queue.py", "tasks.py",
-              "mqtt_client.py", "wifi.py", "lambdas.py")
+              "mqtt_client.py", "wifi.py", "lambdas.py", "lease.py", "node_info.py", "link.py")
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -143,7 +143,7 @@ def test_builtins_and_lambdas(broker: BrokerHandle, root: str, harness: Harness,
     assert r["sum"].value == 6 + 2**70
     assert r["wc"].value == {"a": 2, "b": 1}
     assert r["heap"].value["free"] > 0
-    assert r["no-lambda"].error["kind"] == "unknown_task"
+    assert r["no-lambda"].error["kind"] == "unknown_lambda"
     assert r["no-task"].error["kind"] == "unknown_task"
     assert r["raises"].error["kind"] == "exception" and r["raises"].error["type"] == "TypeError"
 
@@ -282,13 +282,12 @@ def test_bad_messages_are_answered_or_counted(broker: BrokerHandle, root: str, h
     assert results["boom"].error["type"] == "ValueError"
     assert "too-big" not in harness.results("bad-1")
 
-    # Stale master epoch: a batch older than one already seen is dropped.
-    harness.send("bad-1", [TaskSpec(id="e5", name="echo", args=[5])], epoch=5)
-    harness.wait_results(["e5"], 15)
+    # A batch stamped with a lease while no lease is held is refused and handed back.
     harness.send("bad-1", [TaskSpec(id="e3", name="echo", args=[3])], epoch=3)
     rejected += 1
+    harness.wait(lambda: "e3" in harness.released("bad-1"), 15, "e3 handed back")
 
-    harness.send("bad-1", [TaskSpec(id="after", name="echo", args=["alive"])], epoch=5)
+    harness.send("bad-1", [TaskSpec(id="after", name="echo", args=["alive"])])
     assert harness.wait_results(["after"], 15)["after"].value == "alive"
     state = harness.snapshot("bad-1")
     assert state["rejected"] == rejected
@@ -413,3 +412,136 @@ def test_heap_under_load(broker: BrokerHandle, root: str, harness: Harness, boar
           f"(live after a collection {state['heap_live_peak']} B), min mem_free "
           f"{state['heap_min_free']} B, idle free {state['heap_free']} B")
     assert state["heap_min_free"] > 0
+
+
+# -- task identity: attempts, tokens, release, birth sequence ------------------------------------
+
+def test_results_echo_attempt_and_token_and_a_new_attempt_runs_again(
+        broker: BrokerHandle, root: str, harness: Harness, boards) -> None:
+    boards(broker, "att-1", root)
+    harness.wait_status("att-1", "ready", 30)
+    first = TaskSpec(id="a1", name="lambda", kwargs={"name": "heap"}, attempt=1,
+                     token="00000000000000a1")
+    harness.send("att-1", [first])
+    r1 = harness.wait_results(["a1"], 15)["a1"]
+    assert (r1.attempt, r1.token) == (1, "00000000000000a1")
+    # The same attempt again (a redelivery): answered from the cache, not run.
+    harness.send("att-1", [first])
+    harness.wait(lambda: harness.result_order("att-1").count("a1") == 2, 15, "cached answer")
+    # A new attempt of the same id runs again and answers with its own attempt and token.
+    second = TaskSpec(id="a1", name="lambda", kwargs={"name": "heap"}, attempt=2,
+                      token="00000000000000a2")
+    harness.send("att-1", [second])
+    harness.wait(lambda: harness.result_order("att-1").count("a1") == 3, 15, "second run")
+    with harness.cond:
+        sent = [r for seen in harness.batches for r in seen.message.results if r.id == "a1"]
+    assert [(r.attempt, r.token) for r in sent] == [
+        (1, "00000000000000a1"), (1, "00000000000000a1"), (2, "00000000000000a2")]
+    assert sent[0].ts == sent[1].ts and sent[2].ts > sent[0].ts  # cached, then a real run
+    # A stale attempt after a newer one: a duplicate, neither run nor answered.
+    harness.send("att-1", [first])
+    # A new attempt while the task is still queued: one copy runs, with the newest attempt.
+    slow = TaskSpec(id="slow", name="sleep", args=[1.0], priority=9, attempt=1, token="5" * 16)
+    queued = [TaskSpec(id="q", name="echo", args=["q"], attempt=n, token=f"{n:016x}")
+              for n in (1, 2)]
+    harness.send("att-1", [slow, queued[0]])
+    harness.send("att-1", [queued[1]])
+    got = harness.wait_results(["slow", "q"], 20)
+    assert (got["q"].attempt, got["q"].token, got["q"].value) == (2, f"{2:016x}", "q")
+    assert (got["slow"].attempt, got["slow"].token) == (1, "5" * 16)
+    state = harness.snapshot("att-1")
+    assert state["tasks_processed"] == 4  # a1 twice, slow, q once
+    assert state["duplicates"] == 2       # a1's redelivery and its stale attempt
+    assert harness.result_order("att-1").count("q") == 1
+    assert not harness.undecodable
+
+
+def test_release_hands_back_unstarted_tasks_least_urgent_first(
+        broker: BrokerHandle, root: str, harness: Harness, boards) -> None:
+    boards(broker, "rel-1", root)
+    harness.wait_status("rel-1", "ready", 30)
+    harness.send("rel-1", [TaskSpec(id="long", name="sleep", args=[2.0], priority=10)])
+    harness.wait(lambda: any(s.message.node_id == "rel-1" and s.message.workload == 1
+                             for s in harness.statuses), 10, "the board running the long task")
+    held = [("h9", 9), ("h2", 2), ("h5a", 5), ("h5b", 5), ("h1", 1)]
+    harness.send("rel-1", [TaskSpec(id=i, name="echo", args=[i], priority=p) for i, p in held])
+    harness.control("rel-1", "release", count=3)
+    harness.wait(lambda: len(harness.released("rel-1")) >= 3, 10, "three tasks handed back")
+    assert harness.released("rel-1") == ["h1", "h2", "h5b"]
+    got = harness.wait_results(["long", "h9", "h5a"], 20)
+    assert got["long"].ok and got["h9"].value == "h9"
+    assert not {"h1", "h2", "h5b"} & harness.results("rel-1").keys()
+    harness.control("rel-1", "release", count=0)  # malformed: counted, nothing else
+    harness.control("rel-1", "release")
+    state = harness.snapshot("rel-1")
+    assert state["rejected"] == 2 and state["held"] == []
+
+
+def test_status_lists_lambdas_and_birth_and_will_share_seq(
+        broker: BrokerHandle, root: str, harness: Harness, boards) -> None:
+    board = boards(broker, "seq-1", root)
+    ready = harness.wait_status("seq-1", "ready", 30)
+    assert set(ready.message.lambdas.split(",")) == {"square", "sum", "word_count", "heap"}
+    assert "lambda" in ready.message.tasks.split(",")
+    assert ready.message.seq == 1
+    board.wifi(False)  # the session drops: the broker sends the will of birth 1
+    dead = harness.wait_status("seq-1", "dead", 20, after=ready.at)
+    assert dead.message.seq == 1
+    board.wifi(True)
+    back = harness.wait_status("seq-1", "ready", 30, after=dead.at)
+    assert back.message.seq > 1 and back.message.instance == ready.message.instance
+    board.kill()
+    last = harness.wait_status("seq-1", "dead", 20, after=back.at)
+    assert last.message.seq == harness.status_of("seq-1")[-2].message.seq  # the latest birth's
+    assert retained_status(broker, root, "seq-1")["seq"] == last.message.seq
+
+
+def test_the_board_takes_work_only_from_the_lease_holder(
+        broker: BrokerHandle, root: str, harness: Harness, boards) -> None:
+    """The fence of node/lease_fence.py on the board: the best lease seen held (epoch, then
+    holder) admits exactly its holder's batches; anything else is handed back and counted."""
+    boards(broker, "fence-1", root)
+    harness.wait_status("fence-1", "ready", 30)
+    expect_released: list[str] = []
+    rejected = 0
+
+    def refused(task_id: str, epoch: int, master: str) -> None:
+        nonlocal rejected
+        harness.send("fence-1", [TaskSpec(id=task_id, name="echo", args=[task_id])],
+                     epoch=epoch, master=master)
+        expect_released.append(task_id)
+        rejected += 1
+        harness.wait(lambda: harness.released("fence-1") == expect_released, 15,
+                     f"{task_id} handed back")
+
+    def taken(task_id: str, epoch: int, master: str) -> None:
+        harness.send("fence-1", [TaskSpec(id=task_id, name="echo", args=[task_id])],
+                     epoch=epoch, master=master)
+        assert harness.wait_results([task_id], 15)[task_id].value == task_id
+
+    def fence_is(epoch: int, holder: str, held: bool) -> None:
+        harness.wait(lambda: harness.snapshot("fence-1", epoch=epoch)["lease"]
+                     == [epoch, holder, held], 15, f"the board at lease {epoch} {holder}")
+
+    taken("plain", 0, "solo")        # no replication: a master of its own
+    refused("early", 2, "m-a")       # a lease nobody announced
+    harness.lease("m-a", 2)
+    fence_is(2, "m-a", True)
+    taken("a-2", 2, "m-a")
+    refused("zero", 0, "solo")       # a lease is held: epoch 0 is not its holder
+    refused("other", 2, "m-b")       # same epoch, another master
+    refused("older", 1, "m-a")
+    harness.lease("m-b", 3)          # m-a deposed
+    fence_is(3, "m-b", True)
+    taken("b-3", 3, "m-b")
+    refused("deposed", 2, "m-a")
+    harness.lease("m-a", 2)          # a stale announcement does not move the fence back
+    harness.lease("m-b", 3, "claim")  # nor does a claim
+    taken("b-3-again", 3, "m-b")
+    harness.lease("m-b", 3, "expired")  # replication gone: a lone master is taken again
+    fence_is(3, "m-b", False)
+    taken("alone", 0, "solo")
+    refused("b-late", 3, "m-b")
+    state = harness.snapshot("fence-1")
+    assert state["rejected"] == rejected
+    assert not set(expect_released) & harness.results("fence-1").keys()
