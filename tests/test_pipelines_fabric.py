@@ -179,10 +179,11 @@ task = "stamp"
 args = [{args}, "aside"]
 depends_on = ["ok"]
 """)
-    fabric.master("--pipelines", str(path), "--max-attempts", "1")  # one execution per attempt
+    fabric.master("--pipelines", str(path))  # the master's default --max-attempts (3)
     fabric.node("n1", "--capacity", "2", *NODE_TASKS)
+    fabric.node("n2", "--capacity", "2", *NODE_TASKS)
     with fabric.client() as client:
-        wait_nodes(client, 1)
+        wait_nodes(client, 2)
         run_id = client.query("pipelines", {"op": "run", "name": "fragile"})["run_id"]
         run = wait_run(client, "fragile", run_id, ("Completed", "Failed"))
 
@@ -194,7 +195,8 @@ depends_on = ["ok"]
     assert "dependency 'bad' failed" in jobs["after"]["error"]
     assert jobs["ok"]["state"] == jobs["aside"]["state"] == "Completed"
     ran = executions(logs)
-    assert sorted(ran) == ["aside", "bad", "bad", "ok"]  # 1 + retries attempts; `after` never
+    # one budget: 1 + retries runs of `bad` in all, not (1 + retries) x --max-attempts
+    assert sorted(ran) == ["aside", "bad", "bad", "ok"]
 
     text = cli_ok(fabric, "history", "fragile")
     assert run_id in text and "Failed" in text
@@ -216,6 +218,66 @@ depends_on = ["ok"]
     state = retained_state(observer, "fragile")
     assert state is not None
     assert (state["state"], state["last_result"], state["jobs_failed"]) == ("Failed", "Failed", 2)
+
+
+FLAKY = '''
+from pathlib import Path
+
+def flaky(log_dir, label, **kwargs):
+    """Fails on its first run, succeeds on the next ones."""
+    log = Path(log_dir) / "executions.log"
+    with open(log, "a") as f:
+        f.write(label + "\\n")
+    if log.read_text().split().count(label) < 2:
+        raise RuntimeError(f"{label}: a transient fault")
+    return "recovered"
+'''
+
+
+def test_a_transient_fault_and_a_lost_node_each_take_one_retry_of_the_budget(
+        fabric: Fabric, monkeypatch: pytest.MonkeyPatch) -> None:
+    modules = fabric.tmp / "modules"
+    modules.mkdir()
+    (modules / "flakytasks.py").write_text(FLAKY)
+    monkeypatch.setenv("PYTHONPATH", str(modules))
+    logs = log_dir(fabric)
+    gate = fabric.tmp / "gate"
+    args = toml_string(logs)
+    path = write_pipelines(fabric, f"""
+tasks = ["stamp", "flaky"]
+[pipelines.transient.jobs.flaky]
+task = "flaky"
+args = [{args}, "flaky"]
+retries = 1
+[pipelines.lost.jobs.held]
+task = "stamp"
+args = [{args}, "held"]
+kwargs = {{ gate = {toml_string(gate)} }}
+retries = 1
+""")
+    tasks = [*NODE_TASKS, "--task", "flakytasks:flaky"]
+    fabric.master("--pipelines", str(path))
+    first = fabric.node("n1", "--capacity", "1", "--prefetch", "0", *tasks)
+    with fabric.client() as client:
+        wait_nodes(client, 1)
+        run_id = client.query("pipelines", {"op": "run", "name": "transient"})["run_id"]
+        run = wait_run(client, "transient", run_id, ("Completed", "Failed"))
+        assert run["state"] == "Completed", run
+        assert (jobs_of(run)["flaky"]["attempts"], jobs_of(run)["flaky"]["result"]) == \
+            (2, "recovered")
+        assert executions(logs).count("flaky") == 2  # ran again, did not answer from a cache
+
+        lost = client.query("pipelines", {"op": "run", "name": "lost"})["run_id"]
+        wait_until((logs / "held.start").exists, BOUND, message="the job running on n1")
+        fabric.node("n2", "--capacity", "1", "--prefetch", "0", *tasks)
+        wait_until(lambda: any(n["node_id"] == "n2" and n["status"] == "ready"
+                               for n in client.nodes()), 20, message="n2 ready")
+        first.kill()  # the node dies mid-job: that run is one of the job's two
+        gate.touch()
+        run = wait_run(client, "lost", lost, ("Completed", "Failed"))
+    assert run["state"] == "Completed", run
+    assert jobs_of(run)["held"]["attempts"] == 2
+    assert executions(logs).count("held") == 2
 
 
 def test_master_killed_mid_run_continues_it_without_rerunning_jobs(fabric: Fabric) -> None:
