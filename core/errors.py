@@ -11,6 +11,8 @@ __all__ = [
     "FabricTimeout",
     "TaskFailed",
     "QueueFull",
+    "TaskRefused",
+    "NodeUnavailable",
     "TaskError",
 ]
 
@@ -52,6 +54,15 @@ class TaskFailed(FabricError):
 
 class QueueFull(FabricError):
     """The master's queue is at its configured bound; submit again later."""
+
+
+class TaskRefused(FabricError):
+    """The master refused a task for good (its id is bound to other work, ...): resending
+    the same task cannot help."""
+
+
+class NodeUnavailable(FabricError):
+    """The named node is not known to the master, or not alive."""
 
 
 class TaskError(FabricError):

@@ -48,12 +48,18 @@ CREATE TABLE IF NOT EXISTS tasks (
     errors TEXT NOT NULL DEFAULT '[]',
     result BLOB,
     submitted REAL NOT NULL,
-    finished REAL
+    finished REAL,
+    dispatch INTEGER NOT NULL DEFAULT 0,
+    token TEXT NOT NULL DEFAULT '',
+    max_attempts INTEGER NOT NULL DEFAULT 0
 );
 DROP INDEX IF EXISTS tasks_active;
 CREATE INDEX IF NOT EXISTS tasks_open ON tasks(priority) WHERE finished IS NULL;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# columns added since the first schema: a journal written before them gains them on open
+_ADDED_COLUMNS = {"dispatch": "INTEGER NOT NULL DEFAULT 0", "token": "TEXT NOT NULL DEFAULT ''",
+                  "max_attempts": "INTEGER NOT NULL DEFAULT 0"}
 
 
 def _pack(value: Any) -> bytes:
@@ -87,6 +93,10 @@ class Journal(BatchedWrites):
         self._db.execute("PRAGMA synchronous=NORMAL")  # a process crash loses nothing in WAL
         self._db.execute("PRAGMA cache_size=-32768")   # 32 MiB: the active tasks' pages stay hot
         self._db.executescript(_SCHEMA)
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(tasks)")}
+        for column, kind in _ADDED_COLUMNS.items():
+            if column not in present:
+                self._db.execute(f"ALTER TABLE tasks ADD COLUMN {column} {kind}")
         self._in_tx = False
         self._next_row = self._db.execute(
             "SELECT IFNULL(MAX(rowid), 0) + 1 FROM tasks").fetchone()[0]
@@ -171,13 +181,13 @@ class Journal(BatchedWrites):
             r.row = row
             call = _pack([spec.args, spec.kwargs]) if spec.args or spec.kwargs else _NO_CALL
             rows.append((row, spec.id, spec.name, call, spec.priority, r.client, r.pinned, QUEUED,
-                         now))
+                         now, spec.max_attempts))
             row += 1
         self._next_row = row
         self._begin()
         return self._db.executemany(
             "INSERT OR IGNORE INTO tasks (rowid, id, name, call, priority, client, pinned, state, "
-            "submitted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows).rowcount
+            "submitted, max_attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows).rowcount
 
     def _update(self, sql: str, rows: list[tuple]) -> None:
         """`sql` for each row, whose last value is the task's row number (or, if it has none,
@@ -192,8 +202,8 @@ class Journal(BatchedWrites):
             self._db.executemany(sql + " WHERE id = ?", [r for r in rows if type(r[-1]) is str])
 
     def dispatched(self, records: Iterable[TaskRecord]) -> None:
-        self._update(f"UPDATE tasks SET state = {RUNNING}, node = ?",
-                     [(r.node, r.row or r.id) for r in records])
+        self._update(f"UPDATE tasks SET state = {RUNNING}, node = ?, dispatch = ?, token = ?",
+                     [(r.node, r.dispatch, r.token, r.row or r.id) for r in records])
 
     def requeued(self, records: Iterable[TaskRecord]) -> None:
         self._update(f"UPDATE tasks SET state = {QUEUED}, node = '', attempts = ?, errors = ?",
@@ -223,15 +233,32 @@ class Journal(BatchedWrites):
         """Tasks to restore after a restart, with whether each was in flight (goes in front)."""
         out = []
         for (row, task_id, name, call, priority, client, pinned, state, attempts,
-             errors) in self._db.execute(
-                "SELECT rowid, id, name, call, priority, client, pinned, state, attempts, errors "
+             errors, node, dispatch, token, max_attempts) in self._db.execute(
+                "SELECT rowid, id, name, call, priority, client, pinned, state, attempts, errors, "
+                "node, dispatch, token, max_attempts "
                 "FROM tasks WHERE finished IS NULL ORDER BY state DESC, rowid"):
             args, kwargs = _unpack(call)
             record = TaskRecord(spec=TaskSpec(id=task_id, name=name, args=args, kwargs=kwargs,
-                                              priority=priority),
+                                              priority=priority, max_attempts=max_attempts),
                                 client=client, pinned=pinned, attempts=attempts,
-                                errors=json.loads(errors), row=row)
+                                errors=json.loads(errors), row=row, dispatch=dispatch,
+                                token=token if state == RUNNING else "",
+                                sent_to=node if state == RUNNING else "")
             out.append((record, state == RUNNING))
+        return out
+
+    def calls(self, task_ids: Iterable[str]) -> dict[str, TaskSpec]:
+        """The work each journalled id is bound to (name and call), to refuse its reuse for
+        other work."""
+        ids = list(task_ids)
+        out: dict[str, TaskSpec] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for task_id, name, call in self._db.execute(
+                    f"SELECT id, name, call FROM tasks WHERE id IN ({marks})", chunk):
+                args, kwargs = _unpack(call)
+                out[task_id] = TaskSpec(id=task_id, name=name, args=args, kwargs=kwargs)
         return out
 
     def outcomes(self, task_ids: Iterable[str]) -> dict[str, TaskOutcome]:

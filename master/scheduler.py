@@ -6,7 +6,13 @@
   least-loaded ready node first.
 - A lost node's in-flight tasks go back to the front of their priority; a task that failed
   or lost its node `max_attempts` times ends as failed with every reason recorded.
-- A result is kept once per task id; later copies are dropped and counted.
+- Every dispatch is an attempt with its own number and token. A result counts only if it
+  answers the task's current dispatch, from the node it went to, with its token; a late copy
+  of an answered dispatch is a duplicate, anything else is rejected (a node that lies).
+- Tasks go only to nodes that advertise their name (and, for lambdas, the lambda's name). A
+  name no node ever offered fails at once; one whose nodes are all gone waits, and says so.
+- Idle first: when a node has free slots and nothing queued for it, nodes holding prefetched
+  work are asked to hand some back (`steals`).
 """
 
 from __future__ import annotations
@@ -18,11 +24,11 @@ from typing import Iterable
 
 from core import codec
 from core.errors import QueueFull
-from core.protocol import NodeStatus, TaskResult, TaskSpec
+from core.protocol import NodeStatus, TaskResult, TaskSpec, new_token
 from master.liveness import heartbeat_timeout, silent_nodes
 
 __all__ = ["Scheduler", "TaskRecord", "NodeInfo", "QUEUED", "RUNNING", "COMPLETED", "FAILED",
-           "STATE_NAMES", "PERMANENT_ERRORS"]
+           "STATE_NAMES", "PERMANENT_ERRORS", "capability"]
 
 QUEUED, RUNNING, COMPLETED, FAILED = 0, 1, 2, 3
 STATE_NAMES = {QUEUED: "queued", RUNNING: "running", COMPLETED: "completed", FAILED: "failed"}
@@ -30,6 +36,19 @@ LIVE_STATES = frozenset({"connected", "ready", "busy"})
 # errors that another attempt cannot cure
 PERMANENT_ERRORS = frozenset({"unknown_task", "bad_request", "payload_too_large", "bad_result",
                               "unknown_lambda", "timeout"})
+# errors that say the node lacks the task: another node that has it may still run it
+_MISSING = frozenset({"unknown_task", "unknown_lambda"})
+_RECENT_ANSWERED = 50_000  # answered dispatches remembered to tell a late copy from a forgery
+_DISPATCH_BYTES = 48       # `"attempt": N, "token": "..."` in a dispatched task's JSON
+STEAL_AGE = 0.1            # seconds prefetched work waits before an idle node may take it
+
+
+def capability(spec: TaskSpec) -> str:
+    """What a node must offer to run `spec`: its task name, or `lambda:NAME` for a lambda."""
+    if spec.name == "lambda":
+        name = spec.kwargs.get("name") if type(spec.kwargs) is dict else None
+        return f"lambda:{name}" if isinstance(name, str) else "lambda:"
+    return spec.name
 
 
 @dataclass(slots=True)
@@ -45,14 +64,22 @@ class TaskRecord:
     size: int = -1
     row: int = 0  # the task's row in the journal (0: not known yet)
     sent: float = 0.0  # when it was last sent to its node (the master's clock)
+    dispatch: int = 0  # attempt number of the current (or last) dispatch
+    token: str = ""    # its token ("" after a take-over that never learnt it: any from its node)
+    sent_to: str = ""  # the node of that dispatch
 
     @property
     def id(self) -> str:
         return self.spec.id
 
+    def answers(self, node_id: str, result: TaskResult) -> bool:
+        """Does `result` from `node_id` answer this task's current dispatch?"""
+        return node_id == self.sent_to and (result.token == self.token or not self.token)
+
     def encoded_size(self) -> int:
+        """Its JSON size as dispatched (with room for its attempt and token)."""
         if self.size < 0:
-            self.size = len(codec.encode(self.spec.to_dict(), codec.JSON))
+            self.size = len(codec.encode(self.spec.to_dict(), codec.JSON)) + _DISPATCH_BYTES
         return self.size
 
 
@@ -76,6 +103,11 @@ class NodeInfo:
     rejected: int = 0
     in_flight: set = field(default_factory=set)
     tasks_text: str | None = None  # `tasks` as the node last sent it
+    lambdas: frozenset = frozenset()
+    lambdas_text: str = ""
+    refused: set = field(default_factory=set)  # capabilities it said it lacks after all
+    seq: int = 0                  # birth sequence of its current connection
+    release_asked: float = -1e18  # when it was last asked to hand back prefetched work
 
     @property
     def alive(self) -> bool:
@@ -85,8 +117,16 @@ class NodeInfo:
     def credit(self) -> int:
         return self.capacity + self.prefetch - len(self.in_flight)
 
+    def offers(self, need: str) -> bool:
+        """Does this node say it runs `need` (a `capability`)?"""
+        if need in self.refused:
+            return False
+        if need.startswith("lambda:"):
+            return (self.tasks is None or "lambda" in self.tasks) and need[7:] in self.lambdas
+        return self.tasks is None or need in self.tasks
+
     def accepts(self, record: TaskRecord) -> bool:
-        if self.tasks is not None and record.spec.name not in self.tasks:
+        if not self.offers(capability(record.spec)):
             return False
         return self.max_payload <= 0 or record.encoded_size() <= self.max_payload
 
@@ -97,7 +137,8 @@ class NodeInfo:
                 "in_flight": len(self.in_flight), "tasks_done": self.tasks_done,
                 "tasks_failed": self.tasks_failed, "rejected": self.rejected,
                 "instance": self.instance, "last_seen": self.reported_ts,
-                "heartbeat": self.heartbeat, "tasks": sorted(self.tasks or ())}
+                "heartbeat": self.heartbeat, "tasks": sorted(self.tasks or ()),
+                "lambdas": sorted(self.lambdas)}
 
 
 class Scheduler:
@@ -117,9 +158,14 @@ class Scheduler:
         self.completed = 0
         self.failed = 0
         self.duplicates = 0
+        self.rejected = 0   # results that answer no dispatch of theirs: forged or misrouted
         self.requeued = 0
         self.unknown_failed: list[TaskRecord] = []  # drained by the master after assign()
         self._resend: dict[str, list[TaskRecord]] = {}  # lost on the way: send again
+        self.waiting: dict[str, int] = {}  # capability -> queued tasks no live node offers
+        # answered dispatches (id -> (node, token)), in two generations: a bounded memory
+        self._answered: dict[str, tuple[str, str]] = {}
+        self._answered_old: dict[str, tuple[str, str]] = {}
 
     # -- queue ---------------------------------------------------------------------------------
 
@@ -183,12 +229,23 @@ class Scheduler:
         node = self.nodes.get(status.node_id)
         requeued: list[str] = []
         failed: list[TaskRecord] = []
+        gone = status.status in ("dead", "offline")
         if node is None:
             node = self.nodes[status.node_id] = NodeInfo(node_id=status.node_id)
+        elif gone and node.instance and (status.instance != node.instance
+                                         or status.seq < node.seq):
+            return requeued, failed  # the will of a connection that was replaced since
         elif node.instance and status.instance and node.instance != status.instance:
             r, f = self._lose_tasks(node, f"node {node.node_id} restarted", count=True)
             requeued += r
             failed += f
+            node.refused.clear()
+        if status.status == "dead" and node.instance:
+            # a will is written at connect: keep what the node said last, and when
+            node.status = "dead"
+            r, f = self._lose_tasks(node, f"node {node.node_id} dead", count=True)
+            return requeued + r, failed + f
+        node.seq = status.seq
         node.status = status.status
         node.kind = status.kind
         node.codec = status.codec
@@ -199,13 +256,16 @@ class Scheduler:
         if status.tasks != node.tasks_text:  # parsed once, not at every heartbeat
             node.tasks_text = status.tasks
             node.tasks = frozenset(status.tasks.split(",")) if status.tasks else None
+        if status.lambdas != node.lambdas_text:
+            node.lambdas_text = status.lambdas
+            node.lambdas = frozenset(status.lambdas.split(",")) if status.lambdas else frozenset()
         node.heartbeat = status.heartbeat if status.heartbeat > 0 else 1.0
         node.workload = status.workload
         node.tasks_done = status.tasks_done
         node.tasks_failed = status.tasks_failed
         node.rejected = status.rejected
         node.reported_ts = status.ts
-        if status.status in ("dead", "offline"):
+        if gone:
             r, f = self._lose_tasks(node, f"node {node.node_id} {status.status}",
                                     count=status.status == "dead")
             requeued += r
@@ -263,7 +323,7 @@ class Scheduler:
             if count:
                 record.attempts += 1
                 record.errors.append({"kind": "node_lost", "message": reason})
-                if record.attempts >= self.max_attempts:
+                if record.attempts >= (record.spec.max_attempts or self.max_attempts):
                     self._finish(record, FAILED)
                     failed.append(record)
                     continue
@@ -295,6 +355,8 @@ class Scheduler:
                 continue
             record.state = RUNNING  # its heap entry is now stale: assign() skips it
             record.node = node_id
+            if record.sent_to != node_id:  # the node holds a dispatch the journal never saw
+                record.sent_to, record.token = node_id, ""
             self.queued -= 1
             node.in_flight.add(task_id)
             adopted.append(record)
@@ -315,30 +377,63 @@ class Scheduler:
     # -- results -------------------------------------------------------------------------------
 
     def result(self, node_id: str, result: TaskResult) -> tuple[str, TaskRecord | None]:
-        """Apply one result: 'completed', 'failed', 'retry', or 'duplicate' (dropped)."""
+        """Apply one result: 'completed', 'failed', 'retry', 'duplicate' (a late copy of an
+        answered dispatch, dropped) or 'rejected' (it answers no dispatch of that node)."""
         record = self.tasks.get(result.id)
         if record is None or record.state not in (QUEUED, RUNNING):
-            self.duplicates += 1
-            return "duplicate", record
+            answered = self._answered.get(result.id) or self._answered_old.get(result.id)
+            if answered is not None and answered[0] == node_id and answered[1] == result.token:
+                self.duplicates += 1
+                return "duplicate", record
+            self.rejected += 1
+            return "rejected", record
+        if not record.answers(node_id, result):
+            self.rejected += 1
+            return "rejected", record
         holder = self.nodes.get(record.node)
         if holder is not None:
             holder.in_flight.discard(record.id)
+        self._remember(record)
         if result.ok:
             record.node = node_id
             self._finish(record, COMPLETED)
             return "completed", record
         error = dict(result.error or {})
         error.setdefault("node_id", node_id)
+        error.setdefault("attempt", result.attempt)
         record.errors.append(error)
-        record.attempts += 1
         record.node = node_id
-        if error.get("kind") in PERMANENT_ERRORS or record.attempts >= self.max_attempts:
+        kind = error.get("kind")
+        if kind in _MISSING and self._lacks(node_id, record):
+            return self._retry(record)  # not a run: the node never had it
+        record.attempts += 1
+        if kind in PERMANENT_ERRORS \
+                or record.attempts >= (record.spec.max_attempts or self.max_attempts):
             self._finish(record, FAILED)
             return "failed", record
-        if record.state == QUEUED:  # already requeued (node was thought lost): keep that entry
-            return "retry", record
-        self._requeue(record, None)
+        return self._retry(record)
+
+    def _retry(self, record: TaskRecord) -> tuple[str, TaskRecord]:
+        if record.state != QUEUED:  # else already requeued (its node was thought lost)
+            self._requeue(record, None)
         return "retry", record
+
+    def _lacks(self, node_id: str, record: TaskRecord) -> bool:
+        """The node answered that it lacks the task: never offer it that name again. True if
+        another known node offers it, so the task may still run there."""
+        need = capability(record.spec)
+        node = self.nodes.get(node_id)
+        if node is not None:
+            node.refused.add(need)
+        return any(n.offers(need) for n in self.nodes.values() if n.node_id != node_id)
+
+    def _remember(self, record: TaskRecord) -> None:
+        """Remember an answered dispatch, to tell its late copies from forgeries."""
+        answered = self._answered
+        if len(answered) >= _RECENT_ANSWERED:
+            self._answered_old = answered
+            answered = self._answered = {}
+        answered[record.spec.id] = (record.sent_to, record.token)
 
     def complete_many(self, node_id: str, results: Iterable[TaskResult]
                       ) -> tuple[list[tuple[TaskRecord, TaskResult]], list[TaskResult]]:
@@ -349,10 +444,12 @@ class Scheduler:
         done: list[tuple[TaskRecord, TaskResult]] = []
         rest: list[TaskResult] = []
         queued = 0
+        answered = self._answered
         for result in results:
             record = tasks.get(result.id) if result.ok else None
-            if record is None or record.state > RUNNING:
-                rest.append(result)
+            if record is None or record.state > RUNNING or record.sent_to != node_id \
+                    or record.token != result.token:
+                rest.append(result)  # the careful path decides (and counts) what it is
                 continue
             holder = nodes.get(record.node)
             if holder is not None:
@@ -362,7 +459,10 @@ class Scheduler:
             record.node = node_id
             record.state = COMPLETED
             del tasks[result.id]
+            answered[result.id] = (node_id, record.token)
             done.append((record, result))
+        if len(answered) >= _RECENT_ANSWERED:
+            self._answered_old, self._answered = answered, {}
         self.queued -= queued
         self.completed += len(done)
         return done, rest
@@ -390,6 +490,8 @@ class Scheduler:
         out = self._take_resends() if self._resend else {}
         heap = self._heap
         if not heap:
+            if self.waiting:
+                self.waiting = {}
             return out
         ready = [n for n in self.nodes.values() if n.alive and n.credit > 0]
         if not ready:
@@ -398,15 +500,18 @@ class Scheduler:
         held = [len(n.in_flight) for n in ready]
         caps = [max(1, n.capacity) for n in ready]
         names = [n.tasks for n in ready]          # None: runs any task name
+        plain = [not n.refused for n in ready]    # False: check each task with accepts()
         limits = [n.max_payload for n in ready]   # <= 0: any size
         index = {n.node_id: i for i, n in enumerate(ready)}
         loads = [(held[i] / caps[i], i) for i in range(len(ready))]
         heapq.heapify(loads)
         batches: list[list[TaskRecord]] = [[] for _ in ready]
         skipped: list[tuple[int, int, str]] = []
-        runnable: dict[str, bool] = {}
+        runnable: dict[str, str] = {}
+        waiting: dict[str, int] = {}
         tasks = self.tasks
         pop, replace = heapq.heappop, heapq.heapreplace
+        token = new_token
         assigned = 0
         while heap and loads:
             entry = pop(heap)
@@ -423,24 +528,30 @@ class Scheduler:
             if i is None:
                 i = loads[0][1]
                 accepted = names[i]
-                if (accepted is not None and record.spec.name not in accepted) \
+                name = record.spec.name
+                if name == "lambda" or not plain[i] \
+                        or (accepted is not None and name not in accepted) \
                         or (limits[i] > 0 and record.encoded_size() > limits[i]):
                     fits = [e for e in loads if ready[e[1]].accepts(record)]
                     i = min(fits)[1] if fits else None
             if i is None:
-                name = record.spec.name
-                if name not in runnable:
-                    runnable[name] = any(n.alive and (n.tasks is None or name in n.tasks)
-                                         for n in self.nodes.values())
-                if not runnable[name]:
-                    self._fail_unknown(record)
+                need = capability(record.spec)
+                where = runnable.get(need)
+                if where is None:
+                    where = runnable[need] = self._offered(need)
+                if where == "nowhere":
+                    self._fail_unknown(record, need)
                     continue
+                if where == "gone":
+                    waiting[need] = waiting.get(need, 0) + 1
                 skipped.append(entry)
                 continue
             node = ready[i]
             record.state = RUNNING
-            record.node = node.node_id
+            record.node = record.sent_to = node.node_id
             record.sent = now
+            record.dispatch += 1
+            record.token = token()
             node.in_flight.add(entry[2])
             batches[i].append(record)
             assigned += 1
@@ -455,6 +566,7 @@ class Scheduler:
                 loads = [(held[j] / caps[j], j) for _l, j in loads if left[j] > 0]
                 heapq.heapify(loads)
         self.queued -= assigned
+        self.waiting = waiting
         for entry in skipped:
             heapq.heappush(heap, entry)
         for i, batch in enumerate(batches):
@@ -485,11 +597,62 @@ class Scheduler:
         record.pinned = ""
         return None
 
-    def _fail_unknown(self, record: TaskRecord) -> None:
-        """No live node offers this task name: fail it now rather than queue it forever."""
-        known = sorted({t for n in self.nodes.values() if n.alive and n.tasks for t in n.tasks})
-        record.errors.append({"kind": "unknown_task", "message":
-                              f"no live node runs a task named {record.spec.name!r} "
-                              f"(available: {', '.join(known) or 'none'})"})
+    def _offered(self, need: str) -> str:
+        """Who offers `need`: 'live' (a live node, busy or not), 'gone' (only nodes that are
+        gone: the task waits for one to come back), or 'nowhere' (no node ever did)."""
+        offered = [n for n in self.nodes.values() if n.offers(need)]
+        if any(n.alive for n in offered):
+            return "live"
+        return "gone" if offered else "nowhere"
+
+    def _fail_unknown(self, record: TaskRecord, need: str) -> None:
+        """No node ever offered what this task needs: fail it now, not queue it forever."""
+        nodes = list(self.nodes.values())
+        if need.startswith("lambda:"):
+            known = sorted({f for n in nodes for f in n.lambdas})
+            error = {"kind": "unknown_lambda", "message":
+                     f"no node runs a lambda named {need[7:]!r} "
+                     f"(available: {', '.join(known) or 'none'})"}
+        else:
+            known = sorted({t for n in nodes if n.tasks for t in n.tasks})
+            error = {"kind": "unknown_task", "message":
+                     f"no node runs a task named {record.spec.name!r} "
+                     f"(available: {', '.join(known) or 'none'})"}
+        record.errors.append(error)
         self._finish(record, FAILED)
         self.unknown_failed.append(record)
+
+    def steals(self, now: float, *, age: float = STEAL_AGE) -> dict[str, int]:
+        """Idle first: nodes holding prefetched work that an idle node could run, and how
+        many tasks each is asked to hand back (it returns those it has not started).
+
+        A node with free slots is idle only when nothing queued is for it (assign ran first).
+        Work younger than `age` is left where it is: a stream of tiny tasks would otherwise be
+        passed back and forth instead of run. A node is asked at most once per `age`."""
+        idle = [n for n in self.nodes.values() if n.alive and len(n.in_flight) < n.capacity]
+        if not idle:
+            return {}
+        cutoff = now - age
+        asks: dict[str, int] = {}
+        tasks = self.tasks
+        for holder in self.nodes.values():
+            extra = len(holder.in_flight) - holder.capacity
+            if extra <= 0 or not holder.alive or holder.release_asked > cutoff:
+                continue
+            takers = [n for n in idle if n is not holder]
+            if not takers:
+                continue
+            free = sum(n.capacity - len(n.in_flight) for n in takers)
+            movable = 0
+            for task_id in holder.in_flight:
+                record = tasks.get(task_id)
+                if record is not None and record.state == RUNNING and record.sent <= cutoff \
+                        and any(n.accepts(record) for n in takers):
+                    movable += 1
+                    if movable >= extra:
+                        break
+            count = min(extra, free, movable)
+            if count > 0:
+                holder.release_asked = now
+                asks[holder.node_id] = count
+        return asks

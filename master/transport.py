@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from core import codec
-from core.errors import ConfigError, DecodeError, FabricError, QueueFull
+from core.errors import ConfigError, DecodeError, FabricError, NodeUnavailable, QueueFull, TaskRefused
 from core.mqtt import MqttSession, TlsSettings, Will
-from core.protocol import (DEFAULT_PRIORITY, Control, MasterStatus,
+from core.protocol import (DEFAULT_PRIORITY, ID_CONFLICT, QUEUE_FULL, Control, MasterStatus,
                            NodeReport, NodeStatus, OutcomeBatch, Query, QueryReply, ResultBatch,
                            Submission, SubmitReply, TaskBatch, TaskOutcome, TaskResult,
                            TaskSpec, decode_message, make_task)
@@ -38,7 +38,7 @@ from core.topics import DEFAULT_ROOT, Topics, validate_id
 from core.url import BrokerUrl, parse_broker_url
 from master.handles import TaskHandle
 from master.journal import Journal
-from master.scheduler import COMPLETED, STATE_NAMES, Scheduler, TaskRecord
+from master.scheduler import COMPLETED, STATE_NAMES, Scheduler, TaskRecord, capability
 
 __all__ = ["MasterNodeTransport"]
 
@@ -59,7 +59,7 @@ class MasterNodeTransport:
                  max_attempts: int = 3, max_queued: int = 1_000_000, node_timeout: float = 3.0,
                  max_batch: int = 1000, status_interval: float = 1.0,
                  keepalive: int = 5, tls: TlsSettings | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, keep_results: bool = False) -> None:
         if isinstance(broker_url, str):
             broker_url = parse_broker_url(broker_url)
         self.broker = broker_url or BrokerUrl(host=broker_host, port=broker_port)
@@ -84,7 +84,11 @@ class MasterNodeTransport:
         self._next_liveness = self._next_status = 0.0
         self._thread: threading.Thread | None = None
         self._handles: dict[str, TaskHandle] = {}
-        self._results: deque[tuple[str, TaskResult]] = deque(maxlen=100_000)  # (node, result)
+        # (node, result) for get_results: kept from the first call of it (or from the start
+        # with keep_results), so a master that never asks pays nothing per result
+        self._results: deque[tuple[str, TaskResult]] = deque(maxlen=100_000)
+        self._keep_results = keep_results
+        self._rejections_logged = 0
         self._dead: list[str] = []
         self._dead_callback: Callable[[list[str]], None] | None = None
         # request id -> (callback, monotonic deadline): reports are taken for a while only
@@ -160,19 +164,38 @@ class MasterNodeTransport:
     def send_task(self, node_id: str, task_data: dict, priority: int = DEFAULT_PRIORITY) -> str:
         """Send a task to one node (`{"name": ..., "args": [...], "kwargs": {...}}`); its id.
 
-        The task is journalled like any other; if that node dies it goes to another one.
+        The node must be known and alive (else NodeUnavailable) and offer the task's name
+        (else ConfigError). The task is journalled like any other and waits for that node
+        while it lives; if the node dies before running it, the pin is dropped and it goes
+        to another node that offers it.
         """
         if not isinstance(task_data, dict) or not isinstance(task_data.get("name"), str):
             raise ConfigError("task_data must be a dict with a 'name'")
         spec = self._spec(task_data["name"], task_data.get("args", []),
                           task_data.get("kwargs", {}), priority, task_data.get("id"))
-        self._submit_local([spec], pinned=node_id)
+        with self._lock:
+            node = self.scheduler.nodes.get(node_id)
+            if node is None or not node.alive:
+                known = sorted(n.node_id for n in self.scheduler.nodes.values() if n.alive)
+                raise NodeUnavailable(
+                    f"node {node_id!r} is {'not known' if node is None else node.status} "
+                    f"(live nodes: {', '.join(known) or 'none'})")
+            need = capability(spec)
+            if not node.offers(need):
+                raise ConfigError(f"node {node_id!r} does not run {need!r}")
+        handle = self._submit_local([spec], pinned=node_id,
+                                    chosen_ids=task_data.get("id") is not None)[0]
+        if handle.done():
+            handle.outcome(timeout=0)  # refused at once (full queue, id bound elsewhere): raise
         return spec.id
 
     def submit(self, name: str, args: Iterable[Any] = (), kwargs: dict | None = None, *,
-               priority: int = DEFAULT_PRIORITY, task_id: str | None = None) -> TaskHandle:
-        """Queue a task for whichever node the scheduler picks; await it with the handle."""
-        return self._submit_local([self._spec(name, args, kwargs, priority, task_id)])[0]
+               priority: int = DEFAULT_PRIORITY, task_id: str | None = None,
+               max_attempts: int = 0) -> TaskHandle:
+        """Queue a task for whichever node the scheduler picks; await it with the handle.
+        A `task_id` of your own names this work: binding it to other work is refused."""
+        return self._submit_local([self._spec(name, args, kwargs, priority, task_id,
+                                              max_attempts)], chosen_ids=task_id is not None)[0]
 
     def submit_many(self, calls: Iterable[tuple[str, list, dict, int]]) -> list[TaskHandle]:
         """Queue many (name, args, kwargs, priority) calls at once; one handle each."""
@@ -206,8 +229,12 @@ class MasterNodeTransport:
 
     def get_results(self, node_id_dict: Iterable[str] | None = None,
                     disposable: bool = False) -> list[dict]:
-        """Results received so far (the last 100,000), optionally only from the given nodes."""
+        """Results received (the last 100,000), optionally only from the given nodes.
+
+        They are kept from the first call on (or from the start with `keep_results=True`),
+        so a master nobody asks keeps none."""
         with self._lock:
+            self._keep_results = True
             wanted = set(node_id_dict) if node_id_dict is not None else None
             out = [{"task_id": r.id, "node_id": node_id, "ok": r.ok, "value": r.value,
                     "error": r.error, "ts": r.ts}
@@ -275,14 +302,23 @@ class MasterNodeTransport:
     # -- internals: intake -----------------------------------------------------------------------
 
     def _spec(self, name: str, args: Iterable[Any], kwargs: dict | None, priority: int,
-              task_id: str | None) -> TaskSpec:
-        return make_task(name, args, kwargs, priority=priority, task_id=task_id)
+              task_id: str | None, max_attempts: int = 0) -> TaskSpec:
+        return make_task(name, args, kwargs, priority=priority, task_id=task_id,
+                         max_attempts=max_attempts)
 
-    def _submit_local(self, specs: list[TaskSpec], *, pinned: str = "") -> list[TaskHandle]:
+    def _submit_local(self, specs: list[TaskSpec], *, pinned: str = "",
+                      chosen_ids: bool = False) -> list[TaskHandle]:
+        """Queue tasks made in this process. Ids chosen by a caller (`chosen_ids`) are checked
+        against the work they are bound to already; fresh ids are unique by construction."""
         handles = [TaskHandle(s.id) for s in specs]
         with self._lock:
             records = []
+            bound = self._bound_work(specs) if chosen_ids else {}
             for spec, handle in zip(specs, handles):
+                earlier = bound.get(spec.id)
+                if earlier is not None and not earlier.same_work(spec):
+                    handle.reject(TaskRefused(_conflict(spec.id)))
+                    continue
                 try:
                     record = self.scheduler.submit(spec, pinned=pinned)
                 except QueueFull as e:
@@ -353,16 +389,20 @@ class MasterNodeTransport:
             now = self._clock()
             for item in items:
                 self._apply(item, now)
-            if now >= self._next_liveness:
+            liveness = now >= self._next_liveness
+            if liveness:
                 self._check_liveness(now)
                 self._next_liveness = now + 0.1
             gate = self.dispatch_gate
-            assignments = self.scheduler.assign(now=now) if gate is None or gate() else {}
+            dispatching = gate is None or gate()
+            assignments = self.scheduler.assign(now=now) if dispatching else {}
             if self.scheduler.unknown_failed:
                 self._note_failed(self.scheduler.unknown_failed)
                 self.scheduler.unknown_failed = []
             self._journal_turn(assignments)
             work = self._task_batches(assignments)
+            if liveness and dispatching:
+                work.extend(self._steal_requests(now))
             self._settle_finished()
             if now >= self._next_status:
                 self._outgoing.append((self.topics.master_status,
@@ -438,18 +478,47 @@ class MasterNodeTransport:
             scheduler.set_prefetch(node_id, message.prefetch)
         completed, others = scheduler.complete_many(node_id, message.results)
         self._finished.extend([(record, result.value) for record, result in completed])
-        self._results.extend([(node_id, result) for _record, result in completed])
+        if self._keep_results:
+            self._results.extend([(node_id, result) for _record, result in completed])
         for result in others:
             verdict, record = scheduler.result(node_id, result)
             if verdict == "duplicate":
                 continue
-            self._results.append((node_id, result))
+            if verdict == "rejected":
+                self._log_rejected(node_id, result, record)
+                continue
+            if self._keep_results:
+                self._results.append((node_id, result))
             if verdict == "completed" or verdict == "failed":
                 self._finished.append((record, result.value))
             elif record is not None:
                 self._requeued.append(record)
         if message.released:
             self._note_requeued(scheduler.release(node_id, message.released))
+
+    def _log_rejected(self, node_id: str, result: TaskResult, record: TaskRecord | None) -> None:
+        """A node's word about a dispatch it was not given: counted, and logged (the first
+        hundred, then every thousandth, so a flood cannot fill the log)."""
+        self._rejections_logged += 1
+        n = self._rejections_logged
+        if n <= 100 or n % 1000 == 0:
+            why = ("no such task is active" if record is None
+                   else f"its current attempt {record.dispatch} went to {record.sent_to or 'no node'}")
+            log.warning("rejected a result from node %s for task %s attempt %d (%s; %d rejected "
+                        "so far)", node_id, result.id, result.attempt, why, n)
+
+    def _bound_work(self, specs: list[TaskSpec]) -> dict[str, TaskSpec]:
+        """The work already bound to these ids (active or journalled), to refuse an id's
+        reuse for other work."""
+        if not specs:
+            return {}
+        active = self.scheduler.tasks
+        out = {s.id: active[s.id].spec for s in specs if s.id in active}
+        rest = [s.id for s in specs if s.id not in out]
+        if rest:
+            self._write_backlog()
+            out.update(self.journal.calls(rest))
+        return out
 
     def _on_submit(self, topic: str, payload: bytes) -> None:
         message = decode_message(payload)
@@ -464,37 +533,51 @@ class MasterNodeTransport:
         rejected: list[tuple[str, str]] = []
         fresh: list[TaskRecord] = []
         seen: set[str] = set()
+        seen: dict[str, TaskSpec] = {}
         for spec in message.tasks:
             task_id = spec.id
-            if task_id in active or task_id in seen:  # queued or running already: keep it once
-                record = active.get(task_id)
+            record = active.get(task_id)
+            earlier = record.spec if record is not None else seen.get(task_id)
+            if earlier is not None:  # queued or running already: keep it once
+                if not earlier.same_work(spec):
+                    rejected.append((task_id, _conflict(task_id)))
+                    continue
                 if record is not None:
                     record.client = client_id  # the latest submitter is the one still waiting
                 accepted.append(task_id)
                 continue
             if len(fresh) >= room:
-                rejected.append((task_id, f"queue_full: queue is full ({scheduler.max_queued} "
+                rejected.append((task_id, f"{QUEUE_FULL}: queue is full ({scheduler.max_queued} "
                                           "tasks waiting)"))
                 continue
-            seen.add(task_id)
+            seen[task_id] = spec
             fresh.append(TaskRecord(spec=spec, client=client_id))
             accepted.append(task_id)
         if not self.journal.submitted_if_new(fresh):
             # some ids are journalled already: a resend after a lost reply or a master restart
             known = self.journal.outcomes(r.id for r in fresh)
+            bound = self.journal.calls(i for i in known)
             redo = []
             for record in fresh:
                 outcome = known.get(record.id)
-                if outcome is None:
+                earlier = bound.get(record.id)
+                if earlier is not None and not earlier.same_work(record.spec):
+                    accepted.remove(record.id)
+                    rejected.append((record.id, _conflict(record.id)))
+                elif outcome is None:
                     redo.append(record)
                 elif outcome.state in ("completed", "failed"):  # finished: answer again
                     self._client_outcomes.setdefault(client_id, []).append(outcome.to_dict())
             self.journal.submitted(redo)
             fresh = redo
         scheduler.admit(fresh)
-        if rejected:  # a full queue refuses new work, not the resend of a finished task
-            known = self.journal.outcomes(task_id for task_id, _reason in rejected)
+        full = [task_id for task_id, reason in rejected if reason.startswith(QUEUE_FULL)]
+        if full:  # a full queue refuses new work, not the resend of a finished task
+            known = self.journal.outcomes(full)
             done = {i for i, o in known.items() if o.state in ("completed", "failed")}
+            bound = self.journal.calls(done)
+            specs = {s.id: s for s in message.tasks}
+            done = {i for i in done if bound[i].same_work(specs[i])}
             for task_id in done:
                 accepted.append(task_id)
                 self._client_outcomes.setdefault(client_id, []).append(known[task_id].to_dict())
@@ -559,7 +642,11 @@ class MasterNodeTransport:
             self._note_failed(failed)
             node = self.scheduler.nodes[node_id]
             dead = NodeStatus(node_id=node_id, status="dead", kind=node.kind, codec=node.codec,
-                              capacity=node.capacity, instance=node.instance, ts=round(time.time(), 3))
+                              capacity=node.capacity, instance=node.instance,
+                              tasks_done=node.tasks_done, tasks_failed=node.tasks_failed,
+                              rejected=node.rejected, heartbeat=node.heartbeat,
+                              ts=node.reported_ts, tasks=node.tasks_text or "",
+                              lambdas=node.lambdas_text, seq=node.seq)
             self._outgoing.append((self.topics.node_status(node_id), dead.encode(), True))
             self._node_dead(node_id)
 
@@ -617,12 +704,22 @@ class MasterNodeTransport:
             topic = self.topics.node_tasks(node_id)
 
             def encode(batch: list[TaskRecord], node_codec: str = node.codec) -> bytes:
-                return TaskBatch(tasks=tuple(r.spec for r in batch), epoch=self.epoch,
-                                 master=self.master_id).encode(node_codec)
+                return TaskBatch.encode_wire([r.spec.dispatched(r.dispatch, r.token) for r in batch],
+                                             epoch=self.epoch, master=self.master_id,
+                                             codec=node_codec)
             for batch in self._batches(records, node.max_payload):
                 for _part, payload in codec.encode_within(batch, encode):
                     work.append((topic, payload, False))
         return work
+
+    def _steal_requests(self, now: float) -> list[tuple[str, bytes, bool]]:
+        """Ask nodes that hold prefetched work an idle node could run to hand some back."""
+        out = []
+        for node_id, count in self.scheduler.steals(now).items():
+            node = self.scheduler.nodes[node_id]
+            control = Control(command="release", params={"count": count}, epoch=self.epoch)
+            out.append((self.topics.node_tasks(node_id), control.encode(node.codec), False))
+        return out
 
     def _settle_finished(self) -> None:
         """Hand finished tasks' outcomes to their handles in this process now, and queue them
@@ -682,9 +779,15 @@ class MasterNodeTransport:
         return MasterStatus(
             master_id=self.master_id, status=status, epoch=self.epoch, queued=s.queued,
             in_flight=len(s.tasks) - s.queued, completed=s.completed, failed=s.failed,
-            duplicates=s.duplicates, rejected=self.rejected,
+            duplicates=s.duplicates, rejected=self.rejected + s.rejected,
             nodes_ready=sum(1 for n in live if n.status == "ready"), nodes_total=len(live),
-            ts=round(time.time(), 3))
+            ts=round(time.time(), 3), waiting=sum(s.waiting.values()),
+            waiting_for=",".join(sorted(s.waiting)))
+
+
+def _conflict(task_id: str) -> str:
+    return (f"{ID_CONFLICT}: task id {task_id!r} is bound to other work (another name or "
+            "call); a task id names one piece of work: choose a new id")
 
 
 def _outcome_dict(record: TaskRecord, value: Any) -> dict[str, Any]:

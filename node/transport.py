@@ -21,13 +21,13 @@ import traceback
 import uuid
 from collections import OrderedDict
 from time import perf_counter
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from core import codec
 from core.errors import ConfigError, DecodeError, EncodeError, FabricError, TaskError
 from core.mqtt import MqttSession, TlsSettings, Will
 from core.protocol import (Control, NodeReport, NodeStatus, ResultBatch, TaskBatch, TaskResult,
-                           TaskSpec, decode_message)
+                           TaskSpec, decode_message, result_for)
 from core.topics import DEFAULT_ROOT, Topics, validate_id
 from core.url import BrokerUrl, parse_broker_url
 from node import builtin_tasks as _builtin  # noqa: F401  (registers the built-in tasks)
@@ -40,7 +40,7 @@ __all__ = ["ComputeNodeTransport"]
 
 log = logging.getLogger(__name__)
 
-_RECENT_RESULTS = 20_000      # ids remembered to answer a re-dispatch without re-running
+_RECENT_RESULTS = 20_000      # results kept to answer a repeated delivery without re-running
 _MAX_RESULT_BATCH = 2_000
 # values msgpack always carries: no trial encoding needed before reporting them
 _PLAIN = frozenset({type(None), bool, float, str})
@@ -57,7 +57,8 @@ class ComputeNodeTransport:
                  codec_name: str = codec.MSGPACK, drain_timeout: float = 30.0,
                  keepalive: int = 5, tls: TlsSettings | None = None,
                  clock: Callable[[], float] = time.time, prefetch_window: float = 0.05,
-                 max_prefetch: int = 1000) -> None:
+                 max_prefetch: int = 1000, lambdas: Callable[[], Iterable[str]] | None = None
+                 ) -> None:
         if isinstance(broker_url, str):
             broker_url = parse_broker_url(broker_url)
         self.broker = broker_url or BrokerUrl(host=broker_host, port=broker_port)
@@ -82,11 +83,14 @@ class ComputeNodeTransport:
         self.registry = registry or default_registry
         self.instance = uuid.uuid4().hex[:12]
         self._clock = clock
+        self._lambdas = lambdas  # the names of the lambdas it runs, for its status
         self._queue = PriorityTaskQueue()
         self._lock = threading.Lock()
-        self._held: set[str] = set()          # queued or running here
+        # queued or running here, each as its newest dispatch (whose attempt a result answers)
+        self._held: dict[str, TaskSpec] = {}
         self._running: set[str] = set()   # taken by a worker, no result yet
-        self._recent: OrderedDict[str, TaskResult | None] = OrderedDict()
+        # the last results by task id: a repeated delivery of their dispatch gets them again
+        self._recent: OrderedDict[str, TaskResult] = OrderedDict()
         self._outbox: list[TaskResult] = []
         self._released: list[str] = []
         self._outbox_cond = threading.Condition(self._lock)
@@ -99,9 +103,12 @@ class ComputeNodeTransport:
         self.rejected = 0
         self.duplicates = 0
         self._status = "connected"
+        self._chosen: tuple[str, bool] | None = None  # publish_status's word, and busy then
+        self._seq = 0         # birth sequence of the current connection
+        self._will_seq = 1    # the one the next connection's will carries
         self._session = MqttSession(
             broker=self.broker, client_id=self.node_id, keepalive=keepalive, tls=tls,
-            will=Will(self.topics.node_status(self.node_id), self._status_payload("dead")))
+            will=self._will())
         self._session.subscribe(self.topics.node_tasks(self.node_id), self._on_task_message, qos=1)
         self._fence = LeaseFence()  # replicated masters: work only from the lease holder
         self._session.subscribe(self.topics.master_lease, lambda _t, p: self._fence.observe(p))
@@ -119,15 +126,28 @@ class ComputeNodeTransport:
                 self._spawn(self._worker_loop, f"worker-{i}")
 
     def publish_status(self, status: str) -> None:
-        """Publish our retained status (`connected`, `ready`, `busy`, `offline`)."""
+        """Publish our retained status (`connected`, `ready`, `busy`, `offline`).
+
+        The status chosen here stays (heartbeats repeat it) until the next call or until the
+        node's own state changes (its workers fill up or free a slot)."""
+        self._chosen = (status, self._busy())
+        self._publish_status(status)
+
+    def _publish_status(self, status: str) -> None:
         self._status = status
         self._session.publish(self.topics.node_status(self.node_id), self._status_payload(status),
                               qos=1, retain=True)
+
+    def _busy(self) -> bool:
+        return len(self._running) >= self.capacity
 
     def send_result(self, result: TaskResult | dict) -> None:
         """Queue a result for the master; results leave in batches, a lone one at once."""
         if isinstance(result, dict):
             result = TaskResult.from_dict({"ts": self._clock(), **result})
+        held = self._held.get(result.id)
+        if held is not None and not result.token:  # answer the dispatch it holds
+            result = result.answering(held)
         self._finished([result])
 
     def _finished(self, results: list[TaskResult]) -> None:
@@ -139,9 +159,12 @@ class ComputeNodeTransport:
         """
         held, running, recent = self._held, self._running, self._recent
         with self._outbox_cond:
-            for result in results:
+            for i, result in enumerate(results):
                 task_id = result.id
-                held.discard(task_id)
+                newest = held.pop(task_id, None)
+                if newest is not None and newest.token != result.token:
+                    # dispatched again while it ran here: this answers the newest dispatch
+                    result = results[i] = result.answering(newest)
                 running.discard(task_id)
                 recent[task_id] = result
                 if result.ok:
@@ -182,7 +205,7 @@ class ComputeNodeTransport:
             released = [t.id for t in self._queue.drain()]
             with self._outbox_cond:
                 for task_id in released:
-                    self._held.discard(task_id)
+                    self._held.pop(task_id, None)
                 self._released.extend(released)
                 self._outbox_cond.notify()
             deadline = time.monotonic() + self.drain_timeout
@@ -225,7 +248,7 @@ class ComputeNodeTransport:
         """Run one task by its registered name; every failure becomes a structured error."""
         fn = self.registry.get(task.name)
         if fn is None:
-            return TaskResult(task.id, False, error={
+            return result_for(task, False, error={
                 "kind": "unknown_task", "type": "UnknownTask",
                 "message": f"no task named {task.name!r} on node {self.node_id}"}, ts=self._clock())
         try:
@@ -233,18 +256,18 @@ class ComputeNodeTransport:
             if self.codec == codec.MSGPACK and type(value) not in _PLAIN \
                     and not (type(value) is int and value in _MSGPACK_INT):
                 codec.encode({"v": value}, codec.MSGPACK)  # fail here, not in the batch
-            return TaskResult(task.id, True, value=value, ts=self._clock())
+            return result_for(task, True, value, ts=self._clock())
         except TaskError as e:
-            return TaskResult(task.id, False, error=e.error, ts=self._clock())
+            return result_for(task, False, error=e.error, ts=self._clock())
         except EncodeError as e:
-            return TaskResult(task.id, False, error={
+            return result_for(task, False, error={
                 "kind": "bad_result", "type": "EncodeError", "message": str(e)}, ts=self._clock())
         except MemoryError:
-            return TaskResult(task.id, False, error={
+            return result_for(task, False, error={
                 "kind": "memory", "type": "MemoryError", "message": "out of memory"}, ts=self._clock())
         except Exception as e:
             kind = "bad_request" if isinstance(e, TypeError) and _is_call_error(e, fn) else "exception"
-            return TaskResult(task.id, False, error={
+            return result_for(task, False, error={
                 "kind": kind, "type": type(e).__name__, "message": str(e),
                 "traceback": traceback.format_exc(limit=8)}, ts=self._clock())
 
@@ -284,15 +307,20 @@ class ComputeNodeTransport:
     def _hand_back_excess(self) -> None:
         """Tasks turned slow: give back what waits here beyond capacity + prefetch."""
         excess = len(self._held) - self.capacity - self.prefetch
-        tasks = self._queue.take_least_urgent(excess)
-        if not tasks:
-            return
-        with self._outbox_cond:
-            for task in tasks:
-                self._held.discard(task.id)
-            self._released.extend(task.id for task in tasks)
-            self._outbox_cond.notify()
-        log.info("handed back %d queued tasks (prefetch now %d)", len(tasks), self.prefetch)
+        count = self._hand_back(excess)
+        if count:
+            log.info("handed back %d queued tasks (prefetch now %d)", count, self.prefetch)
+
+    def _hand_back(self, count: int) -> int:
+        """Give up to `count` of the least urgent unstarted tasks back to the master."""
+        tasks = self._queue.take_least_urgent(count) if count > 0 else []
+        if tasks:
+            with self._outbox_cond:
+                for task in tasks:
+                    self._held.pop(task.id, None)
+                self._released.extend(task.id for task in tasks)
+                self._outbox_cond.notify()
+        return len(tasks)
 
     # -- messages in -------------------------------------------------------------------------------
 
@@ -329,19 +357,21 @@ class ComputeNodeTransport:
         with self._outbox_cond:
             for task in batch.tasks:
                 task_id = task.id
-                if task_id in held:
+                if task_id in held:  # here already: one copy, answering the newest dispatch
                     self.duplicates += 1
+                    held[task_id] = task
                     continue
-                if task_id in recent:
-                    self.duplicates += 1
-                    cached = recent[task_id]
-                    if cached is not None:
+                cached = recent.get(task_id)
+                if cached is not None:
+                    if cached.token == task.token:  # the same dispatch delivered again
+                        self.duplicates += 1
                         resend.append(cached)
-                    continue
+                        continue
+                    del recent[task_id]  # a new attempt: it runs again
                 if not self._accepting:
                     self._released.append(task_id)
                     continue
-                held.add(task_id)
+                held[task_id] = task
                 fresh.append(task)
             self._queue.put_many(fresh)
             if resend or self._released:
@@ -362,6 +392,15 @@ class ComputeNodeTransport:
                          "ts": self._clock()}
             report = NodeReport(node_id=self.node_id, request_id=control.request_id, state=state)
             self._session.publish(self.topics.results(self.node_id), report.encode(self.codec))
+        elif control.command == "release":
+            count = control.params.get("count")
+            if type(count) is not int or count < 1:
+                self.rejected += 1
+                log.warning("release needs a positive count, got %r", count)
+                return
+            handed = self._hand_back(min(count, len(self._queue)))
+            if handed:
+                log.debug("handed back %d unstarted tasks to an idle node", handed)
         else:
             self.rejected += 1
             log.warning("unknown control command %r", control.command)
@@ -396,10 +435,12 @@ class ComputeNodeTransport:
             payloads = [encode([], tuple(released))] if released else []
             for part, payload in codec.encode_within(results, encode):
                 if len(payload) > codec.PAYLOAD_LIMIT:  # one result too large on its own
-                    payload = encode([TaskResult(part[0].id, False, ts=part[0].ts, error={
-                        "kind": "payload_too_large", "type": "PayloadTooLarge",
-                        "message": f"the result takes {len(payload)} bytes, more than a "
-                                   f"{codec.MAX_PACKET}-byte MQTT packet"})])
+                    big = part[0]
+                    payload = encode([TaskResult(
+                        big.id, False, ts=big.ts, attempt=big.attempt, token=big.token, error={
+                            "kind": "payload_too_large", "type": "PayloadTooLarge",
+                            "message": f"the result takes {len(payload)} bytes, more than a "
+                                       f"{codec.MAX_PACKET}-byte MQTT packet"})])
                 payloads.append(payload)
         try:
             for payload in payloads:
@@ -410,23 +451,37 @@ class ComputeNodeTransport:
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.heartbeat):
             if self._accepting and self._session.connected:
-                busy = len(self._running) >= self.capacity
+                busy = self._busy()
+                chosen = self._chosen
+                if chosen is not None and chosen[1] != busy:
+                    chosen = self._chosen = None  # its own state changed since
                 try:
-                    self.publish_status("busy" if busy else "ready")
+                    self._publish_status(chosen[0] if chosen else "busy" if busy else "ready")
                 except FabricError:
                     log.warning("heartbeat not sent")
 
     def _on_connected(self, _session_present: bool) -> None:
+        # this connection's will carries _will_seq: the birth says the same number, and the
+        # next connection gets a will of its own, so a late will is never taken as current
+        self._seq = self._will_seq
+        self._will_seq += 1
+        self._session.set_will(self._will())
         if self._accepting:
-            self.publish_status("ready")
+            self._publish_status(self._chosen[0] if self._chosen else "ready")
 
-    def _status_payload(self, status: str) -> bytes:
+    def _will(self) -> Will:
+        return Will(self.topics.node_status(self.node_id),
+                    self._status_payload("dead", seq=self._will_seq))
+
+    def _status_payload(self, status: str, *, seq: int | None = None) -> bytes:
+        lambdas = ",".join(sorted(self._lambdas())) if self._lambdas is not None else ""
         return NodeStatus(
             node_id=self.node_id, status=status, kind="cpython", codec=self.codec,
             capacity=self.capacity, prefetch=self.prefetch, workload=len(self._held),
             max_payload=0, instance=self.instance, tasks_done=self.tasks_done,
             tasks_failed=self.tasks_failed, rejected=self.rejected, heartbeat=self.heartbeat,
-            ts=round(self._clock(), 3), tasks=",".join(self.registry.names())).encode()
+            ts=round(self._clock(), 3), tasks=",".join(self.registry.names()),
+            lambdas=lambdas, seq=self._seq if seq is None else seq).encode()
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=f"{self.node_id}-{name}", daemon=True)

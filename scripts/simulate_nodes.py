@@ -81,7 +81,7 @@ class SimulatedNode:
 
     def _on_task(self, _topic: str, payload: bytes) -> None:
         from core.errors import DecodeError
-        from core.protocol import ResultBatch, TaskBatch, TaskResult, decode_message
+        from core.protocol import ResultBatch, TaskBatch, result_for, decode_message
         try:
             batch = decode_message(payload)
         except DecodeError:
@@ -92,12 +92,12 @@ class SimulatedNode:
         results = []
         for task in batch.tasks:
             if task.name == "noop":
-                results.append(TaskResult(task.id, True, None, ts=now))
+                results.append(result_for(task, True, None, ts=now))
             elif task.name == "echo":
-                results.append(TaskResult(task.id, True, task.args[0] if task.args else None,
+                results.append(result_for(task, True, task.args[0] if task.args else None,
                                           ts=now))
             else:
-                results.append(TaskResult(task.id, False, error={
+                results.append(result_for(task, False, error={
                     "kind": "unknown_task", "message": f"no task named {task.name!r}"}, ts=now))
         self.done += len(results)
         self.client.publish(self._results_topic, ResultBatch(

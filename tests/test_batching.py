@@ -12,7 +12,7 @@ from pathlib import Path
 import msgpack
 
 from core.mqtt import MqttSession, Will
-from core.protocol import NodeStatus, ResultBatch, TaskBatch, TaskResult, decode_message
+from core.protocol import NodeStatus, ResultBatch, TaskBatch, decode_message, result_for
 from core.url import parse_broker_url
 from support.fabric import Fabric, Observer, wait_until
 
@@ -149,7 +149,7 @@ def test_a_task_lost_on_the_way_is_sent_again_and_recorded_once(fabric: Fabric) 
             return
         received.append([t.id for t in batch.tasks])
         if len(received) > 1:  # the first batch is "lost": no answer, nothing held
-            results = tuple(TaskResult(t.id, True, t.args[0]) for t in batch.tasks)
+            results = tuple(result_for(t, True, t.args[0]) for t in batch.tasks)
             session.publish(f"{root}/results/{node_id}",
                             ResultBatch(node_id=node_id, results=results).encode())
 
