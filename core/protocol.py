@@ -43,6 +43,8 @@ __all__ = [
     "new_token",
     "result_for",
     "MAX_ATTEMPTS",
+    "QUEUE_FULL",
+    "ID_CONFLICT",
     "NODE_STATES",
 ]
 
@@ -643,6 +645,12 @@ class Submission(Message):
         return cls(client_id=_get(d, "client_id", str, "submit"),
                    request_id=_get(d, "request_id", str, "submit"),
                    tasks=tuple(map(TaskSpec.from_dict, raw)))
+
+
+# Reasons a SubmitReply gives, each at the start of its text: a full queue is worth a resend
+# later; an id bound to other work is refused for good.
+QUEUE_FULL = "queue_full"
+ID_CONFLICT = "id_conflict"
 
 
 @_register

@@ -15,9 +15,9 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable
 
-from core.errors import DecodeError, FabricError, FabricTimeout, QueueFull
+from core.errors import DecodeError, FabricError, FabricTimeout, QueueFull, TaskRefused
 from core.mqtt import MqttSession, TlsSettings
-from core.protocol import (DEFAULT_PRIORITY, MasterStatus, Message, OutcomeBatch, Query,
+from core.protocol import (DEFAULT_PRIORITY, QUEUE_FULL, MasterStatus, Message, OutcomeBatch, Query,
                            QueryReply, Submission, SubmitReply, TaskOutcome, TaskSpec,
                            decode_message, make_task, new_task_id)
 from core.topics import DEFAULT_ROOT, Topics
@@ -74,25 +74,37 @@ class FabricClient:
     # -- submitting ------------------------------------------------------------------------------
 
     def submit(self, name: str, args: Iterable[Any] = (), kwargs: dict | None = None, *,
-               priority: int = DEFAULT_PRIORITY, ack_timeout: float = 10.0) -> TaskHandle:
-        """Submit one task; returns once the master has journalled it."""
-        return self.submit_many([(name, list(args), dict(kwargs or {}), priority)],
-                                ack_timeout=ack_timeout)[0]
+               priority: int = DEFAULT_PRIORITY, task_id: str | None = None,
+               max_attempts: int = 0, ack_timeout: float = 10.0) -> TaskHandle:
+        """Submit one task; returns once the master has journalled it. A `task_id` of your
+        own names this work: submitting it again is harmless, binding it to other work is
+        refused (TaskRefused). `max_attempts`: real runs allowed (0: the master's default)."""
+        return self.submit_many([(name, list(args), dict(kwargs or {}), priority, task_id,
+                                  max_attempts)], ack_timeout=ack_timeout)[0]
 
     def dispatch_lambda(self, lambda_data: dict, *, priority: int = DEFAULT_PRIORITY) -> TaskHandle:
         """Run a named lambda (`name`, `event`, `env`, `timeout`, `memory`) on some node."""
         return self.submit("lambda", kwargs=lambda_data, priority=priority)
 
+    def dispatch_pipeline(self, pipeline_data: dict, *, timeout: float = 10.0) -> str:
+        """Run a pipeline given as data (`name`, `jobs`, optional `metadata` and `tasks`) once
+        on the fabric, now; its run id. The master validates it like a pipelines file."""
+        return self.query("pipelines", {"op": "dispatch", "pipeline": pipeline_data},
+                          timeout=timeout)["run_id"]
+
     def submit_many(self, calls: Iterable[tuple], *,
                     ack_timeout: float = 30.0,
                     on_progress: Callable[[int], None] | None = None) -> list[TaskHandle]:
-        """Submit (name, args, kwargs, priority[, task_id]) calls in batches; each id once,
-        journalled. A caller-chosen task id makes a resubmission after a crash harmless.
+        """Submit (name, args, kwargs, priority[, task_id[, max_attempts]]) calls in batches;
+        each id once, journalled. A caller-chosen task id makes a resubmission after a crash
+        harmless.
 
         Tasks the master refuses because its queue is full are resent with backoff until
-        `ack_timeout` passes, then their handles fail with QueueFull.
+        `ack_timeout` passes, then their handles fail with QueueFull; a task refused for any
+        other reason fails at once with TaskRefused.
         """
-        specs = [make_task(c[0], c[1], c[2], priority=c[3], task_id=c[4] if len(c) > 4 else None)
+        specs = [make_task(c[0], c[1], c[2], priority=c[3], task_id=c[4] if len(c) > 4 else None,
+                           max_attempts=c[5] if len(c) > 5 else 0)
                  for c in calls]  # every call checked before any is sent
         deadline = time.monotonic() + ack_timeout
         chunks = [specs[i:i + _SUBMIT_CHUNK] for i in range(0, len(specs), _SUBMIT_CHUNK)]
@@ -136,7 +148,13 @@ class FabricClient:
         backoff = 0.05
         while pending:
             reply = self._submit_once(pending, deadline)
-            refused = {task_id for task_id, reason in reply.rejected}
+            refused = {task_id for task_id, reason in reply.rejected
+                       if reason.startswith(QUEUE_FULL)}
+            for task_id, reason in reply.rejected:
+                if not reason.startswith(QUEUE_FULL):
+                    handle = self._handles.pop(task_id, None)
+                    if handle is not None:
+                        handle.reject(TaskRefused(f"task {task_id} refused: {reason}"))
             pending = [s for s in pending if s.id in refused]
             if not pending:
                 return
