@@ -52,7 +52,7 @@ function table(headers, rows, empty) {
 
 function replace(id, ...children) {
   const target = document.getElementById(id);
-  target.replaceChildren(...children.flat());
+  target.replaceChildren(...children.flat().filter(c => c !== null && c !== undefined));
 }
 
 function progress(percent, label) {
@@ -99,7 +99,7 @@ function drawMasterLine(s) {
 
 function drawChart(points) {
   const target = document.getElementById("chart");
-  const width = 1000, height = 180, left = 48, bottom = 22, top = 10;
+  const width = 600, height = 170, left = 44, bottom = 22, top = 10;
   const svg = document.createElementNS(SVG, "svg");
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
   svg.setAttribute("preserveAspectRatio", "none");
@@ -111,15 +111,15 @@ function drawChart(points) {
     return node;
   };
   const max = Math.max(1, ...points.map(p => Math.max(p.completed, p.failed)));
-  const span = 300;
   const end = points.length ? points[points.length - 1].ts : 0;
+  const span = Math.min(300, Math.max(60, points.length ? end - points[0].ts : 60));
   const x = ts => left + (width - left - 4) * (1 - (end - ts) / span);
   const y = v => top + (height - top - bottom) * (1 - v / max);
   for (const frac of [0, 0.5, 1]) {
     add("line", { class: "axis", x1: left, x2: width, y1: y(max * frac), y2: y(max * frac) });
     add("text", { x: left - 6, y: y(max * frac) + 4, "text-anchor": "end" }, fmt(max * frac));
   }
-  add("text", { x: left, y: height - 6 }, "-5 min");
+  add("text", { x: left, y: height - 6 }, span >= 120 ? `-${Math.round(span / 60)} min` : `-${Math.round(span)}s`);
   add("text", { x: width - 4, y: height - 6, "text-anchor": "end" }, "now");
   const path = key => points.filter(p => end - p.ts <= span)
     .map((p, i) => `${i ? "L" : "M"}${x(p.ts).toFixed(1)},${y(p[key]).toFixed(1)}`).join(" ");
@@ -158,10 +158,10 @@ function drawQueue(s) {
   const max = Math.max(1, ...q.by_priority.map(p => p.queued + p.running));
   const rows = q.by_priority.map(p => {
     const bar = el("div", { class: "b" });
-    bar.style.width = `${(200 * (p.queued + p.running)) / max}px`;
+    bar.style.width = `${(180 * (p.queued + p.running)) / max}px`;
     return el("div", { class: "qbar", "data-priority": String(p.priority) },
-      el("span", { class: "p" }, `P${p.priority}`), bar,
-      el("span", {}, `${fmt(p.queued)} queued, ${fmt(p.running)} running`));
+      el("span", { class: "p" }, `P${p.priority}`),
+      el("span", { class: "c" }, `${fmt(p.queued)} queued, ${fmt(p.running)} running`), bar);
   });
   const names = q.by_name.length
     ? el("div", { class: "note" }, "waiting: " + q.by_name.map(n => `${n.name} ${fmt(n.queued)}`).join(", "))
