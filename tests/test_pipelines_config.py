@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,35 @@ def test_configs_built_in_code_are_checked_too() -> None:
         PipelineConfig(name="p", jobs=(JobConfig(name="x", task="t", depends_on=("z",)),))
     with pytest.raises(PipelineConfigError, match="needs a job"):
         PipelineConfig(name="p", jobs=())
+
+
+def test_a_pipeline_as_data_is_checked_by_the_same_rules() -> None:
+    from pipelines import parse_pipeline_data
+    listed = parse_pipeline_data({"name": "etl", "jobs": [
+        {"name": "extract", "task": "echo", "args": [1]},
+        {"name": "load", "depends_on": ["extract"], "timeout": "30s"}]})
+    table = parse_pipeline_data({"jobs": {"extract": {"task": "echo", "args": [1]},
+                                          "load": {"depends_on": ["extract"], "timeout": 30}}},
+                                name="etl")
+    assert listed == table
+    assert listed.job("load").task == "load"  # no task: the task of the job's own name
+    assert parse_pipeline_data(listed.to_dict()) == listed  # what the store keeps reads back
+    with pytest.raises(PipelineConfigError) as unknown:
+        parse_pipeline_data({"name": "etl", "jobs": [{"name": "load"}]}, known_tasks={"echo"})
+    assert (unknown.value.job, unknown.value.field) == ("load", "task")
+    assert "pipelines.etl.jobs.load.task: unknown task 'load' (known tasks: echo)" in \
+        str(unknown.value)
+    mistakes = [
+        ({"name": "etl", "jobs": [{"task": "echo"}]}, "item 0 needs a name"),
+        ({"name": "etl", "jobs": [{"name": "a"}, {"name": "a"}]}, "two jobs are called 'a'"),
+        ({"name": "etl", "jobs": ["a"]}, "item 0 must be a table"),
+        ({"name": "etl", "jobs": []}, "has no jobs"),
+        ({"jobs": [{"name": "a"}]}, "a pipeline needs a name"),
+        ({"name": "etl", "id": "x", "jobs": [{"name": "a"}]}, "pipelines.etl.id: unknown key"),
+        (["etl"], "must be a table"),
+    ]
+    for data, message in mistakes:
+        with pytest.raises(PipelineConfigError, match=re.escape(message)):
+            parse_pipeline_data(data)  # type: ignore[arg-type]
+    with pytest.raises(PipelineConfigError, match="says 'b'"):
+        parse_pipeline_data({"name": "b", "jobs": [{"name": "a"}]}, name="a")

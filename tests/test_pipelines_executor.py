@@ -423,3 +423,15 @@ def test_running_some_jobs_alone_uses_the_latest_results_of_their_dependencies(
     assert list(alone.jobs) == ["e"] and alone.trigger == "schedule:e"
     assert runner.tasks() == ["e"]
     assert runner.calls[0].kwargs["inputs"] == {"d": "d(b(a()),c(a()))"}
+
+
+def test_a_permanent_failure_spends_no_retry(tmp_path: Path) -> None:
+    async def no_node(call: Call) -> Any:
+        raise JobFailed("unknown_task: no live node runs a task named 'a'", permanent=True)
+
+    runner = Runner(a=no_node)
+    executor = make(tmp_path / "s.db", diamond(a={"retries": 3}), runner)
+    record = run(executor.execute_pipeline())
+    assert record.state == FAILED
+    assert (record.jobs["a"].state, record.jobs["a"].attempts) == (FAILED, 1)
+    assert runner.tasks() == ["a"]  # neither retried nor its dependents run

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from core.errors import FabricTimeout
 from pipelines import (COMPLETED, FAILED, PAUSED, PENDING, RUNNING, Due, EventSystem,
                        JobFailed, PipelineBusy, PipelineConfig, PipelineManager, UnknownPipeline,
                        VersionedStore, parse_pipelines)
@@ -473,3 +474,73 @@ def test_close_cancels_runs_and_leaves_them_to_recover(tmp_path: Path) -> None:
 
     run(scenario())
     assert runner.tasks == ["a", "b", "c", "d", "d", "e"]
+
+
+# -- pipelines added while running, the start-up run, the awaitable interval ------------------------
+
+def test_add_pipeline_adds_keeps_or_replaces_a_definition(tmp_path: Path) -> None:
+    clock, runner = Clock(), Runner()
+    manager = manager_for(tmp_path / "s.db", configs(), runner, clock)
+    extra = {"name": "q", "jobs": [{"name": "only"}]}
+
+    async def scenario() -> None:
+        added = manager.add_pipeline(extra)
+        assert manager.add_pipeline(extra) is added  # the same definition: nothing changes
+        run_id = manager.run("q")
+        await manager.wait_run(run_id, timeout=BOUND)
+        gate = runner.gate("other")
+        replaced = manager.add_pipeline({"name": "q", "jobs": [{"name": "other"}]})
+        assert replaced is not added and manager.executor("q") is replaced
+        run_id = manager.run("q")
+        await runner.wait_started("other")
+        with pytest.raises(PipelineBusy, match="cannot change"):
+            manager.add_pipeline(extra)
+        gate.set()
+        assert (await manager.wait_run(run_id, timeout=BOUND)).state == COMPLETED
+        assert [r.state for r in manager.history("q")] == [COMPLETED, COMPLETED]  # kept
+
+    run(scenario())
+    assert runner.tasks == ["only", "other"]  # each job runs the task of its own name
+
+
+def test_startup_event_continues_runs_then_runs_each_pipeline_once(tmp_path: Path) -> None:
+    clock, runner = Clock(), Runner()
+    two = configs() + parse_pipelines({"q": {"jobs": {"only": {"task": "only"}}}})
+    manager = manager_for(tmp_path / "s.db", two, runner, clock)
+
+    async def scenario() -> None:
+        records = await manager.startup_event()
+        assert [(r.pipeline, r.state) for r in records] == [("p", COMPLETED), ("q", COMPLETED)]
+        runner.gate("only")
+        with pytest.raises(FabricTimeout, match="still running"):
+            await manager.startup_event(timeout=0.05)
+        runner.gates["only"].set()
+        await manager.wait_idle(timeout=BOUND)
+
+    run(scenario())
+
+
+def test_schedule_pipelines_with_interval_runs_while_awaited_until_stopped(
+        tmp_path: Path) -> None:
+    clock, runner = Clock(), Runner()
+    manager = manager_for(tmp_path / "s.db", configs(), runner, clock)
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        schedule = manager.schedule_pipelines_with_interval("1m", stop_event=stop,
+                                                            poll_interval=0.01)
+        assert schedule.interval == 60 and manager.next_run_at("p") == T0 + 60
+        running = asyncio.ensure_future(schedule)
+        clock.now = T0 + 60
+        await asyncio.wait_for(_until(lambda: manager.history("p")), BOUND)
+        await manager.wait_idle(timeout=BOUND)
+        stop.set()
+        await asyncio.wait_for(running, BOUND)
+        assert [r.trigger for r in manager.history("p")] == ["schedule"]
+
+    run(scenario())
+
+
+async def _until(predicate: Any) -> None:
+    while not predicate():
+        await asyncio.sleep(0.01)
