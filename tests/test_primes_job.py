@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -22,11 +23,14 @@ import sympy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from master.primes_job import (BadLine, Checkpoint, ShardPlan, iter_shards, job_id_for,
-                               parse_line, plan_shards, read_numbers, task_id, window_for,
-                               write_primes)
+from core.protocol import make_task
+from master.primes_job import (BadLine, Checkpoint, JobProgress, ShardPlan, iter_shards,
+                               job_id_for, parse_line, plan_shards, read_numbers,
+                               render_progress, task_digest, task_id, window_for, write_primes)
 from master.primes_job.numbers import MAX_LINE_BYTES, wire_number, wire_numbers
+from master.commands.primes import format_summary
 from master.primes_job.plan import DEFAULT_SHARD_SIZE, number_cost
+from master.primes_job.runner import JobSummary
 from core.url import parse_broker_url
 from esp32_support import boards, micropython, umqtt_file  # noqa: F401 (fixtures)
 from support.fabric import Fabric, child_env, wait_until
@@ -172,6 +176,8 @@ def test_plan_fits_the_smallest_payload_and_is_capped_for_cpython() -> None:
     assert plan_shards([cpython], shard_size=10).shard_size == 10
     big_node = {"status": "ready", "capacity": 64, "prefetch": 64, "max_payload": 0}
     assert plan_shards([big_node]).max_bytes * 128 <= 1024 * 1024  # a full batch fits a packet
+    after_tiny_tasks = dict(cpython, prefetch=1000)  # the prefetch a run of no-ops leaves
+    assert plan_shards([after_tiny_tasks]) == plan_shards([cpython])
     assert window_for([cpython, esp32]) > window_for([esp32]) >= 4
 
 
@@ -183,7 +189,29 @@ def test_job_id_follows_the_files_and_task_ids_are_deterministic(tmp_path: Path)
     assert job_id_for([a, b]) == first and job_id_for([b, a]) != first
     os.utime(a, ns=(1, 1))
     assert job_id_for([a, b]) != first
-    assert task_id("j", 3) == "j-3" and task_id("j", 3, 1) == "j-3-r1"
+    digest = task_digest("primes", [[7, 8, 9]])
+    assert task_id("j", 3, digest) == f"j-3-{digest}"
+    assert task_id("j", 3, digest, 1) == f"j-3-{digest}-r1"
+
+
+def test_task_ids_are_bound_to_what_the_shard_computes() -> None:
+    """The same index with other numbers (another shard size) is another task; the same
+    numbers are the same task; the name and keyword arguments count too."""
+    numbers = list(range(1, 101))
+    by_size = {size: [s.wire for s in iter_shards([numbers], ShardPlan(size, 10**6),
+                                                  lambda bad: None)] for size in (10, 25, 37)}
+    firsts = {task_id("job", 0, task_digest("primes", [shards[0]])) for shards in by_size.values()}
+    assert len(firsts) == 3
+    again = [s.wire for s in iter_shards([numbers], ShardPlan(25, 10**6), lambda bad: None)]
+    assert [task_digest("primes", [w]) for w in again] == \
+        [task_digest("primes", [w]) for w in by_size[25]]
+    digest = task_digest("primes", [[2, 3]])
+    assert len({digest, task_digest("primes", [["2", 3]]), task_digest("other", [[2, 3]]),
+                task_digest("primes", [[2, 3]], {"x": 1}), task_digest("primes", [[3, 2]])}) == 5
+    assert task_digest("p", [], {"a": 1, "b": 2}) == task_digest("p", [], {"b": 2, "a": 1})
+    longest = task_id("j" * 64, 10**9, digest, 10**6)
+    validate_task = make_task("primes", [[2, 3]], task_id=longest)  # the master's own bound
+    assert validate_task.id == longest and len(longest) <= 128
 
 
 def test_checkpoint_keeps_primes_once_in_numeric_order_and_resumes(tmp_path: Path) -> None:
@@ -191,19 +219,63 @@ def test_checkpoint_keeps_primes_once_in_numeric_order_and_resumes(tmp_path: Pat
     cp = Checkpoint(path)
     plan = ShardPlan(shard_size=10, max_bytes=1000)
     cp.begin("job-1", plan, files=["x"])
-    assert cp.record_done(0, 0, 10, [2**89 - 1, 7, 11], "n1") == 3
-    assert cp.record_done(1, 0, 10, [7, 101, 2**127 - 1], "n2") == 2
+    assert cp.record_done(0, 0, "d0", 10, [2**89 - 1, 7, 11], "n1") == 3
+    assert cp.record_done(1, 0, "d1", 10, [7, 101, 2**127 - 1], "n2") == 2
     cp.record_attempt(2, 1, failed=False, error="node_lost: x")
     cp.close()
     cp = Checkpoint(path)
+    assert cp.reset_reason == ""
     assert cp.job_id() == "job-1" and cp.plan() == plan
-    assert cp.done_shards() == {0, 1} and cp.attempts() == {2: 1}
+    assert cp.done_shards() == {0: "d0", 1: "d1"} and cp.attempts() == {2: 1}
     assert list(cp.iter_primes()) == ["7", "11", "101", str(2**89 - 1), str(2**127 - 1)]
-    assert cp.nodes_used() == {"n1": 1, "n2": 1} and cp.numbers_tested() == 20
+    assert cp.numbers_tested() == 20
     cp.begin("job-2", plan, files=["y"])
-    assert cp.done_shards() == set() and cp.primes_count() == 0
+    assert cp.done_shards() == {} and cp.primes_count() == 0
     cp.remove()
     assert not path.exists()
+
+
+def test_a_checkpoint_of_the_first_schema_is_emptied_not_trusted(tmp_path: Path) -> None:
+    """Its shards carry no digest, so they cannot be matched to tasks by content."""
+    path = tmp_path / "old.checkpoint"
+    db = sqlite3.connect(str(path))
+    db.executescript("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+                     "CREATE TABLE shards (shard INTEGER PRIMARY KEY, attempt INTEGER NOT NULL "
+                     "DEFAULT 0, state TEXT NOT NULL, numbers INTEGER NOT NULL DEFAULT 0, "
+                     "primes INTEGER NOT NULL DEFAULT 0, node TEXT NOT NULL DEFAULT '', "
+                     "error TEXT NOT NULL DEFAULT '');"
+                     "CREATE TABLE primes (digits INTEGER NOT NULL, value TEXT NOT NULL, "
+                     "PRIMARY KEY (digits, value)) WITHOUT ROWID;"
+                     "INSERT INTO meta VALUES ('schema', '1'), ('job_id', 'job-1');"
+                     "INSERT INTO shards (shard, state) VALUES (0, 'done');"
+                     "INSERT INTO primes VALUES (1, '4');")
+    db.commit()
+    db.close()
+    cp = Checkpoint(path)
+    assert "schema 1" in cp.reset_reason
+    assert cp.job_id() is None and cp.done_shards() == {} and cp.primes_count() == 0
+    cp.close()
+    assert Checkpoint(path).reset_reason == ""  # emptied once, current from then on
+
+
+def test_progress_json_has_type_and_version_and_leaves_unknowns_out() -> None:
+    running = JobProgress(job_id="j", state="running", numbers_read=10, numbers_tested=4,
+                          bad_lines=0, shards_done=1, shards_total=None, shards_in_flight=2,
+                          primes=1, bytes_read=50, bytes_total=100, elapsed=1.0)
+    d = running.to_dict()
+    assert d["type"] == "job_progress" and d["v"] == 1
+    assert "shards_total" not in d and "reason" not in d
+    assert "shards 1/?" in render_progress(running)
+    ended = JobProgress(job_id="j", state="interrupted", numbers_read=10, numbers_tested=4,
+                        bad_lines=0, shards_done=1, shards_total=3, shards_in_flight=0,
+                        primes=1, bytes_read=100, bytes_total=100, elapsed=1.0,
+                        reason="stopped by a signal")
+    d = ended.to_dict()
+    assert d["shards_total"] == 3 and d["state"] == "interrupted" and d["reason"]
+    empty = JobProgress(job_id="j", state="done", numbers_read=0, numbers_tested=0, bad_lines=0,
+                        shards_done=0, shards_total=0, shards_in_flight=0, primes=0,
+                        bytes_read=0, bytes_total=0, elapsed=0.1)
+    assert empty.to_dict()["shards_total"] == 0 and empty.fraction == 1.0  # known: none
 
 
 def test_output_is_replaced_atomically(tmp_path: Path) -> None:
@@ -223,19 +295,36 @@ def test_output_is_replaced_atomically(tmp_path: Path) -> None:
 
 # -- the job through the fabric ---------------------------------------------------------------------
 
-def primes_command(fabric: Fabric, files: list[Path], output: Path, *extra: str) -> subprocess.Popen:
+class _JobProcess:
+    """A `master-node primes` run, stopped by its own handle when the test ends."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+
+    def cleanup(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc.out.close()  # type: ignore[attr-defined]
+        self.proc.err.close()  # type: ignore[attr-defined]
+
+
+def primes_command(fabric: Fabric, files: list[Path], output: Path, *extra: str,
+                   json_summary: bool = True) -> subprocess.Popen:
     args = [sys.executable, "-m", "master.cli", "primes", *map(str, files), "--broker",
-            fabric.broker_url, "--root", fabric.root, "--output", str(output), "--json",
-            *extra]
+            fabric.broker_url, "--root", fabric.root, "--output", str(output),
+            *(["--json"] if json_summary else []), *extra]
     out = open(fabric.tmp / f"primes-{len(fabric.procs)}-{os.getpid()}.out", "w+")
     err = open(fabric.tmp / f"primes-{len(fabric.procs)}-{os.getpid()}.err", "w+")
     proc = subprocess.Popen(args, stdout=out, stderr=err, cwd=str(fabric.tmp), env=child_env(),
                             start_new_session=True)
     proc.out, proc.err = out, err  # type: ignore[attr-defined]
+    fabric.procs.append(_JobProcess(proc))  # type: ignore[arg-type]
     return proc
 
 
-def finish(proc: subprocess.Popen, timeout: float = 90) -> tuple[int, dict, str]:
+def finish(proc: subprocess.Popen, timeout: float = 90, *,
+           json_summary: bool = True) -> tuple[int, dict, str]:
     try:
         rc = proc.wait(timeout)
     except subprocess.TimeoutExpired:
@@ -245,6 +334,8 @@ def finish(proc: subprocess.Popen, timeout: float = 90) -> tuple[int, dict, str]
                              + Path(proc.err.name).read_text()[-3000:])  # type: ignore[attr-defined]
     stdout = Path(proc.out.name).read_text()  # type: ignore[attr-defined]
     stderr = Path(proc.err.name).read_text()  # type: ignore[attr-defined]
+    if not json_summary:
+        return rc, {"text": stdout}, stderr
     try:
         summary = json.loads(stdout) if stdout.strip() else {}
     except ValueError:
@@ -296,11 +387,12 @@ def test_node_killed_mid_job_loses_no_work(fabric: Fabric) -> None:
     output = fabric.tmp / "primes.txt"
     job = primes_command(fabric, files, output, "--shard-size", "25", "--timeout", "30")
 
-    def victim_busy() -> bool:
-        with fabric.client() as client:
-            nodes = {n["node_id"]: n for n in client.nodes()}
+    def victim_busy(client) -> bool:
+        nodes = {n["node_id"]: n for n in client.nodes()}
         return nodes["victim"]["tasks_done"] >= 5 and nodes["victim"]["in_flight"] > 0
-    wait_until(lambda: victim_busy() or job.poll() is not None, 60, message="victim at work")
+    with fabric.client() as client:  # one connection: a check must be quicker than the job
+        wait_until(lambda: victim_busy(client) or job.poll() is not None, 60,
+                   message="victim at work")
     assert job.poll() is None, "the job ended before the node could be killed"
     victim.kill()
     rc, summary, stderr = finish(job)
@@ -329,9 +421,11 @@ def test_master_killed_mid_job_and_restarted_loses_no_work(fabric: Fabric) -> No
 
 
 def test_interrupted_command_resumes_where_it_stopped(fabric: Fabric) -> None:
+    """Killed outright, then run again on another node: the checkpoint's shards are kept,
+    and the summary names only the node that ran shards in the second run."""
     files, truth = make_inputs(fabric.tmp / "input", seed=17)
     fabric.master()
-    fabric.node("n1", "--task", "support.workloads:primes")
+    first_node = fabric.node("n1", "--task", "support.workloads:primes")
     ready_nodes(fabric, 1)
     output = fabric.tmp / "primes.txt"
     checkpoint = Path(str(output) + ".checkpoint")
@@ -354,12 +448,139 @@ def test_interrupted_command_resumes_where_it_stopped(fabric: Fabric) -> None:
     first.kill()
     first.wait(10)
     done_before = shards_done()
+    assert first_node.terminate() == 0  # hands back what it held; the master requeues it
+    fabric.node("n2", "--task", "support.workloads:primes")
+    with fabric.client() as client:
+        wait_until(lambda: {n["node_id"]: n["status"] for n in client.nodes()}.get("n2")
+                   == "ready", 30, message="n2 ready")
     rc, summary, stderr = finish(primes_command(fabric, files, output, "--shard-size", "25"))
     assert rc == 0, stderr
     assert "resuming job" in stderr
-    assert summary["resumed"] is True and summary["shards_skipped"] >= done_before >= 8
+    assert summary["resumed"] is True and summary["shards_from_checkpoint"] >= done_before >= 8
     assert output.read_text().split() == expected_primes(truth["numbers"])
     assert summary["numbers_tested"] == len(truth["numbers"])
+    assert summary["shards_from_checkpoint"] + summary["shards_from_master"] \
+        + summary["shards_run"] == summary["shards"]
+    assert set(summary["nodes"]) <= {"n2"}  # n1 ran nothing in this run
+    assert sum(summary["nodes"].values()) == summary["shards_run"]
+
+
+def test_reruns_with_other_shard_sizes_are_exact_and_reuse_only_the_same_numbers(
+        fabric: Fabric) -> None:
+    """The same files through the same master, cut three ways: each run gives sympy's set,
+    none takes another cut's outcomes; a fourth run with a cut seen before (and a new
+    output) takes every shard from the master's earlier results and runs nothing."""
+    files, truth = make_inputs(fabric.tmp / "input", seed=23)
+    want = expected_primes(truth["numbers"])
+    fabric.master()
+    fabric.node("n1", "--capacity", "2")
+    fabric.node("n2")
+    ready_nodes(fabric, 2)
+    output = fabric.tmp / "primes.txt"
+    ran = 0
+    job_ids = set()
+    for extra in (["--shard-size", "100"], ["--shard-size", "37"], []):
+        output.write_text("stale\n")
+        rc, summary, stderr = finish(primes_command(fabric, files, output, *extra))
+        assert rc == 0, stderr
+        assert output.read_text().split() == want, f"run with {extra or 'the default'}"
+        assert summary["numbers_tested"] == len(truth["numbers"])
+        assert summary["shards_run"] == summary["shards"], extra  # no other cut's outcome
+        assert summary["shards_from_master"] == summary["shards_from_checkpoint"] == 0
+        assert sum(summary["nodes"].values()) == summary["shards"]
+        ran += summary["shards"]
+        job_ids.add(summary["job_id"])
+    assert len(job_ids) == 1  # one job, the same files each time
+    assert completed_tasks(fabric) == ran  # the master ran each shard of each cut once
+    again = fabric.tmp / "again" / "primes.txt"
+    rc, summary, stderr = finish(primes_command(fabric, files, again, "--shard-size", "37"))
+    assert rc == 0, stderr
+    assert again.read_text().split() == want
+    assert summary["shards_from_master"] == summary["shards"] > 0
+    assert summary["shards_run"] == 0 and summary["nodes"] == {}
+    assert completed_tasks(fabric) == ran
+    shards = summary["shards"]
+    rc, summary, stderr = finish(primes_command(fabric, files, again, "--shard-size", "37",
+                                                json_summary=False), json_summary=False)
+    assert rc == 0, stderr
+    text = summary["text"]
+    assert f"0 run now, 0 from the checkpoint, {shards} from the master" in text, text
+    assert "nodes this run   0: none" in text
+
+
+def _progress(observer, topic: str) -> dict:
+    payload = observer.retained.get(topic)
+    return json.loads(payload) if payload else {}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_an_interrupted_job_says_so_on_its_progress_topic(fabric: Fabric, observer,
+                                                          sig: int) -> None:
+    files, truth = make_inputs(fabric.tmp / "input", seed=29)
+    fabric.master()
+    fabric.node("n1", "--task", "support.workloads:primes", "--capacity", "1")
+    ready_nodes(fabric, 1)
+    output = fabric.tmp / "primes.txt"
+    job = primes_command(fabric, files, output, "--shard-size", "25")
+    topic = f"{fabric.root}/jobs/{job_id_for(files)}/progress"
+    wait_until(lambda: _progress(observer, topic).get("shards_done", 0) >= 3
+               or job.poll() is not None, 60, message="the job under way")
+    assert job.poll() is None, "the job ended before it could be interrupted"
+    running = _progress(observer, topic)
+    assert running["state"] == "running" and running["type"] == "job_progress"
+    assert running["v"] == 1
+    os.kill(job.pid, sig)
+    rc, _summary, stderr = finish(job, json_summary=False)
+    assert rc == 128 + sig, stderr
+    assert "interrupted by" in stderr and "run the same command again" in stderr
+    ended = wait_until(lambda: _progress(observer, topic).get("state") != "running"
+                       and _progress(observer, topic), 10, message="a final progress")
+    assert ended["state"] == "interrupted" and ended["reason"], ended
+    assert ended["type"] == "job_progress" and ended["v"] == 1
+    assert ended["shards_done"] >= running["shards_done"]
+    # run again: it resumes, ends done, and the topic says so
+    rc, summary, stderr = finish(primes_command(fabric, files, output, "--shard-size", "25"))
+    assert rc == 0, stderr
+    assert summary["shards_from_checkpoint"] >= running["shards_done"]
+    assert output.read_text().split() == expected_primes(truth["numbers"])
+    done = wait_until(lambda: _progress(observer, topic).get("state") == "done"
+                      and _progress(observer, topic), 10, message="progress done")
+    assert done["shards_total"] == summary["shards"] == done["shards_done"]
+    assert done["shards_reused"] == summary["shards_from_checkpoint"] \
+        + summary["shards_from_master"]
+
+
+def test_a_job_that_cannot_go_on_says_failed_with_the_reason(fabric: Fabric, observer) -> None:
+    files, _truth = make_inputs(fabric.tmp / "input", seed=31)
+    master = fabric.master()
+    fabric.node("n1", "--task", "support.workloads:primes", "--capacity", "1")
+    ready_nodes(fabric, 1)
+    output = fabric.tmp / "primes.txt"
+    job = primes_command(fabric, files, output, "--shard-size", "25", "--timeout", "2",
+                         "--stall-timeout", "3")
+    topic = f"{fabric.root}/jobs/{job_id_for(files)}/progress"
+    wait_until(lambda: _progress(observer, topic).get("shards_done", 0) >= 2
+               or job.poll() is not None, 60, message="the job under way")
+    assert job.poll() is None, "the job ended before its master could be killed"
+    master.kill()
+    rc, _summary, stderr = finish(job, 60, json_summary=False)
+    assert rc == 2, stderr
+    ended = wait_until(lambda: _progress(observer, topic).get("state") != "running"
+                       and _progress(observer, topic), 10, message="a final progress")
+    assert ended["state"] == "failed", ended
+    assert "run the same command again" in ended["reason"] and "master" in ended["reason"]
+    assert ended["reason"] in stderr  # the same words on the topic and on the terminal
+
+
+def test_the_summary_tells_reused_shards_from_shards_run_now() -> None:
+    summary = JobSummary(job_id="j", output="primes.txt", files=["a"], complete=True,
+                         resumed=True, numbers_read=10, numbers_tested=10, primes=4, shards=6,
+                         shards_run=3, shards_from_checkpoint=2, shards_from_master=1,
+                         nodes={"n2": 2, "n3": 1}, plan={"shard_size": 2, "max_bytes": 100})
+    text = format_summary(summary)
+    assert "6 of up to 2 numbers: 3 run now, 2 from the checkpoint, 1 from the master's " \
+        "earlier results" in text
+    assert "nodes this run   2: n2 (2 shards), n3 (1 shard)" in text
 
 
 def test_an_esp32_board_gets_shards_that_fit_its_payload(fabric: Fabric, boards) -> None:

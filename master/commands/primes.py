@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING
 
 from master.commands.common import add_client_options, connect
@@ -22,9 +24,12 @@ DESCRIPTION = (
     "a line, to --output (replaced atomically; rewritten every few seconds while the job runs). "
     "Files larger than memory are fine: a bounded window of shards is in flight. Finished shards "
     "are checkpointed beside the output: if this command, the master or a node dies, run the "
-    "same command again and it resumes. Progress goes to stderr and, retained, to "
-    "<root>/jobs/<job id>/progress; a summary to stdout. Exit 0 when every number was tested, 1 "
-    "when some shards failed (run again to retry them), 2 on a usage or connection error.")
+    "same command again and it resumes. Shards the master finished for an earlier run of the "
+    "same files, with the very same numbers, are reused; the summary tells them from shards run "
+    "now. Progress goes to stderr and, retained, to <root>/jobs/<job id>/progress (its state "
+    "ends as done, incomplete, failed or interrupted); a summary to stdout. Exit 0 when every "
+    "number was tested, 1 when some shards failed (run again to retry them), 2 on a usage or "
+    "connection error, 130/143 when interrupted by SIGINT/SIGTERM (run again to resume).")
 
 _MAX_BAD_SHOWN = 100
 
@@ -76,11 +81,24 @@ def run(args: argparse.Namespace) -> int:
         elif shown == _MAX_BAD_SHOWN + 1:
             bar.message("master-node primes: more bad lines: counted, not shown")
 
+    caught: list[int] = []
+
+    def interrupt(signum: int, _frame: FrameType | None) -> None:
+        caught.append(signum)
+        raise KeyboardInterrupt
+
     client = connect(args)
+    previous = signal.signal(signal.SIGTERM, interrupt)  # stop_system.sh stops jobs with it
     try:
         summary = run_primes_job(client, options, on_bad_line=bad_line, on_progress=bar.update,
                                  on_notice=lambda text: bar.message(f"master-node primes: {text}"))
+    except KeyboardInterrupt:
+        name = "SIGTERM" if caught else "SIGINT"
+        bar.message(f"master-node primes: interrupted by {name}: finished shards are "
+                    "checkpointed; run the same command again to resume")
+        return 128 + (caught[0] if caught else signal.SIGINT)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         bar.close()
         client.close()
     if args.json:
@@ -100,11 +118,12 @@ def format_summary(s: JobSummary) -> str:
         f"  bad lines        {s.bad_lines:,}",
         f"  numbers tested   {s.numbers_tested:,}",
         f"  primes found     {s.primes:,} unique, in {s.output}",
-        f"  shards           {s.shards:,} of up to {s.plan.get('shard_size', 0):,} numbers"
-        f" ({s.shards_skipped:,} done by an earlier run, {s.retries} retried,"
-        f" {s.shards_failed} failed)",
+        f"  shards           {s.shards:,} of up to {s.plan.get('shard_size', 0):,} numbers:"
+        f" {s.shards_run:,} run now, {s.shards_from_checkpoint:,} from the checkpoint,"
+        f" {s.shards_from_master:,} from the master's earlier results"
+        f" ({s.retries} retried, {s.shards_failed} failed)",
         f"  time             {s.seconds:.2f} s ({s.rate:,.0f} numbers/s)",
-        f"  nodes used       {len(s.nodes)}: {nodes}",
+        f"  nodes this run   {len(s.nodes)}: {nodes}",
     ]
     if not s.complete:
         lines.append("  some shards failed: run the same command again to retry them")

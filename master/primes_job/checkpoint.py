@@ -1,7 +1,8 @@
 """The job's local checkpoint: finished shards and the primes found, in one sqlite file.
 
 A run that crashes (or is interrupted) is resumed by running the same command again: shards
-recorded here are skipped, and the primes they found are already here. Primes are stored
+recorded here are skipped when their content digest still matches, and the primes they found
+are already here. Primes are stored
 as decimal text (they can exceed 2**63) with their digit count, so `ORDER BY digits, value`
 is numeric order and the primary key keeps each prime once.
 """
@@ -19,7 +20,7 @@ from master.sqlite_batch import BatchedWrites
 
 __all__ = ["Checkpoint", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: shards keep the digest of their task
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -27,6 +28,7 @@ CREATE TABLE IF NOT EXISTS shards (
     shard INTEGER PRIMARY KEY,
     attempt INTEGER NOT NULL DEFAULT 0,
     state TEXT NOT NULL,
+    digest TEXT NOT NULL DEFAULT '',
     numbers INTEGER NOT NULL DEFAULT 0,
     primes INTEGER NOT NULL DEFAULT 0,
     node TEXT NOT NULL DEFAULT '',
@@ -53,10 +55,22 @@ class Checkpoint(BatchedWrites):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # a process crash loses nothing
             self._db.executescript(_SCHEMA)
+            self.reset_reason = self._drop_other_schema()
         except sqlite3.DatabaseError as e:
             raise ConfigError(f"checkpoint {self.path} is not usable ({e}); remove it or "
                               "choose another with --checkpoint") from e
         self._in_tx = False
+
+    def _drop_other_schema(self) -> str:
+        """Empty a checkpoint written by another schema (its shards cannot be matched to
+        tasks by content); the reason, or "" when it is current."""
+        schema = self._meta("schema")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(shards)")}
+        if schema in (None, str(SCHEMA_VERSION)) and "digest" in columns:
+            return ""
+        self._db.executescript("DROP TABLE IF EXISTS meta; DROP TABLE IF EXISTS shards; "
+                               "DROP TABLE IF EXISTS primes;" + _SCHEMA)
+        return f"it was written in checkpoint schema {schema or '?'}, not {SCHEMA_VERSION}"
 
     # -- the job it belongs to -----------------------------------------------------------------
 
@@ -83,25 +97,27 @@ class Checkpoint(BatchedWrites):
 
     # -- shards ----------------------------------------------------------------------------------
 
-    def done_shards(self) -> set[int]:
-        return {s for (s,) in self._db.execute("SELECT shard FROM shards WHERE state = ?",
-                                               (DONE,))}
+    def done_shards(self) -> dict[int, str]:
+        """Each finished shard's index and the digest of the task that finished it."""
+        return dict(self._db.execute("SELECT shard, digest FROM shards WHERE state = ?",
+                                     (DONE,)))
 
     def attempts(self) -> dict[int, int]:
         """The attempt number each unfinished shard's next task id must carry."""
         return dict(self._db.execute("SELECT shard, attempt FROM shards WHERE state != ?",
                                      (DONE,)))
 
-    def record_done(self, shard: int, attempt: int, numbers: int, primes: Iterable[int],
-                    node: str) -> int:
-        """Record a finished shard and its primes; how many of them were new to the job."""
+    def record_done(self, shard: int, attempt: int, digest: str, numbers: int,
+                    primes: Iterable[int], node: str) -> int:
+        """Record a finished shard (its task's digest) and its primes; how many of them
+        were new to the job."""
         values = [(len(text), text) for text in map(str, primes)]
         self._begin()
         added = self._db.executemany("INSERT OR IGNORE INTO primes (digits, value) VALUES (?, ?)",
                                      values).rowcount if values else 0
-        self._db.execute("INSERT OR REPLACE INTO shards (shard, attempt, state, numbers, primes, "
-                         "node) VALUES (?, ?, ?, ?, ?, ?)",
-                         (shard, attempt, DONE, numbers, len(values), node))
+        self._db.execute("INSERT OR REPLACE INTO shards (shard, attempt, state, digest, numbers, "
+                         "primes, node) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (shard, attempt, DONE, digest, numbers, len(values), node))
         return max(0, added)
 
     def record_attempt(self, shard: int, attempt: int, *, failed: bool, error: str) -> None:
@@ -119,11 +135,6 @@ class Checkpoint(BatchedWrites):
     def numbers_tested(self) -> int:
         return self._db.execute("SELECT COALESCE(SUM(numbers), 0) FROM shards WHERE state = ?",
                                 (DONE,)).fetchone()[0]
-
-    def nodes_used(self) -> dict[str, int]:
-        """Finished shards per node, in this run and any earlier run of the job."""
-        return dict(self._db.execute("SELECT node, COUNT(*) FROM shards WHERE state = ? "
-                                     "GROUP BY node ORDER BY node", (DONE,)))
 
     def failed_shards(self) -> list[tuple[int, str]]:
         return list(self._db.execute("SELECT shard, error FROM shards WHERE state = ? "

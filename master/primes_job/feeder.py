@@ -4,10 +4,16 @@ Submitting waits for the master's acknowledgement (the task is journalled), and 
 shard takes a few milliseconds; both overlap with collecting results on the job's own
 thread. The window bounds the shards in flight, so memory stays bounded whatever the
 input's size, and scales with the nodes' slots.
+
+Before it submits, the feeder asks the master what it knows of the shards' task ids: a shard
+the master finished before this run (the same numbers, by the id's digest) is taken from
+there, so the summary can tell it from a shard run now, and an id the master holds as failed
+is passed over for the shard's next attempt, so a rerun tries it again.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -15,14 +21,22 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from core.errors import ConfigError, FabricTimeout
+from core.errors import ConfigError, FabricError, FabricTimeout
+from core.protocol import TaskOutcome
 from master.handles import TaskHandle
-from master.primes_job.plan import TASK_OVERHEAD_BYTES, Shard, task_id
+from master.primes_job.plan import TASK_OVERHEAD_BYTES, Shard, task_digest, task_id
 
-__all__ = ["Window", "Feeder", "Submitted", "SUBMIT_BYTES"]
+__all__ = ["Window", "Feeder", "Submitted", "StaleCheckpoint", "SUBMIT_BYTES",
+           "MAX_KNOWN_FAILURES"]
+
+log = logging.getLogger(__name__)
 
 # One submission message stays far below the broker's packet limit (1 MiB in broker.conf).
 SUBMIT_BYTES = 512 * 1024
+# Ids of one shard the master may hold as failed from earlier runs before the next one is
+# submitted all the same (its stored failure then counts as this run's).
+MAX_KNOWN_FAILURES = 16
+_QUERY_IDS = 500
 _WAIT = 0.2
 
 
@@ -67,19 +81,28 @@ class Window:
 
 @dataclass
 class Submitted:
-    """A shard's task, journalled by the master; what the job waits on."""
+    """A shard's task, journalled by the master (or already finished there: `reused`); what
+    the job waits on."""
 
     shard: Shard
     attempt: int
+    digest: str
     handle: TaskHandle
     submitted: float
+    reused: bool = False
+
+
+class StaleCheckpoint(ConfigError):
+    """A shard the checkpoint holds as done now has other numbers (same files' sizes and
+    times, other content): the checkpoint cannot be trusted for this input."""
 
 
 class Feeder:
-    """Reads shards (skipping those done by an earlier run) and submits them as tasks."""
+    """Reads shards (skipping those the checkpoint holds as done, by index and digest) and
+    submits them as tasks."""
 
     def __init__(self, client: Any, shards: Iterator[Shard], *, job_id: str, task_name: str,
-                 priority: int, window: Window, done_before: set[int],
+                 priority: int, window: Window, done_before: dict[int, str],
                  attempts: dict[int, int], ack_timeout: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
@@ -93,14 +116,15 @@ class Feeder:
         self.reader_done = False
         self.numbers_read = 0
         self.shards_seen = 0
-        self.shards_skipped = 0
+        self.shards_skipped = 0    # done by an earlier run, from the checkpoint
         self.numbers_skipped = 0
+        self.known_failures = 0    # ids passed over: the master holds them as failed
         self.active = 0            # shards read (not skipped) whose fate is not settled
         self._shards = shards
         self._done_before = done_before
         self._attempts = attempts
         self._clock = clock
-        self._retry: deque[tuple[float, Shard, int]] = deque()
+        self._retry: deque[tuple[float, Shard, str, int]] = deque()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="primes-feeder", daemon=True)
@@ -115,10 +139,10 @@ class Feeder:
         self.window.resize(self.window.size)  # wake a wait for a slot
         self._thread.join(timeout)
 
-    def retry(self, shard: Shard, attempt: int, delay: float) -> None:
+    def retry(self, shard: Shard, digest: str, attempt: int, delay: float) -> None:
         """Submit `shard` again as `attempt` after `delay` seconds (its slot was released)."""
         with self._lock:
-            self._retry.append((self._clock() + delay, shard, attempt))
+            self._retry.append((self._clock() + delay, shard, digest, attempt))
 
     def settled(self) -> None:
         """One shard is done or given up."""
@@ -164,11 +188,11 @@ class Feeder:
         except BaseException as e:  # handed to the job's thread, which reports it
             self.error = e
 
-    def _next(self) -> tuple[Shard, int] | None:
+    def _next(self) -> tuple[Shard, str, int] | None:
         with self._lock:
             if self._retry and self._retry[0][0] <= self._clock():
-                _due, shard, attempt = self._retry.popleft()
-                return shard, attempt
+                _due, shard, digest, attempt = self._retry.popleft()
+                return shard, digest, attempt
         while not self.reader_done:
             shard = next(self._shards, None)
             if shard is None:
@@ -176,18 +200,48 @@ class Feeder:
                 break
             self.shards_seen += 1
             self.numbers_read += len(shard.numbers)
-            if shard.index in self._done_before:
+            digest = task_digest(self.task_name, [shard.wire])
+            done = self._done_before.get(shard.index)
+            if done is not None:
+                if done != digest:
+                    raise StaleCheckpoint(f"shard {shard.index} of the input holds other "
+                                          "numbers than when it was checkpointed")
                 self.shards_skipped += 1
                 self.numbers_skipped += len(shard.numbers)
                 continue
             with self._lock:
                 self.active += 1
-            return shard, self._attempts.get(shard.index, 0)
+            return shard, digest, self._attempts.get(shard.index, 0)
         return None
 
-    def _submit(self, group: list[tuple[Shard, int]]) -> None:
+    def _submit(self, group: list[tuple[Shard, str, int]]) -> None:
+        """Take what the master finished already; submit the rest."""
+        fresh = []
+        for _round in range(MAX_KNOWN_FAILURES + 1):
+            ids = {task_id(self.job_id, shard.index, digest, attempt): (shard, digest, attempt)
+                   for shard, digest, attempt in group}
+            known = self._known(list(ids))
+            group = []
+            for tid, (shard, digest, attempt) in ids.items():
+                outcome = known.get(tid)
+                if outcome is not None and outcome.state == "completed":
+                    handle = TaskHandle(tid)
+                    handle.resolve(outcome)
+                    self.submitted.put(Submitted(shard, attempt, digest, handle, self._clock(),
+                                                 reused=True))
+                elif outcome is not None and outcome.state == "failed" \
+                        and _round < MAX_KNOWN_FAILURES:
+                    self.known_failures += 1
+                    group.append((shard, digest, attempt + 1))
+                else:
+                    fresh.append((shard, digest, attempt))
+            if not group:
+                break
+        if not fresh:
+            return
         calls = [(self.task_name, [shard.wire], {}, self.priority,
-                  task_id(self.job_id, shard.index, attempt)) for shard, attempt in group]
+                  task_id(self.job_id, shard.index, digest, attempt))
+                 for shard, digest, attempt in fresh]
         try:
             handles = self.client.submit_many(calls, ack_timeout=self.ack_timeout)
         except FabricTimeout as e:
@@ -195,5 +249,28 @@ class Feeder:
                                 f"{self.ack_timeout:g}s ({e}); run the same command again "
                                 "to resume") from e
         now = self._clock()
-        for (shard, attempt), handle in zip(group, handles):
-            self.submitted.put(Submitted(shard, attempt, handle, now))
+        for (shard, digest, attempt), handle in zip(fresh, handles):
+            self.submitted.put(Submitted(shard, attempt, digest, handle, now))
+
+    def _known(self, ids: list[str]) -> dict[str, TaskOutcome]:
+        """The master's finished outcomes among `ids` (from this job's earlier runs)."""
+        known: dict[str, TaskOutcome] = {}
+        for start in range(0, len(ids), _QUERY_IDS):
+            try:
+                data = self.client.query("outcomes", {"ids": ids[start:start + _QUERY_IDS]},
+                                         timeout=self.ack_timeout)
+            except FabricTimeout as e:
+                raise FabricTimeout(f"the master did not answer about shards within "
+                                    f"{self.ack_timeout:g}s ({e}); run the same command again "
+                                    "to resume") from e
+            except FabricError as e:  # a refusal: submit them all, the master decides
+                log.warning("the master did not say which shards it finished: %s", e)
+                return {}
+            for item in data or []:
+                try:
+                    outcome = TaskOutcome.from_dict(item)
+                except FabricError:
+                    continue
+                if outcome.state in ("completed", "failed"):
+                    known[outcome.id] = outcome
+        return known

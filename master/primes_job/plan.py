@@ -2,7 +2,9 @@
 
 All pure: the same files and the same plan always give the same shards and task ids, which is
 what makes a crashed run resumable (the checkpoint keeps the plan, the master keeps outcomes
-by task id).
+by task id). A shard's task id carries a digest of what the task computes (its name, its
+numbers, its keyword arguments), so the same id never names two computations: a rerun cut in
+other shards gets other ids, and only a shard with the very same numbers reuses an outcome.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
+import msgpack
+
 from core.errors import ConfigError
 from master.primes_job.numbers import BadLine, wire_number, wire_numbers
 
 __all__ = ["ShardPlan", "Shard", "plan_shards", "window_for", "job_id_for", "task_id",
-           "iter_shards", "number_cost", "DEFAULT_SHARD_SIZE", "MAX_SHARD_BYTES",
+           "task_digest", "iter_shards", "number_cost", "DEFAULT_SHARD_SIZE", "MAX_SHARD_BYTES",
            "BROKER_SAFE_BYTES", "LIVE_STATES", "live_nodes"]
 
 # Numbers per shard on CPython nodes: ~10-40 ms of Miller-Rabin in pure Python, so the
@@ -81,8 +85,13 @@ def plan_shards(nodes: Sequence[dict], *, shard_size: int | None = None) -> Shar
 
     A node that states a `max_payload` (an ESP32) must be able to take a shard in one
     message; a node that states none (CPython) may get `capacity + prefetch` shards in one
-    message, which must stay under the broker's packet limit. The count follows from the
+    message, which should stay under the broker's packet limit. The count follows from the
     smallest such budget, capped at DEFAULT_SHARD_SIZE; `shard_size` overrides the count.
+
+    A CPython node's prefetch follows the durations of the tasks it ran last (up to
+    hundreds after tiny ones), not of shards, which take it tens of milliseconds: it counts
+    here up to the node's capacity, so the plan does not shrink to a few numbers a shard
+    after a fast run (a batch larger than a packet is split by the master anyway).
     """
     if shard_size is not None and (isinstance(shard_size, bool) or shard_size < 1):
         raise ConfigError(f"shard size must be a positive integer, got {shard_size!r}")
@@ -92,7 +101,8 @@ def plan_shards(nodes: Sequence[dict], *, shard_size: int | None = None) -> Shar
         if payload > 0:
             budgets.append(max(64, payload - TASK_OVERHEAD_BYTES))
         else:
-            slots = max(1, int(node.get("capacity") or 1) + int(node.get("prefetch") or 0))
+            capacity = max(1, int(node.get("capacity") or 1))
+            slots = capacity + min(capacity, max(0, int(node.get("prefetch") or 0)))
             budgets.append(max(64, BROKER_SAFE_BYTES // slots - TASK_OVERHEAD_BYTES))
     max_bytes = min(budgets)
     count = shard_size or max(1, min(DEFAULT_SHARD_SIZE, max_bytes // _TYPICAL_NUMBER_BYTES))
@@ -118,9 +128,25 @@ def job_id_for(paths: Sequence[Path], *, stat: Callable[[Path], os.stat_result] 
     return "primes-" + digest.hexdigest()[:16]
 
 
-def task_id(job_id: str, shard: int, attempt: int = 0) -> str:
-    """Deterministic: a resubmitted shard is the same task; a retry after a failure is not."""
-    return f"{job_id}-{shard}" if attempt == 0 else f"{job_id}-{shard}-r{attempt}"
+# Hex digits of the content digest in a task id: 80 bits, so two different shards of one job
+# at one index never share an id by chance.
+DIGEST_CHARS = 20
+
+
+def task_digest(name: str, args: Sequence[Any], kwargs: dict[str, Any] | None = None) -> str:
+    """What a task computes, as hex: the digest of its name, arguments and keyword arguments
+    in msgpack (ints stay ints, so 7 and "7" differ, as they do for the node)."""
+    body = msgpack.packb([name, list(args), dict(sorted((kwargs or {}).items()))],
+                         use_bin_type=True)
+    return hashlib.sha256(body).hexdigest()[:DIGEST_CHARS]
+
+
+def task_id(job_id: str, shard: int, digest: str, attempt: int = 0) -> str:
+    """Deterministic and bound to the content: a resubmitted shard is the same task, a shard
+    with other numbers (another shard size, changed input) is another, and so is a retry
+    after a failure (the master keeps the failed one as failed)."""
+    base = f"{job_id}-{shard}-{digest}"
+    return base if attempt == 0 else f"{base}-r{attempt}"
 
 
 def number_cost(wire: Union[int, str]) -> int:

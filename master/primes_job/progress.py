@@ -2,6 +2,10 @@
 
 On a terminal the bar redraws in place a few times a second; into a log file it prints a
 plain line every few seconds instead, so `tail -f logs/job.log` shows the job moving.
+
+The same counters go, retained, to `<root>/jobs/<job id>/progress` as flat JSON that carries
+its `type` and `v` like the fabric's messages; a number not known yet (the shard count while
+the input is still being read) is absent rather than 0.
 """
 
 from __future__ import annotations
@@ -12,12 +16,23 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, TextIO
 
-__all__ = ["JobProgress", "render_progress", "ProgressBar"]
+from core.protocol import SCHEMA_VERSION
+
+__all__ = ["JobProgress", "render_progress", "ProgressBar", "PROGRESS_TYPE", "JOB_STATES",
+           "FINAL_STATES"]
+
+PROGRESS_TYPE = "job_progress"
+# running: under way; done: every number tested; incomplete: ended with failed shards;
+# failed: an error stopped it (see `reason`); interrupted: stopped by a signal.
+JOB_STATES = ("running", "done", "incomplete", "failed", "interrupted")
+FINAL_STATES = frozenset(JOB_STATES[1:])
 
 
 @dataclass(frozen=True)
 class JobProgress:
-    """Counters of a running job; `shards_total` is 0 until the input is read to its end."""
+    """Counters of a job; `shards_total` is None until the input is read to its end.
+    `shards_done` counts those reused too (`shards_reused`: from the checkpoint or the
+    master's earlier results); `reason` says why a job failed or was interrupted."""
 
     job_id: str
     state: str
@@ -25,18 +40,20 @@ class JobProgress:
     numbers_tested: int
     bad_lines: int
     shards_done: int
-    shards_total: int
+    shards_total: int | None
     shards_in_flight: int
     primes: int
     bytes_read: int
     bytes_total: int
     elapsed: float
+    shards_reused: int = 0
+    reason: str = ""
 
     @property
     def fraction(self) -> float:
         """Share of the job done: tested numbers over the numbers there are (or, while
         reading, an estimate of them from the bytes read)."""
-        if self.shards_total and self.shards_done >= self.shards_total:
+        if self.shards_total is not None and self.shards_done >= self.shards_total:
             return 1.0
         total = self.numbers_read
         if self.bytes_read and self.bytes_read < self.bytes_total:
@@ -48,8 +65,10 @@ class JobProgress:
         return self.numbers_tested / self.elapsed if self.elapsed > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat, dot-free, numbers as numbers: what MQTT Explorer shows and charts."""
-        d = asdict(self)
+        """Flat, dot-free, numbers as numbers: what MQTT Explorer shows and charts; what is
+        unknown (None) or unset (an empty reason) is left out."""
+        d: dict[str, Any] = {"type": PROGRESS_TYPE, "v": SCHEMA_VERSION}
+        d.update((k, v) for k, v in asdict(self).items() if v is not None and v != "")
         d["percent"] = round(100 * self.fraction, 1)
         d["rate"] = round(self.rate, 1)
         d["elapsed"] = round(self.elapsed, 3)
@@ -67,7 +86,7 @@ def _si(value: float) -> str:
 def render_progress(p: JobProgress, *, width: int = 24) -> str:
     """One line: bar, percent, numbers tested, shards, primes, rate, bad lines."""
     filled = int(round(p.fraction * width))
-    total = str(p.shards_total) if p.shards_total else "?"
+    total = "?" if p.shards_total is None else str(p.shards_total)
     line = (f"[{'#' * filled}{'.' * (width - filled)}] {100 * p.fraction:5.1f}%  "
             f"{p.numbers_tested:,}/{p.numbers_read:,} tested  shards {p.shards_done}/{total}  "
             f"{p.primes:,} primes  {_si(p.rate)}/s")
@@ -92,7 +111,8 @@ class ProgressBar:
         self._lock = threading.Lock()  # messages come from the job's reading thread too
 
     def update(self, progress: JobProgress, *, force: bool = False) -> None:
-        """Redraw if due; always for a final state (anything but `running`)."""
+        """Redraw if due; always for a final state (anything but `running`), with its
+        reason if it has one."""
         if not self.enabled:
             return
         now = self._clock()
@@ -100,6 +120,8 @@ class ProgressBar:
             return
         self._next = now + self.interval
         line = render_progress(progress)
+        if progress.state in ("failed", "interrupted"):
+            line += f"  {progress.state}"
         with self._lock:
             if self.tty:
                 self.stream.write("\r\x1b[2K" + line)

@@ -3,9 +3,15 @@
 The job is a client of the master like any other: it streams the input files, keeps a
 bounded window of shards in flight (scaled to the live nodes' slots), records each finished
 shard and its primes in the local checkpoint, and writes `primes.txt` atomically, now and
-then while it runs and once at the end. Task ids are deterministic, so running the same
-command after a crash submits the same tasks: finished shards are skipped from the
-checkpoint, and the master answers a shard it already finished with the stored outcome.
+then while it runs and once at the end. Task ids are deterministic and carry a
+digest of each shard's numbers, so running the same command after a crash submits the same
+tasks: finished shards are skipped from the checkpoint, and a shard the master already
+finished is taken from its stored outcome; a rerun cut in other shards shares no id with an
+earlier run, so it never reuses an outcome computed for other numbers.
+
+The job's retained progress says how it ended: `done`, `incomplete` (some shards failed),
+`failed` (an error stopped it, with the reason) or `interrupted` (SIGINT, or SIGTERM through
+`master-node primes`).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from core.errors import ConfigError, FabricError, FabricTimeout, QueueFull
 from core.protocol import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY, TaskOutcome
 from core.topics import validate_id
 from master.primes_job.checkpoint import Checkpoint
-from master.primes_job.feeder import Feeder, Submitted, Window
+from master.primes_job.feeder import Feeder, StaleCheckpoint, Submitted, Window
 from master.primes_job.numbers import BadLine, read_numbers
 from master.primes_job.output import write_primes
 from master.primes_job.plan import (Shard, ShardPlan, iter_shards, job_id_for, live_nodes,
@@ -84,12 +90,14 @@ class JobSummary:
     bad_lines: int = 0
     primes: int = 0
     shards: int = 0
-    shards_skipped: int = 0
+    shards_run: int = 0                  # run by nodes in this run
+    shards_from_checkpoint: int = 0      # done by an earlier run, kept in the checkpoint
+    shards_from_master: int = 0          # finished by the master before this run asked
     shards_failed: int = 0
     retries: int = 0
     seconds: float = 0.0
-    rate: float = 0.0
-    nodes: dict[str, int] = field(default_factory=dict)
+    rate: float = 0.0                    # numbers run now per second
+    nodes: dict[str, int] = field(default_factory=dict)  # shards each node ran in this run
     plan: dict[str, int] = field(default_factory=dict)
     failed: list[dict] = field(default_factory=list)
     bad_line_samples: list[str] = field(default_factory=list)
@@ -148,7 +156,10 @@ class PrimesJob:
         self.bad_lines = 0
         self.bad_samples: list[str] = []
         self.primes = 0
-        self.shards_done = 0
+        self.shards_done = 0          # finished in this run: run now or from the master
+        self.shards_from_master = 0
+        self.nodes_run: dict[str, int] = {}
+        self.numbers_run = 0          # tested by nodes in this run
         self.retries_done = 0
         self.failed: list[dict] = []
         self._in_flight: dict[Future, Submitted] = {}
@@ -166,6 +177,23 @@ class PrimesJob:
         self.bytes_total = sum(os.stat(p).st_size for p in self.files)
         self.job_id = (validate_id(options.job_id, what="job id") if options.job_id
                        else job_id_for(self.files))
+        try:
+            return self._run()
+        except KeyboardInterrupt:
+            self._end("interrupted", "stopped by a signal; run the same command again to resume")
+            raise
+        except BaseException as e:
+            self._end("failed", str(e) or type(e).__name__)
+            raise
+
+    def _end(self, state: str, reason: str) -> None:
+        """Say on the progress topic (and to the hook) how the job ended early."""
+        if self._on_progress is not None:
+            self._on_progress(self.progress(state, reason=reason))
+        self._publish(state, reason=reason)
+
+    def _run(self) -> JobSummary:
+        options = self.options
         nodes = self._wait_for_nodes()
         checkpoint = Checkpoint(options.checkpoint_path)
         complete = False
@@ -181,16 +209,22 @@ class PrimesJob:
             feeder.start()
             try:
                 self._loop(checkpoint, feeder)
+            except StaleCheckpoint as e:
+                checkpoint.begin(self.job_id, plan, files=[str(p) for p in self.files])
+                raise ConfigError(f"{e}, though the files' sizes and times are unchanged: "
+                                  f"checkpoint {checkpoint.path} no longer matches the input and "
+                                  "was emptied; run the same command again") from e
             finally:
                 feeder.stop()
             checkpoint.commit()
             self.failed = [{"shard": s, "error": e} for s, e in checkpoint.failed_shards()]
             complete = not self.failed
             write_primes(checkpoint.iter_primes(), options.output)
-            summary = self._summary(checkpoint, plan, resumed, complete)
-            self._publish(final=True)
+            summary = self._summary(plan, resumed, complete)
+            state = "done" if complete else "incomplete"
+            self._publish(state)
             if self._on_progress is not None:
-                self._on_progress(self.progress("done" if complete else "incomplete"))
+                self._on_progress(self.progress(state))
         finally:
             checkpoint.commit()
             if complete and not options.keep_checkpoint:
@@ -214,6 +248,8 @@ class PrimesJob:
 
     def _resume_or_begin(self, checkpoint: Checkpoint, nodes: list[dict]) -> tuple[ShardPlan, bool]:
         options = self.options
+        if checkpoint.reset_reason:
+            self._on_notice(f"checkpoint {checkpoint.path} was emptied: {checkpoint.reset_reason}")
         plan = checkpoint.plan()
         if checkpoint.job_id() == self.job_id and plan is not None:
             if options.shard_size and options.shard_size != plan.shard_size:
@@ -263,7 +299,8 @@ class PrimesJob:
             elif now - last_finish > options.stall_timeout:
                 raise FabricTimeout(
                     f"no shard finished in {options.stall_timeout:g}s with "
-                    f"{len(self._in_flight)} in flight: are compute nodes running? "
+                    f"{len(self._in_flight)} in flight: are the master and the compute "
+                    "nodes running? "
                     "(run the same command again to resume)")
             if now >= next_poll:
                 self._poll_outcomes(now)
@@ -301,7 +338,7 @@ class PrimesJob:
         try:
             outcome = slot.handle.outcome(0)
         except QueueFull:
-            feeder.retry(shard, slot.attempt, _RETRY_DELAY)
+            feeder.retry(shard, slot.digest, slot.attempt, _RETRY_DELAY)
             return
         except FabricError as e:
             outcome = TaskOutcome(id=slot.handle.id, state="failed",
@@ -312,9 +349,15 @@ class PrimesJob:
             except ValueError as e:
                 error = {"kind": "bad_result", "message": str(e)}
             else:
-                self.primes += checkpoint.record_done(shard.index, slot.attempt,
+                self.primes += checkpoint.record_done(shard.index, slot.attempt, slot.digest,
                                                       len(shard.numbers), found, outcome.node_id)
                 self.shards_done += 1
+                if slot.reused:
+                    self.shards_from_master += 1
+                else:
+                    node = outcome.node_id or "?"
+                    self.nodes_run[node] = self.nodes_run.get(node, 0) + 1
+                    self.numbers_run += len(shard.numbers)
                 self.numbers_tested += len(shard.numbers)
                 feeder.settled()
                 return
@@ -334,7 +377,7 @@ class PrimesJob:
             self.retries_done += 1
             checkpoint.record_attempt(index, attempt, failed=False, error=reason)
             delay = _NO_NODE_RETRY_DELAY if kind == "unknown_task" else _RETRY_DELAY
-            feeder.retry(slot.shard, attempt, delay)
+            feeder.retry(slot.shard, slot.digest, attempt, delay)
             self._on_notice(f"shard {index} failed ({reason}); trying again "
                             f"({used + 1} of {self.options.retries})")
             return
@@ -384,34 +427,36 @@ class PrimesJob:
         if self._on_bad_line is not None:
             self._on_bad_line(bad)
 
-    def progress(self, state: str = "running") -> JobProgress:
+    def progress(self, state: str = "running", *, reason: str = "") -> JobProgress:
         feeder = self._feeder
         numbers_read = feeder.numbers_read if feeder else 0
         skipped = feeder.numbers_skipped if feeder else 0
-        shards_total = feeder.shards_seen if feeder and feeder.reader_done else 0
+        from_checkpoint = feeder.shards_skipped if feeder else 0
+        shards_total = feeder.shards_seen if feeder and feeder.reader_done else None
         return JobProgress(job_id=self.job_id, state=state, numbers_read=numbers_read,
                            numbers_tested=self.numbers_tested + skipped,
                            bad_lines=self.bad_lines,
-                           shards_done=self.shards_done + (feeder.shards_skipped if feeder else 0),
+                           shards_done=self.shards_done + from_checkpoint,
                            shards_total=shards_total, shards_in_flight=len(self._in_flight),
+                           shards_reused=self.shards_from_master + from_checkpoint,
                            primes=self.primes, bytes_read=self.bytes_read,
-                           bytes_total=self.bytes_total, elapsed=self._clock() - self._started)
+                           bytes_total=self.bytes_total, elapsed=self._clock() - self._started,
+                           reason=reason)
 
-    def _publish(self, *, final: bool = False) -> None:
+    def _publish(self, state: str = "running", *, reason: str = "") -> None:
         """The job's progress, retained, for MQTT Explorer and dashboards. The client
         publishes it (the master does not know the job); with a locked-down ACL, grant
         clients `pattern write <root>/jobs/#` or the broker drops it."""
-        if not self.options.publish_progress:
+        if not self.options.publish_progress or not self.job_id:
             return
-        state = ("done" if not self.failed else "incomplete") if final else "running"
-        payload = json.dumps(self.progress(state).to_dict(), separators=(",", ":")).encode()
+        payload = json.dumps(self.progress(state, reason=reason).to_dict(),
+                             separators=(",", ":")).encode()
         try:
             self.client.publish(self.client.topics.job_progress(self.job_id), payload, retain=True)
         except FabricError as e:
             log.debug("progress not published: %s", e)
 
-    def _summary(self, checkpoint: Checkpoint, plan: ShardPlan, resumed: bool,
-                 complete: bool) -> JobSummary:
+    def _summary(self, plan: ShardPlan, resumed: bool, complete: bool) -> JobSummary:
         seconds = self._clock() - self._started
         feeder = self._feeder
         assert feeder is not None
@@ -421,10 +466,12 @@ class PrimesJob:
             files=[str(p) for p in self.files], complete=complete, resumed=resumed,
             numbers_read=feeder.numbers_read, numbers_tested=tested,
             bad_lines=self.bad_lines, primes=self.primes, shards=feeder.shards_seen,
-            shards_skipped=feeder.shards_skipped, shards_failed=len(self.failed),
+            shards_run=self.shards_done - self.shards_from_master,
+            shards_from_checkpoint=feeder.shards_skipped,
+            shards_from_master=self.shards_from_master, shards_failed=len(self.failed),
             retries=self.retries_done, seconds=round(seconds, 3),
-            rate=round(self.numbers_tested / seconds, 1) if seconds > 0 else 0.0,
-            nodes=checkpoint.nodes_used(), plan=plan.to_dict(), failed=self.failed,
+            rate=round(self.numbers_run / seconds, 1) if seconds > 0 else 0.0,
+            nodes=dict(sorted(self.nodes_run.items())), plan=plan.to_dict(), failed=self.failed,
             bad_line_samples=list(self.bad_samples))
 
 
