@@ -8,7 +8,7 @@ as flat JSON on `<root>/events/<event>`, and each pipeline's state is kept retai
 The pipelines come from the file of `serve --pipelines` and from `dispatch_pipeline(data)`
 (in the master's process on this service, or from any program with
 `FabricClient.dispatch_pipeline`, the `dispatch` operation of the query): a pipeline given as
-data runs once, now (see `dispatch`). Its definition is kept in the store, so after a restart
+data runs once, now (see `master.pipelines_bridge.dispatch`). Its definition is kept in the store, so after a restart
 it is still listed, its history kept and an interrupted run of it continued.
 
 One budget for retries. Each attempt of a job is one task submitted with `max_attempts=1`: the
@@ -211,6 +211,8 @@ class PipelineService:
         again, with the new definition if it changed (refused while a run of it is going, and
         for a pipeline of the file unless the definition is the file's own).
         """
+        if threading.current_thread() is self._thread:  # it would wait for itself
+            raise PipelineError("dispatch_pipeline is for callers outside the pipelines loop")
         config = parse_dispatched(pipeline_data,
                                   node_tasks=node_task_names(self.master.get_node_info()))
         if not self._running:
