@@ -123,8 +123,8 @@ class PipelineManager:
         path: str | os.PathLike[str],
         event_system: EventSystem,
         *,
-        run_task: RunTask,
-        store: VersionedStore,
+        run_task: RunTask | None = None,
+        store: VersionedStore | None = None,
         known_tasks: Collection[str] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> PipelineManager:
