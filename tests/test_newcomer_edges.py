@@ -117,7 +117,7 @@ def test_serve_on_a_busy_port_says_so_in_one_line(busy_port: int, tmp_path: Path
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines == [f"master-node serve: error: embedded broker did not start: 127.0.0.1:"
-                     f"{busy_port} is already in use (is another broker or master-node serve "
+                     f"{busy_port}: address already in use (is another broker or master-node serve "
                      "running? stop it, or pick another port with --port)"], result.stderr
 
 
@@ -125,7 +125,7 @@ def test_the_broker_on_a_busy_port_says_so_in_one_line(busy_port: int, tmp_path:
     result, _ = _run(MASTER + ["broker", "--port", str(busy_port)], cwd=tmp_path)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "is already in use" in lines[0], result.stderr
+    assert len(lines) == 1 and "address already in use" in lines[0], result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -38,7 +38,7 @@ def _start_failure(cause: BaseException) -> str:
     if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
         found = re.search(r"\('([^']*)', (\d+)", str(cause))
         where = f"{found.group(1)}:{found.group(2)}" if found else "a listener's port"
-        return (f"{where} is already in use (is another broker or "
+        return (f"{where}: address already in use (is another broker or "
                 "master-node serve running? stop it, or pick another port with --port)")
     return str(cause) or type(cause).__name__
 
