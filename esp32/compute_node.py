@@ -38,7 +38,8 @@ class ComputeNode(Link):
     def __init__(self, broker_host, broker_port=1883, broker_keepalive=60, node_id=None,
                  user=None, password=None, root="fabric", heartbeat=5, max_payload=8192,
                  queue_size=8, queue_bytes=None, prefetch=0, io_timeout=10,
-                 clean_session=True, wlan=None, wifi_up=None, rx=None):
+                 clean_session=True, wlan=None, wifi_up=None, rx=None, ca_file=None,
+                 tls_hostname=None):
         self.broker_host = broker_host
         self.broker_port = broker_port
         self.broker_keepalive = broker_keepalive
@@ -49,6 +50,8 @@ class ComputeNode(Link):
         self.prefetch = prefetch
         self.io_timeout = io_timeout
         self.clean_session = clean_session
+        self.ca_file = ca_file    # a CA certificate (PEM or DER) on the board: TLS, verified
+        self.tls_hostname = tls_hostname  # the name in the broker's certificate (default host)
         self.wlan = wlan          # has isconnected(); None when the link is not Wi-Fi
         self.wifi_up = wifi_up    # brings Wi-Fi up within a bound; True when up
         self.node_id = node_id or node_info.default_node_id()

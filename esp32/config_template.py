@@ -21,6 +21,9 @@ MQTT_USER = None
 MQTT_PASSWORD = None
 MQTT_KEEPALIVE = 30        # seconds; the node pings at half this, the broker drops it at 1.5x
 IO_TIMEOUT_S = 10          # longest wait on the socket before reconnecting
+MQTT_CA_FILE = None        # e.g. "ca.der": TLS to the broker, its certificate verified against
+                           # this CA (PEM or DER, on the board); MQTT_PORT is then its TLS port
+MQTT_TLS_HOSTNAME = None   # the name the broker's certificate is for (default: MQTT_HOST)
 
 # Fabric
 TOPIC_ROOT = "fabric"

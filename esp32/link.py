@@ -12,7 +12,9 @@ import time
 import _thread
 import select
 
-from mqtt_client import PINGRESP, BoundedClient
+import sys
+
+from mqtt_client import PINGRESP, BoundedClient, Tls
 
 
 def log(*args):
@@ -27,8 +29,13 @@ class Link:
         self.handle_disconnect()
         if self.wifi_up is not None and not self.wifi_up():
             return False
+        tls = None
+        if self.ca_file:
+            with open(self.ca_file, "rb") as f:
+                tls = Tls(f.read(), self.tls_hostname or self.broker_host, self.io_timeout)
+            sys.modules["ussl"] = tls  # umqtt.simple 1.3 imports `ussl` to wrap its socket
         c = BoundedClient(self.node_id, self.broker_host, self.broker_port, self.user,
-                          self.password, self.broker_keepalive)
+                          self.password, self.broker_keepalive, tls)
         c.limit = self.max_payload
         c.rx = self.rx
         c.io_timeout = self.io_timeout
@@ -40,9 +47,11 @@ class Link:
                 c.connect(self.clean_session, self.io_timeout)
             except TypeError:  # umqtt.simple before 1.4: no connect timeout
                 c.connect(self.clean_session)
-            c.sock.settimeout(self.io_timeout)
+            if tls is not None:
+                c.raw = tls.raw
+            c.settimeout(self.io_timeout)
             try:  # umqtt writes a message in pieces: without this, Nagle adds ~40 ms
-                c.sock.setsockopt(6, 1, 1)  # IPPROTO_TCP, TCP_NODELAY (lwIP and Linux)
+                (c.raw or c.sock).setsockopt(6, 1, 1)  # IPPROTO_TCP, TCP_NODELAY
             except Exception:
                 pass
             c.last_rx = time.ticks_ms()

@@ -46,6 +46,8 @@ def build():
         wlan=wifi.wlan(),
         wifi_up=lambda: wifi.up(config),
         rx=RX,
+        ca_file=setting("MQTT_CA_FILE"),
+        tls_hostname=setting("MQTT_TLS_HOSTNAME"),
     )
 
 

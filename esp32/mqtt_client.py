@@ -7,6 +7,11 @@ allocated once (`rx`), so a stream of large messages does not fragment the heap:
 callback gets a memoryview that is valid only during the call. A longer message is
 drained through that buffer and handed to the callback as None. Every byte received
 stamps `last_rx`, which tells a dead connection from a quiet one.
+
+TLS: `Tls` is what umqtt.simple is given as its `ssl` (1.4 and later call its
+wrap_socket) and, for 1.3, stands in for the `ussl` module current firmware no longer
+has. It verifies the broker's certificate against one CA and its host name. An SSL
+socket has no settimeout, so timeouts go to the TCP socket under it (`raw`).
 """
 
 import time
@@ -16,11 +21,32 @@ from umqtt.simple import MQTTClient
 PINGRESP = 0xD0
 
 
+class Tls:
+    def __init__(self, cadata, hostname, timeout):
+        import ssl
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cadata=cadata)
+        self.ctx = ctx
+        self.hostname = hostname
+        self.timeout = timeout
+        self.raw = None
+
+    def wrap_socket(self, sock, **_):
+        sock.settimeout(self.timeout)  # bounds the handshake too
+        self.raw = sock
+        return self.ctx.wrap_socket(sock, server_hostname=self.hostname)
+
+
 class BoundedClient(MQTTClient):
     limit = 4096
     io_timeout = 10
     last_rx = 0
-    rx = None  # bytearray(limit), set by the owner while the heap is still whole
+    rx = None   # bytearray(limit), set by the owner while the heap is still whole
+    raw = None  # the TCP socket under TLS
+
+    def settimeout(self, t):
+        (self.raw or self.sock).settimeout(t)
 
     def _read_into(self, view):
         if self.sock.readinto(view) != len(view):
@@ -29,7 +55,7 @@ class BoundedClient(MQTTClient):
     def wait_msg(self):
         s = self.sock
         res = s.read(1)
-        s.settimeout(self.io_timeout)
+        self.settimeout(self.io_timeout)
         if res is None:
             return None
         if res == b"":

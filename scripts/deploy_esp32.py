@@ -9,6 +9,7 @@ Steps, each one `mpremote connect PORT ...` run as a subprocess:
      umqtt/simple.py instead, for boards or test devices without a network);
   2. copy the node (esp32/*.py, core/primality.py as primality.py) and a config.py
      written from the arguments; with --compile the modules go as .mpy built by mpy-cross;
+     with an mqtts:// broker, --ca-file's certificate goes too, as ca.der;
   3. reset the board: boot.py joins Wi-Fi, main.py brings the node online.
 --dry-run prints the commands (and config.py, passwords masked) without running any.
 """
@@ -21,6 +22,7 @@ import json
 import re
 import shlex
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -42,6 +44,7 @@ ENTRY_FILES = ("boot.py", "main.py")  # run by the firmware by name: always .py
 MODULES = ("compute_node", "link", "node_info", "task_queue", "lease", "tasks", "mqtt_client",
            "wifi", "lambdas")
 UMQTT_PACKAGE = "umqtt.simple"
+CA_ON_BOARD = "ca.der"  # the broker's CA, DER: a third of PEM's size to hold while verifying
 MASK = "********"
 
 EXIT_OK = 0
@@ -57,6 +60,9 @@ examples:
     %(prog)s --port /dev/ttyACM0 --wifi-ssid LAB --wifi-password PW \\
         --static-ip 192.168.1.50 --gateway 192.168.1.1 --node-id bench-3 \\
         --broker mqtt://node:secret@192.168.1.10:1883 --compile
+  TLS: the broker's TLS listener, its certificate checked against the CA that signed it:
+    %(prog)s --port /dev/ttyUSB0 --wifi-ssid HOME --wifi-password PW \\
+        --broker mqtts://192.168.1.10:8883 --ca-file ca.crt
   see the mpremote commands only:
     %(prog)s --port /dev/ttyUSB0 --wifi-ssid HOME --broker mqtt://host:1883 --dry-run
 
@@ -125,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     fabric = parser.add_argument_group("fabric")
     fabric.add_argument("--broker", required=True,
                         help="mqtt://[user:password@]host:port the board connects to")
+    fabric.add_argument("--ca-file", type=Path,
+                        help="with an mqtts:// broker: the CA certificate (PEM) that signed the "
+                             "broker's; copied to the board as ca.der")
+    fabric.add_argument("--tls-hostname",
+                        help="with mqtts://: the name in the broker's certificate, when it is "
+                             "not the --broker host")
     fabric.add_argument("--node-id", help="node id (default: esp32-<MAC hex>)")
     fabric.add_argument("--root", default=DEFAULT_ROOT,
                         help=f"topic root (default {DEFAULT_ROOT})")
@@ -160,8 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
 def make_config(args: argparse.Namespace) -> dict[str, Any]:
     """config.py settings from the arguments; ConfigError names what is wrong."""
     broker = parse_broker_url(args.broker, env={})
-    if broker.tls:
-        raise ConfigError("the ESP32 node speaks plain MQTT only: use mqtt://, not mqtts://")
+    if broker.tls and not args.ca_file:
+        raise ConfigError("an mqtts:// broker needs --ca-file: the CA certificate that signed "
+                          "the broker's, which the board checks it against")
+    if args.ca_file and not broker.tls:
+        raise ConfigError("--ca-file goes with an mqtts:// broker")
+    if args.tls_hostname and not broker.tls:
+        raise ConfigError("--tls-hostname goes with an mqtts:// broker")
+    if args.ca_file:
+        ca_der(args.ca_file)  # a readable certificate, or a ConfigError now
     Topics(args.root)
     if args.node_id:
         validate_id(args.node_id, what="node id")
@@ -189,8 +208,27 @@ def make_config(args: argparse.Namespace) -> dict[str, Any]:
         "HEARTBEAT_S": args.heartbeat, "MAX_PAYLOAD": args.max_payload,
         "QUEUE_SIZE": args.queue_size, "PREFETCH": args.prefetch, "NTP_HOST": args.ntp_host,
     }
+    if broker.tls:
+        config["MQTT_CA_FILE"] = CA_ON_BOARD
+        config["MQTT_TLS_HOSTNAME"] = args.tls_hostname
     config.update(dict(args.extra))
     return config
+
+
+def ca_der(path: Path) -> bytes:
+    """The CA certificate at `path` (PEM, or already DER) as DER; ConfigError if neither."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"--ca-file {path}: {e.strerror or e}") from None
+    if b"-----BEGIN CERTIFICATE-----" in data:
+        try:
+            return ssl.PEM_cert_to_DER_cert(data.decode("ascii", "replace"))
+        except ValueError as e:
+            raise ConfigError(f"--ca-file {path}: not a PEM certificate: {e}") from None
+    if data[:1] == b"\x30":  # a DER SEQUENCE
+        return data
+    raise ConfigError(f"--ca-file {path}: not a certificate (PEM or DER)")
 
 
 def render_config(config: dict[str, Any], *, masked: bool = False) -> str:
@@ -280,6 +318,8 @@ def plan(args: argparse.Namespace, config_path: Path, built: dict[str, Path] | N
             files.append((sources[module], f"{module}.py"))
     if args.umqtt_file:
         files.append((args.umqtt_file, "lib/umqtt/simple.py"))
+    if args.ca_file:
+        files.append((config_path.with_name(CA_ON_BOARD), CA_ON_BOARD))
     files.append((config_path, "config.py"))
     copy: list[str] = ["exec", _prepare_code(modules, bool(args.umqtt_file), built is not None)]
     for source, dest in files:
@@ -356,6 +396,8 @@ def deploy(argv: Sequence[str] | None = None) -> int:
                 show(mpremote, args.port, steps, config)
                 return EXIT_OK
             config_path.write_text(render_config(config))
+            if args.ca_file:
+                config_path.with_name(CA_ON_BOARD).write_bytes(ca_der(args.ca_file))
             for i, step in enumerate(steps, 1):
                 print(f"[{i}/{len(steps)}] {step.what}", flush=True)
                 run_step(mpremote, args.port, step, args.timeout)

@@ -42,7 +42,7 @@ from urllib.parse import urljoin
 import pytest
 
 from core import codec
-from core.mqtt import MqttSession
+from core.mqtt import MqttSession, TlsSettings
 from core.protocol import (Control, NodeReport, NodeStatus, ResultBatch, TaskBatch, TaskResult,
                            TaskSpec, decode_message)
 from core.replication import Lease
@@ -231,7 +231,7 @@ class Seen:
 class Harness:
     """The master's side of the protocol, for tests: send task batches, collect what nodes say."""
 
-    def __init__(self, broker: BrokerHandle, root: str) -> None:
+    def __init__(self, broker: BrokerHandle, root: str, tls_ca: Path | None = None) -> None:
         self.root = root
         self.cond = threading.Condition()
         self.statuses: list[Seen] = []
@@ -239,7 +239,8 @@ class Harness:
         self.reports: list[Seen] = []
         self.undecodable: list[tuple[str, bytes, str]] = []
         self.session = MqttSession(broker=broker_url(broker),
-                                   client_id=f"harness-{uuid.uuid4().hex[:8]}", keepalive=10)
+                                   client_id=f"harness-{uuid.uuid4().hex[:8]}", keepalive=10,
+                                   tls=TlsSettings(ca_file=str(tls_ca)) if tls_ca else None)
         self.session.subscribe(f"{root}/nodes/+/status", self._on_message, qos=1)
         self.session.subscribe(f"{root}/results/+", self._on_message, qos=1)
 
@@ -470,7 +471,7 @@ class MicroPythonNode:
     config: dict[str, Any]
     heap: str = "100K"
     mac: str = field(default_factory=lambda: "240ac4" + uuid.uuid4().hex[:6])
-    files: dict[str, str] = field(default_factory=dict)  # extra or replaced board files
+    files: dict[str, str | bytes] = field(default_factory=dict)  # extra or replaced files
     proc: subprocess.Popen | None = None
 
     @property
@@ -496,8 +497,11 @@ class MicroPythonNode:
 
     def start(self) -> "MicroPythonNode":
         install_board_files(self.device_dir, self.umqtt_file, self.config)
-        for name, text in self.files.items():
-            (self.device_dir / name).write_text(text)
+        for name, content in self.files.items():
+            if isinstance(content, bytes):
+                (self.device_dir / name).write_bytes(content)
+            else:
+                (self.device_dir / name).write_text(content)
         self.wifi_file.write_text("up")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
@@ -602,7 +606,7 @@ def boards(tmp_path: Path, umqtt_file: Path,
     made: list[MicroPythonNode] = []
 
     def make(broker: BrokerHandle, node_id: str | None, root: str, *,
-             files: dict[str, str] | None = None, heap: str = "100K",
+             files: dict[str, str | bytes] | None = None, heap: str = "100K",
              **config: Any) -> MicroPythonNode:
         node = MicroPythonNode(tmp_path / f"board{len(made)}", umqtt_file,
                                node_config(broker, node_id, root, **config), heap=heap,
@@ -616,6 +620,66 @@ def boards(tmp_path: Path, umqtt_file: Path,
             node.sigcont()
             node.kill()
         print(f"--- log of board {node.node_id} ---\n{node.log()[-6000:]}")
+
+
+# -- TLS ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A CA, a broker certificate for localhost/127.0.0.1 signed by it, and a CA that signed
+    nothing here (for a board that must refuse the broker)."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    other_ca: Path
+
+
+def make_tls_files(directory: Path) -> TlsFiles:
+    """EC P-256 certificates made with `cryptography` (the test extra), valid for a day."""
+    import datetime
+    import ipaddress
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(subject: str, key: Any, issuer: str, issuer_key: Any, ca: bool) -> Any:
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            builder = builder.add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, server_key, other_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    pem = serialization.Encoding.PEM
+    paths = TlsFiles(directory / "ca.crt", directory / "server.crt", directory / "server.key",
+                     directory / "other-ca.crt")
+    paths.ca.write_bytes(cert("board test CA", ca_key, "board test CA", ca_key, True)
+                         .public_bytes(pem))
+    paths.other_ca.write_bytes(cert("other CA", other_key, "other CA", other_key, True)
+                               .public_bytes(pem))
+    paths.server_cert.write_bytes(cert("localhost", server_key, "board test CA", ca_key, False)
+                                  .public_bytes(pem))
+    paths.server_key.write_bytes(server_key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return paths
+
+
+def tls_broker_config(files: TlsFiles) -> str:
+    """Both brokers read this: a TLS listener (support.brokers picks a free port)."""
+    return (f"listener 8883 127.0.0.1\ncertfile {files.server_cert}\nkeyfile {files.server_key}\n"
+            f"cafile {files.ca}\nrequire_certificate false\n" + BROKER_CONFIG)
 
 
 # -- the fake serial device ----------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import uuid
@@ -19,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from core.protocol import TaskSpec  # noqa: E402
 from esp32_support import (ESP32_DIR, PRIMALITY, SHIMS_DIR, FakeDevice, Harness,  # noqa: E402,F401
-                           broker, micropython, retained_status, root, umqtt_file)
-from support.brokers import BrokerHandle  # noqa: E402
+                           broker, make_tls_files, micropython, retained_status, root,
+                           tls_broker_config, umqtt_file)
+from support.brokers import BrokerHandle, start_broker  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "deploy_esp32.py"
@@ -85,7 +87,10 @@ def test_dry_run_offline_copies_umqtt_instead_of_mip(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--broker", "mqtts://h:8883"], "plain MQTT"),
+    (["--broker", "mqtts://h:8883"], "needs --ca-file"),
+    (["--broker", "mqtt://h", "--ca-file", "/etc/hostname"], "goes with an mqtts://"),
+    (["--broker", "mqtts://h", "--ca-file", "/nonexistent/ca.crt"], "--ca-file"),
+    (["--broker", "mqtts://h", "--ca-file", "/etc/hostname"], "not a certificate"),
     (["--broker", "http://h"], "scheme"),
     (["--broker", "mqtt://h", "--node-id", "a/b"], "node id"),
     (["--broker", "mqtt://h", "--root", "a/#"], "topic root"),
@@ -98,6 +103,15 @@ def test_bad_arguments_exit_2(args: list[str], message: str) -> None:
     proc = deploy("--port", "/dev/ttyUSB0", "--wifi-ssid", "lab", *args)
     assert proc.returncode == 2
     assert message in proc.stderr
+
+
+def test_dry_run_over_tls_sends_the_ca(tmp_path: Path) -> None:
+    files = make_tls_files(tmp_path / "pki")
+    proc = deploy("--port", "/dev/ttyUSB0", "--wifi-ssid", "lab", "--broker",
+                  "mqtts://192.168.1.10", "--ca-file", str(files.ca), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "MQTT_PORT = 8883" in proc.stdout and "MQTT_CA_FILE = 'ca.der'" in proc.stdout
+    assert ":ca.der" in proc.stdout
 
 
 def test_missing_arguments_exit_2() -> None:
@@ -251,3 +265,23 @@ def test_compiled_deploy_runs_mpy_modules(device: FakeDevice, broker: BrokerHand
         h.wait_status(node_id, "ready", 60)
         h.send(node_id, [TaskSpec(id="c-0", name="primes", args=[[2**89 - 1, 91]])])
         assert h.wait_results(["c-0"], 30)["c-0"].value == [0]
+
+
+def test_deploy_over_tls_with_the_ca_brings_the_node_online(device: FakeDevice, root: str,
+                                                            umqtt_file: Path,
+                                                            tmp_path: Path) -> None:
+    """mqtts:// and --ca-file: the CA lands on the board as DER, the node verifies the
+    broker's TLS listener against it and works there (mosquitto's TLS listener)."""
+    files = make_tls_files(tmp_path / "pki")
+    with start_broker("mosquitto", tls_broker_config(files), directory=tmp_path / "b") as tls, \
+            Harness(tls, root, tls_ca=files.ca) as h:
+        proc = deploy("--port", device.pty, "--wifi-ssid", "lab", "--wifi-password", "pw",
+                      "--broker", f"mqtts://127.0.0.1:{tls.port}", "--ca-file", str(files.ca),
+                      "--root", root, "--heartbeat", "1", "--node-id", "deployed-tls",
+                      "--skip-mip", "--umqtt-file", str(umqtt_file))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert (device.fs / "ca.der").read_bytes() == \
+            ssl.PEM_cert_to_DER_cert(files.ca.read_text())
+        h.wait_status("deployed-tls", "ready", 60)
+        h.send("deployed-tls", [TaskSpec(id="s-0", name="primes", args=[[2**61 - 1, 9]])])
+        assert h.wait_results(["s-0"], 30)["s-0"].value == [0]
