@@ -21,3 +21,23 @@ def record(path: str, label: str) -> str:
     with open(path, "a") as f:
         f.write(label + "\n")
     return label
+
+
+def flaky(path: str, failures: int) -> int:
+    """Record a run in `path`; raise on the first `failures` runs, then return the run count:
+    a fault that cures itself on a later run."""
+    with open(path, "a") as f:
+        f.write("run\n")
+    with open(path) as f:
+        runs = sum(1 for _ in f)
+    if runs <= failures:
+        raise RuntimeError(f"transient fault on run {runs}")
+    return runs
+
+
+def runs_in(path: str) -> int:
+    """How many runs `flaky` recorded in `path`."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return sum(1 for _ in f)
