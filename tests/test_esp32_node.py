@@ -8,6 +8,7 @@ Every test runs against mosquitto and against the embedded broker.
 
 from __future__ import annotations
 
+import json
 import random
 import statistics
 import sys
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from core.protocol import TaskSpec  # noqa: E402
 from support.brokers import BrokerHandle  # noqa: E402
 from esp32_support import (Harness, boards, broker, harness, micropython,  # noqa: E402,F401
-                           primes_tasks, retained_status, root, umqtt_file)
+                           primes_tasks, retained_status, root, umqtt_file, wait_for)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -545,3 +546,113 @@ def test_the_board_takes_work_only_from_the_lease_holder(
     state = harness.snapshot("fence-1")
     assert state["rejected"] == rejected
     assert not set(expect_released) & harness.results("fence-1").keys()
+
+
+# -- the seed API, driven directly -----------------------------------------------------------------
+
+API_DRIVER = '''
+# Replaces main.py: drives ComputeNode's seed API step by step, saying what it sees.
+import gc
+
+gc.collect()
+RX = bytearray(8192)  # first, as main.py does, while the heap is whole
+
+import json
+import time
+
+import config
+import wifi
+from compute_node import ComputeNode
+
+
+def say(step, **kw):
+    kw["step"] = step
+    print("STEP " + json.dumps(kw))
+
+
+def wait_task(node, ms):
+    deadline = time.ticks_add(time.ticks_ms(), ms)
+    while time.ticks_diff(deadline, time.ticks_ms()) > 0:
+        node.check_messages(100)
+        task = node.get_task()
+        if task is not None:
+            return task
+    return None
+
+
+node = ComputeNode(config.MQTT_HOST, config.MQTT_PORT, config.MQTT_KEEPALIVE, root=config.TOPIC_ROOT,
+                   heartbeat=0.5, io_timeout=5, wlan=wifi.wlan(), wifi_up=lambda: wifi.up(config),
+                   rx=RX)
+try:
+    node.check_messages()
+    say("check before connect", raised=False)
+except OSError:
+    say("check before connect", raised=True)
+say("before", connected=node.is_connected(), node_id=node.node_id)
+ok = node.connect()
+say("connect", ok=ok, connected=node.is_connected(), ifconfig=list(wifi.wlan().ifconfig()))
+node.start_keepalive_thread()
+node.start_keepalive_thread()  # once per boot: the second call starts nothing
+task = wait_task(node, 20000)
+node.execute(task)
+node.flush(True)
+say("ran", id=task["id"])
+time.sleep(3)  # the main loop does nothing: only the keepalive thread keeps the session
+node.check_messages(0)
+say("slept", connected=node.is_connected(), threads_started=node.thread_started)
+node.handle_disconnect()  # dropped without DISCONNECT: the broker sends the will
+say("dropped", connected=node.is_connected())
+time.sleep(1)
+ok = node.connect()
+task = wait_task(node, 20000)
+node.execute(task)
+node.flush(True)
+say("again", ok=ok, connected=node.is_connected(), id=task["id"])
+node.shutdown()
+say("shut down", connected=node.is_connected())
+'''
+
+
+def test_seed_api_on_the_board(broker: BrokerHandle, root: str, harness: Harness,
+                               boards) -> None:
+    """connect, is_connected, check_messages, the keepalive loop and thread, handle_disconnect,
+    the will, the retained status and a node id from the MAC, called one by one."""
+    board = boards(broker, None, root, files={"main.py": API_DRIVER}, STATIC_IP="10.9.8.77",
+                   MQTT_KEEPALIVE=2)
+    node_id = f"esp32-{board.mac}"
+
+    def steps() -> dict[str, dict]:
+        out = {}
+        for line in board.log().splitlines():
+            if line.startswith("STEP "):
+                d = json.loads(line[5:])
+                out[d.pop("step")] = d
+        return out
+
+    ready = harness.wait_status(node_id, "ready", 30)
+    assert ready.message.seq == 1
+    harness.send(node_id, [TaskSpec(id="first", name="echo", args=["one"])])
+    assert harness.wait_results(["first"], 20)["first"].value == "one"
+    wait_for(lambda: "slept" in steps(), 20, "the driver's sleep")
+    ran_at = harness.results(node_id)["first"][0]
+    beats = [s for s in harness.status_of(node_id) if ran_at + 0.5 < s.at]
+    assert len(beats) >= 3, "no heartbeats from the keepalive thread while the main loop slept"
+    dead = harness.wait_status(node_id, "dead", 15, after=ready.at)
+    assert dead.message.seq == 1 and dead.message.instance == ready.message.instance
+    again = harness.wait_status(node_id, "ready", 30, after=dead.at)
+    assert again.message.seq == 2
+    harness.send(node_id, [TaskSpec(id="second", name="echo", args=["two"])])
+    assert harness.wait_results(["second"], 20)["second"].value == "two"
+    harness.wait_status(node_id, "offline", 20, after=again.at)
+    wait_for(lambda: "shut down" in steps(), 15, "the driver's end")
+    s = steps()
+    assert s["check before connect"] == {"raised": True}
+    assert s["before"] == {"connected": False, "node_id": node_id}
+    assert s["connect"] == {"ok": True, "connected": True,
+                            "ifconfig": ["10.9.8.77", "255.255.255.0", "10.9.8.1", "10.9.8.1"]}
+    assert s["slept"] == {"connected": True, "threads_started": True}
+    assert s["dropped"] == {"connected": False}
+    assert s["again"] == {"ok": True, "connected": True, "id": "second"}
+    assert s["shut down"] == {"connected": False}
+    assert board.log().count("online as") == 2
+    assert retained_status(broker, root, node_id)["status"] == "offline"
