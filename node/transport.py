@@ -89,8 +89,10 @@ class ComputeNodeTransport:
         # queued or running here, each as its newest dispatch (whose attempt a result answers)
         self._held: dict[str, TaskSpec] = {}
         self._running: set[str] = set()   # taken by a worker, no result yet
-        # the last results by task id: a repeated delivery of their dispatch gets them again
-        self._recent: OrderedDict[str, TaskResult] = OrderedDict()
+        # the last results by task id, with the task they answered: a repeated delivery of
+        # their dispatch gets them again, and so does a new dispatch of a task that succeeded
+        # (the master lost the answer); a new dispatch after a failure runs again
+        self._recent: OrderedDict[str, tuple[TaskResult, TaskSpec | None]] = OrderedDict()
         self._outbox: list[TaskResult] = []
         self._released: list[str] = []
         self._outbox_cond = threading.Condition(self._lock)
@@ -166,7 +168,7 @@ class ComputeNodeTransport:
                     # dispatched again while it ran here: this answers the newest dispatch
                     result = results[i] = result.answering(newest)
                 running.discard(task_id)
-                recent[task_id] = result
+                recent[task_id] = (result, newest)
                 if result.ok:
                     self.tasks_done += 1
                 else:
@@ -363,11 +365,18 @@ class ComputeNodeTransport:
                     continue
                 cached = recent.get(task_id)
                 if cached is not None:
-                    if cached.token == task.token:  # the same dispatch delivered again
+                    result, answered = cached
+                    if result.token == task.token:  # the same dispatch delivered again
                         self.duplicates += 1
-                        resend.append(cached)
+                        resend.append(result)
                         continue
-                    del recent[task_id]  # a new attempt: it runs again
+                    if result.ok and answered is not None and answered.same_work(task):
+                        self.duplicates += 1  # done here already: its answer, to this dispatch
+                        result = result.answering(task)
+                        recent[task_id] = (result, task)
+                        resend.append(result)
+                        continue
+                    del recent[task_id]  # a retry after a failure: it runs again
                 if not self._accepting:
                     self._released.append(task_id)
                     continue
