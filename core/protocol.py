@@ -8,8 +8,8 @@ MQTT Explorer is what the code reads.
 
 from __future__ import annotations
 
-import itertools
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Type, TypeVar
@@ -254,18 +254,22 @@ class _RandomHex:
 
     def __init__(self) -> None:
         self._pool = ""
+        self._at = 0
+        self._lock = threading.Lock()
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=self._drop)
 
     def _drop(self) -> None:
-        self._pool = ""
+        self._pool, self._at, self._lock = "", 0, threading.Lock()
 
     def take(self, digits: int) -> str:
-        pool = self._pool
-        if len(pool) < digits:
-            pool = os.urandom(4096).hex()
-        self._pool = pool[digits:]
-        return pool[:digits]
+        with self._lock:  # two threads must never get the same digits
+            at = self._at
+            end = at + digits
+            if end > len(self._pool):
+                self._pool, at, end = os.urandom(4096).hex(), 0, digits
+            self._at = end
+            return self._pool[at:end]
 
 
 _random_hex = _RandomHex()
