@@ -15,7 +15,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable
 
-from core.errors import DecodeError, FabricError, FabricTimeout, QueueFull, TaskRefused
+from core import codec
+from core.errors import ConfigError, DecodeError, EncodeError, FabricError, FabricTimeout, QueueFull, TaskRefused
 from core.mqtt import MqttSession, TlsSettings
 from core.protocol import (DEFAULT_PRIORITY, QUEUE_FULL, MasterStatus, Message, OutcomeBatch, Query,
                            QueryReply, Submission, SubmitReply, TaskOutcome, TaskSpec,
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 _SUBMIT_CHUNK = 1000
 _SUBMIT_WINDOW = 4  # submissions awaiting their acknowledgement at once
+_FINAL = frozenset({"completed", "failed", "cancelled"})
 
 
 class FabricClient:
@@ -37,12 +39,15 @@ class FabricClient:
 
     def __init__(self, *, broker_url: BrokerUrl | str | None = None, root: str = DEFAULT_ROOT,
                  client_id: str | None = None, tls: TlsSettings | None = None,
-                 resend_after: float = 2.0) -> None:
+                 resend_after: float = 2.0, max_payload: int = codec.PAYLOAD_LIMIT) -> None:
         if not isinstance(broker_url, BrokerUrl):
             broker_url = parse_broker_url(broker_url)
         self.topics = Topics(root)
         self.client_id = client_id or f"client-{uuid.uuid4().hex[:10]}"
         self.resend_after = resend_after
+        # a submission's bytes stay under this (the broker's max_packet_size less the MQTT
+        # header): the broker disconnects a client whose packet is larger
+        self.max_payload = max_payload
         self._lock = threading.Lock()
         self._handles: dict[str, TaskHandle] = {}
         self._unacked: dict[str, tuple[Submission, float, threading.Event]] = {}
@@ -107,7 +112,7 @@ class FabricClient:
                            max_attempts=c[5] if len(c) > 5 else 0)
                  for c in calls]  # every call checked before any is sent
         deadline = time.monotonic() + ack_timeout
-        chunks = [specs[i:i + _SUBMIT_CHUNK] for i in range(0, len(specs), _SUBMIT_CHUNK)]
+        chunks = self._chunks_within(specs)
         if len(chunks) <= 1:
             handles = []
             for chunk in chunks:
@@ -132,6 +137,26 @@ class FabricClient:
                     future.cancel()
                 raise
         return handles
+
+    def _chunks_within(self, specs: list[TaskSpec]) -> list[list[TaskSpec]]:
+        """Up to `_SUBMIT_CHUNK` tasks a submission, split further so each is under
+        `max_payload` bytes; a task too big alone is refused (EncodeError naming its size and
+        the limit) before anything is sent."""
+        def payload(part: list) -> bytes:
+            return Submission(client_id=self.client_id, request_id=new_task_id(),
+                              tasks=tuple(part)).encode()
+        chunks: list[list[TaskSpec]] = []
+        for start in range(0, len(specs), _SUBMIT_CHUNK):
+            for part, data in codec.encode_within(specs[start:start + _SUBMIT_CHUNK], payload,
+                                                  limit=self.max_payload):
+                if len(data) > self.max_payload:
+                    raise EncodeError(
+                        f"task {part[0].id} ({part[0].name}) is {len(data):,} bytes encoded, "
+                        f"over the {self.max_payload:,}-byte limit of one message (the "
+                        "broker's max_packet_size): nothing was submitted; pass large data "
+                        "by reference (a path or URL) instead")
+                chunks.append(part)
+        return chunks
 
     def _send_chunk(self, specs: list[TaskSpec], deadline: float) -> list[TaskHandle]:
         """Handles for `specs`, registered before the submission goes, then sent."""
@@ -214,6 +239,82 @@ class FabricClient:
     def nodes(self, *, timeout: float = 10.0) -> list[dict]:
         return self.query("nodes", timeout=timeout)
 
+    # -- tasks by id (whoever submitted them) ----------------------------------------------------
+
+    def handle(self, task_id: str, *, timeout: float = 10.0) -> TaskHandle:
+        """A handle on any task by its id (submitted by this client or another, earlier or
+        from another process): the master pushes its outcome here when it ends.
+        ConfigError if the master knows no task with that id."""
+        if not isinstance(task_id, str) or not 0 < len(task_id) <= 128:
+            raise ConfigError(f"a task id must be a string of 1-128 characters, got {task_id!r}")
+        with self._lock:
+            handle = self._handles.get(task_id)
+            if handle is None:
+                handle = self._handles[task_id] = TaskHandle(task_id)
+        try:
+            data = self.query("outcomes", {"ids": [task_id], "watch": True}, timeout=timeout)
+        except BaseException:
+            self._drop_handle(handle)
+            raise
+        outcome = TaskOutcome.from_dict(data[0])
+        if outcome.state == "unknown":
+            self._drop_handle(handle)
+            raise ConfigError(f"no task with id {task_id!r} is known to the master")
+        self._resolve([outcome])
+        return handle
+
+    def outcome(self, task_id: str, timeout: float | None = None) -> TaskOutcome:
+        """The final outcome of the task with this id, waiting up to `timeout` seconds
+        (None: until it ends); FabricTimeout if it is still queued or running then."""
+        handle = self.handle(task_id)
+        try:
+            return handle.outcome(timeout)
+        except FabricTimeout:
+            self._drop_handle(handle)
+            raise
+
+    def result(self, task_id: str, timeout: float | None = None) -> Any:
+        """The value of the task with this id (waiting as `outcome` does); TaskFailed if it
+        failed or was cancelled."""
+        handle = self.handle(task_id)
+        try:
+            return handle.result(timeout)
+        except FabricTimeout:
+            self._drop_handle(handle)
+            raise
+
+    def _drop_handle(self, handle: TaskHandle) -> None:
+        """Stop waiting on a handle nobody waits on any more."""
+        with self._lock:
+            if self._handles.get(handle.id) is handle:
+                del self._handles[handle.id]
+
+    def task(self, task_id: str, *, timeout: float = 10.0) -> dict:
+        """Everything the master knows about one task: its call, state, times, and each
+        attempt (`history`: node, started, ended, outcome, message). ConfigError if unknown."""
+        info = self.query("task", {"id": task_id}, timeout=timeout)
+        if info is None:
+            raise ConfigError(f"no task with id {task_id!r} is known to the master")
+        return info
+
+    def tasks(self, *, state: str | None = None, name: str | None = None, limit: int = 50,
+              timeout: float = 10.0) -> list[dict]:
+        """The latest tasks, newest first: optionally only one state (queued, running,
+        completed, failed, cancelled) and/or task name."""
+        params: dict[str, Any] = {"limit": limit}
+        if state is not None:
+            params["state"] = state
+        if name is not None:
+            params["name"] = name
+        return self.query("tasks", params, timeout=timeout)
+
+    def cancel(self, task_ids: str | Iterable[str], *, timeout: float = 10.0) -> list[dict]:
+        """Cancel tasks by id: a queued one never starts, a running one is stopped on its
+        node; each ends `cancelled`, once. One verdict per id: `was` (queued, running, or
+        the final state of a task that had ended already: then nothing changed) and `state`."""
+        ids = [task_ids] if isinstance(task_ids, str) else list(task_ids)
+        return self.query("cancel", {"ids": ids}, timeout=timeout)
+
     def status(self, *, timeout: float = 10.0) -> dict:
         return self.query("status", timeout=timeout)
 
@@ -253,7 +354,7 @@ class FabricClient:
                 waiter[0].set()
 
     def _resolve(self, outcomes: Iterable[TaskOutcome]) -> None:
-        final = [o for o in outcomes if o.state == "completed" or o.state == "failed"]
+        final = [o for o in outcomes if o.state in _FINAL]
         with self._lock:  # once per batch: a batch holds up to a thousand outcomes
             pop = self._handles.pop
             resolved = [(pop(o.id, None), o) for o in final]
@@ -282,8 +383,8 @@ class FabricClient:
             ids = list(self._handles)
         for start in range(0, len(ids), _SUBMIT_CHUNK):
             try:
-                data = self.query("outcomes", {"ids": ids[start:start + _SUBMIT_CHUNK]},
-                                  timeout=10.0)
+                data = self.query("outcomes", {"ids": ids[start:start + _SUBMIT_CHUNK],
+                                               "watch": True}, timeout=10.0)
                 self._resolve(TaskOutcome.from_dict(o) for o in data)
             except FabricError as e:
                 log.info("could not re-query outcomes yet: %s", e)

@@ -22,7 +22,8 @@ from typing import Any, Iterable
 import msgpack
 
 from core.protocol import TaskOutcome, TaskSpec
-from master.scheduler import COMPLETED, FAILED, QUEUED, RUNNING, STATE_NAMES, TaskRecord
+from master.scheduler import (CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, STATE_CODES,
+                              STATE_NAMES, TaskRecord)
 from master.sqlite_batch import BatchedWrites
 
 __all__ = ["Journal"]
@@ -51,7 +52,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     finished REAL,
     dispatch INTEGER NOT NULL DEFAULT 0,
     token TEXT NOT NULL DEFAULT '',
-    max_attempts INTEGER NOT NULL DEFAULT 0
+    max_attempts INTEGER NOT NULL DEFAULT 0,
+    started REAL
 );
 DROP INDEX IF EXISTS tasks_active;
 CREATE INDEX IF NOT EXISTS tasks_open ON tasks(priority) WHERE finished IS NULL;
@@ -59,7 +61,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 # columns added since the first schema: a journal written before them gains them on open
 _ADDED_COLUMNS = {"dispatch": "INTEGER NOT NULL DEFAULT 0", "token": "TEXT NOT NULL DEFAULT ''",
-                  "max_attempts": "INTEGER NOT NULL DEFAULT 0"}
+                  "max_attempts": "INTEGER NOT NULL DEFAULT 0", "started": "REAL"}
 
 
 def _pack(value: Any) -> bytes:
@@ -201,9 +203,12 @@ class Journal(BatchedWrites):
         if len(by_row) != len(rows):
             self._db.executemany(sql + " WHERE id = ?", [r for r in rows if type(r[-1]) is str])
 
-    def dispatched(self, records: Iterable[TaskRecord]) -> None:
-        self._update(f"UPDATE tasks SET state = {RUNNING}, node = ?, dispatch = ?, token = ?",
-                     [(r.node, r.dispatch, r.token, r.row or r.id) for r in records])
+    def dispatched(self, records: Iterable[TaskRecord], now: float | None = None) -> None:
+        """Record dispatches (node, attempt, token, and when: the start of that attempt)."""
+        now = time.time() if now is None else now
+        self._update(f"UPDATE tasks SET state = {RUNNING}, node = ?, dispatch = ?, token = ?, "
+                     "started = ?",
+                     [(r.node, r.dispatch, r.token, now, r.row or r.id) for r in records])
 
     def requeued(self, records: Iterable[TaskRecord]) -> None:
         self._update(f"UPDATE tasks SET state = {QUEUED}, node = '', attempts = ?, errors = ?",
@@ -272,11 +277,35 @@ class Journal(BatchedWrites):
                     chunk):
                 error_list = json.loads(errors)
                 out[task_id] = TaskOutcome(
-                    id=task_id, state=STATE_NAMES[state] if state in (COMPLETED, FAILED) else "pending",
+                    id=task_id, state=STATE_NAMES[state] if state >= COMPLETED else "pending",
                     value=_unpack(result) if state == COMPLETED else None,
-                    error=_failure(error_list) if state == FAILED else None,
+                    error=_failure(error_list) if state >= FAILED else None,
                     node_id=node, attempts=attempts)
         return out
+
+    def task(self, task_id: str) -> dict[str, Any] | None:
+        """Everything journalled about one task (None if the id is not journalled): its call,
+        state, times, and each attempt with its node, times and error."""
+        row = self._db.execute(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id = ?",
+                               (task_id,)).fetchone()
+        return None if row is None else _task_view(row, full=True)
+
+    def tasks(self, *, state: str | None = None, name: str | None = None,
+              limit: int = 50) -> list[dict[str, Any]]:
+        """The latest tasks (newest first), optionally of one state and/or task name."""
+        where, params = [], []
+        if state is not None:
+            where.append("state = ?")
+            params.append(STATE_CODES[state])
+        if name is not None:
+            where.append("name = ?")
+            params.append(name)
+        sql = f"SELECT {_TASK_COLUMNS} FROM tasks"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY rowid DESC LIMIT ?"
+        params.append(int(limit))
+        return [_task_view(row, full=False) for row in self._db.execute(sql, params)]
 
     def is_finished(self, task_id: str) -> bool:
         row = self._db.execute("SELECT state FROM tasks WHERE id = ?", (task_id,)).fetchone()
@@ -294,6 +323,53 @@ class Journal(BatchedWrites):
         if limit:
             sql += f" LIMIT {int(limit)}"
         return [(i, n, _unpack(r)) for i, n, r in self._db.execute(sql)]
+
+
+_TASK_COLUMNS = ("id, name, call, priority, client, pinned, state, node, attempts, errors, result, "
+                 "submitted, finished, dispatch, max_attempts, started")
+
+
+def _task_view(row: tuple, *, full: bool) -> dict[str, Any]:
+    """One journal row as people read it; `full` adds the call, value and every attempt."""
+    (task_id, name, call, priority, client, pinned, state, node, attempts, errors, result,
+     submitted, finished, dispatch, max_attempts, started) = row
+    view: dict[str, Any] = {"id": task_id, "name": name, "state": STATE_NAMES[state],
+                            "priority": priority, "node_id": node, "attempts": attempts,
+                            "dispatches": dispatch, "submitted": submitted, "started": started,
+                            "finished": finished}
+    if not full:
+        return view
+    error_list = json.loads(errors)
+    args, kwargs = _unpack(call)
+    view.update(args=args, kwargs=kwargs, client=client, pinned=pinned,
+                max_attempts=max_attempts,
+                value=_unpack(result) if state == COMPLETED else None,
+                error=_failure(error_list) if state >= FAILED else None,
+                history=_history(error_list, state=state, node=node, dispatch=dispatch,
+                                 started=started, finished=finished))
+    return view
+
+
+def _history(errors: list, *, state: int, node: str, dispatch: int, started: float | None,
+             finished: float | None) -> list[dict[str, Any]]:
+    """Each dispatch that ended (from its recorded error), then the last one if it is not
+    among them: the one running now, or the one that completed."""
+    out = []
+    for error in errors:
+        if not isinstance(error, dict):
+            continue
+        entry = {"attempt": error.get("attempt", 0), "node_id": error.get("node_id", ""),
+                 "started": error.get("started"), "ended": error.get("ended"),
+                 "outcome": error.get("kind", "error"), "message": error.get("message", "")}
+        out.append(entry)
+    last = dispatch if dispatch else 0
+    if last and not any(e["attempt"] == last for e in out):
+        outcome = {RUNNING: "running", COMPLETED: "completed"}.get(state)
+        if outcome is not None:
+            out.append({"attempt": last, "node_id": node, "started": started,
+                        "ended": finished if state == COMPLETED else None,
+                        "outcome": outcome, "message": ""})
+    return out
 
 
 def _errors(errors: list) -> str:

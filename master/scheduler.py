@@ -13,6 +13,9 @@
   name no node ever offered fails at once; one whose nodes are all gone waits, and says so.
 - Idle first: when a node has free slots and nothing queued for it, nodes holding prefetched
   work are asked to hand some back (`steals`).
+- Cancel: a queued task is never dispatched; a running one ends `cancelled` at once, while its
+  slot on the node stays taken until the node says it stopped (or is gone): the master never
+  sends work into a slot a cancelled task still occupies.
 """
 
 from __future__ import annotations
@@ -28,10 +31,14 @@ from core.protocol import NodeStatus, TaskResult, TaskSpec, new_token
 from master.liveness import heartbeat_timeout, silent_nodes
 
 __all__ = ["Scheduler", "TaskRecord", "NodeInfo", "QUEUED", "RUNNING", "COMPLETED", "FAILED",
-           "STATE_NAMES", "PERMANENT_ERRORS", "capability"]
+           "CANCELLED", "STATE_NAMES", "STATE_CODES", "FINAL_STATES", "PERMANENT_ERRORS",
+           "capability"]
 
-QUEUED, RUNNING, COMPLETED, FAILED = 0, 1, 2, 3
-STATE_NAMES = {QUEUED: "queued", RUNNING: "running", COMPLETED: "completed", FAILED: "failed"}
+QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED = 0, 1, 2, 3, 4
+STATE_NAMES = {QUEUED: "queued", RUNNING: "running", COMPLETED: "completed", FAILED: "failed",
+               CANCELLED: "cancelled"}
+STATE_CODES = {name: code for code, name in STATE_NAMES.items()}
+FINAL_STATES = frozenset({"completed", "failed", "cancelled"})  # outcome states that are final
 LIVE_STATES = frozenset({"connected", "ready", "busy"})
 # errors that another attempt cannot cure
 PERMANENT_ERRORS = frozenset({"unknown_task", "bad_request", "payload_too_large", "bad_result",
@@ -166,6 +173,10 @@ class Scheduler:
         # answered dispatches (id -> (node, token)), in two generations: a bounded memory
         self._answered: dict[str, tuple[str, str]] = {}
         self._answered_old: dict[str, tuple[str, str]] = {}
+        self.cancelled = 0
+        # running tasks cancelled whose node has not said it stopped: id -> (node, when);
+        # each still holds its slot in that node's in_flight (bounded by the nodes' credit)
+        self._cancelling: dict[str, tuple[str, float]] = {}
 
     # -- queue ---------------------------------------------------------------------------------
 
@@ -288,6 +299,12 @@ class Scheduler:
         if node is None or not node.in_flight:
             return 0
         cutoff = now - age
+        if self._cancelling:  # cancelled here, and the node holds nothing: it stopped them
+            for task_id in [t for t in node.in_flight if t not in self.tasks]:
+                entry = self._cancelling.get(task_id)
+                if entry is None or entry[1] < cutoff:
+                    self._cancelling.pop(task_id, None)
+                    node.in_flight.discard(task_id)
         lost = [r for r in map(self.tasks.get, node.in_flight) if r is not None
                 and r.state == RUNNING and r.node == node_id and r.sent < cutoff]
         for record in lost:
@@ -319,10 +336,13 @@ class Scheduler:
             record = self.tasks.get(task_id)
             node.in_flight.discard(task_id)
             if record is None or record.state != RUNNING or record.node != node.node_id:
+                if self._cancelling:
+                    self._cancelling.pop(task_id, None)
                 continue
             if count:
                 record.attempts += 1
-                record.errors.append({"kind": "node_lost", "message": reason})
+                record.errors.append({"kind": "node_lost", "message": reason,
+                                      "node_id": node.node_id, "attempt": record.dispatch})
                 if record.attempts >= (record.spec.max_attempts or self.max_attempts):
                     self._finish(record, FAILED)
                     failed.append(record)
@@ -340,6 +360,8 @@ class Scheduler:
             if record is not None and record.state == RUNNING and record.node == node_id:
                 self._requeue(record, node)
                 out.append(task_id)
+            elif record is None and self._cancelling:
+                self._stopped(node_id, task_id)
         return out
 
     def adopt(self, node_id: str, task_ids: Iterable[str]) -> list[TaskRecord]:
@@ -380,6 +402,8 @@ class Scheduler:
         """Apply one result: 'completed', 'failed', 'retry', 'duplicate' (a late copy of an
         answered dispatch, dropped) or 'rejected' (it answers no dispatch of that node)."""
         record = self.tasks.get(result.id)
+        if record is None and self._cancelling and self._stopped(node_id, result.id):
+            return "duplicate", None
         if record is None or record.state not in (QUEUED, RUNNING):
             answered = self._answered.get(result.id) or self._answered_old.get(result.id)
             if answered is not None and answered[0] == node_id and answered[1] == result.token:
@@ -412,6 +436,37 @@ class Scheduler:
             self._finish(record, FAILED)
             return "failed", record
         return self._retry(record)
+
+    def _stopped(self, node_id: str, task_id: str) -> bool:
+        """A node's word on a task cancelled while it ran there: its slot is free again."""
+        entry = self._cancelling.get(task_id)
+        if entry is None or entry[0] != node_id:
+            return False
+        del self._cancelling[task_id]
+        node = self.nodes.get(node_id)
+        if node is not None:
+            node.in_flight.discard(task_id)
+        return True
+
+    def cancel(self, task_id: str, reason: str, now: float) -> tuple[str, TaskRecord | None]:
+        """Cancel an active task: ('queued' | 'running', its record), or ('', None) if it is
+        not active. A queued task is never dispatched; a running one ends at once and keeps
+        its node's slot (`record.node`, to be told) until the node says it stopped."""
+        record = self.tasks.get(task_id)
+        if record is None:
+            return "", None
+        was = STATE_NAMES[record.state]
+        error = {"kind": "cancelled", "message": reason}
+        if record.state == RUNNING:
+            error.update(node_id=record.node, attempt=record.dispatch)
+        record.errors.append(error)
+        if record.state == RUNNING:
+            node = self.nodes.get(record.node)
+            if node is not None and task_id in node.in_flight:
+                self._cancelling[task_id] = (record.node, now)
+            self._remember(record)
+        self._finish(record, CANCELLED)
+        return was, record
 
     def _retry(self, record: TaskRecord) -> tuple[str, TaskRecord]:
         if record.state != QUEUED:  # else already requeued (its node was thought lost)
@@ -474,6 +529,8 @@ class Scheduler:
         self.tasks.pop(record.id, None)
         if state == COMPLETED:
             self.completed += 1
+        elif state == CANCELLED:
+            self.cancelled += 1
         else:
             self.failed += 1
 

@@ -38,7 +38,8 @@ from core.topics import DEFAULT_ROOT, Topics, validate_id
 from core.url import BrokerUrl, parse_broker_url
 from master.handles import TaskHandle
 from master.journal import Journal
-from master.scheduler import COMPLETED, STATE_NAMES, Scheduler, TaskRecord, capability
+from master.scheduler import (COMPLETED, FINAL_STATES, STATE_CODES, STATE_NAMES, Scheduler,
+                              TaskRecord, capability)
 
 __all__ = ["MasterNodeTransport"]
 
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 _MAX_INBOX_BATCH = 5000
 _INLINE_TURN_TASKS = 64  # below this many active tasks a message is handled where it arrives
 _JOURNAL_DELAY = 0.05    # seconds journal writes may wait for a turn that commits anyway
+_MAX_WATCHED = 100_000   # tasks other clients wait on (past it they find out by asking again)
+_MAX_LISTED = 10_000     # tasks one `tasks` query lists at most
 
 
 class MasterNodeTransport:
@@ -99,6 +102,8 @@ class MasterNodeTransport:
         self._requeued: list[TaskRecord] = []
         self._outgoing: list[tuple[str, bytes, bool]] = []
         self._client_outcomes: dict[str, list[dict[str, Any]]] = {}  # wire-form outcomes
+        # task id -> clients other than its submitter that wait on it (results by id)
+        self._watchers: dict[str, set[str]] = {}
         self._backlog: list[Callable[[], Any]] = []  # journal writes not made yet, in order
         self._backlog_since = 0.0
         # Replicated masters (master.replica) plug in here; None for a master of its own.
@@ -266,6 +271,26 @@ class MasterNodeTransport:
     def outcomes(self, task_ids: Iterable[str]) -> dict[str, TaskOutcome]:
         with self._lock:
             return self._outcomes(list(task_ids))
+
+    def task_info(self, task_id: str) -> dict | None:
+        """Everything known about one task (its call, state, and each attempt with node,
+        times and error); None if no task has that id."""
+        with self._lock:
+            return self._task_info({"id": task_id})
+
+    def tasks(self, *, state: str | None = None, name: str | None = None,
+              limit: int = 50) -> list[dict]:
+        """The latest tasks, newest first, optionally of one state and/or name."""
+        with self._lock:
+            return self._list_tasks({"state": state, "name": name, "limit": limit})
+
+    def cancel(self, task_ids: Iterable[str]) -> list[dict]:
+        """Cancel tasks: a queued one never starts, a running one is stopped on its node;
+        either ends `cancelled` (once). One verdict per id: what it `was`, its `state` now."""
+        with self._lock:
+            verdicts = self._cancel({"ids": list(task_ids)}, who="this master's process")
+        self._wake()
+        return verdicts
 
     def broadcast_control(self, command: str, params: dict | None = None,
                           on_report: Callable[[NodeReport], None] | None = None, *,
@@ -489,6 +514,8 @@ class MasterNodeTransport:
                 continue
             if self._keep_results:
                 self._results.append((node_id, result))
+            if verdict != "completed" and record is not None:
+                self._stamp_errors([record], now)
             if verdict == "completed" or verdict == "failed":
                 self._finished.append((record, result.value))
             elif record is not None:
@@ -566,7 +593,7 @@ class MasterNodeTransport:
                     rejected.append((record.id, _conflict(record.id)))
                 elif outcome is None:
                     redo.append(record)
-                elif outcome.state in ("completed", "failed"):  # finished: answer again
+                elif outcome.state in FINAL_STATES:  # finished: answer again
                     self._client_outcomes.setdefault(client_id, []).append(outcome.to_dict())
             self.journal.submitted(redo)
             fresh = redo
@@ -574,7 +601,7 @@ class MasterNodeTransport:
         full = [task_id for task_id, reason in rejected if reason.startswith(QUEUE_FULL)]
         if full:  # a full queue refuses new work, not the resend of a finished task
             known = self.journal.outcomes(full)
-            done = {i for i, o in known.items() if o.state in ("completed", "failed")}
+            done = {i for i, o in known.items() if o.state in FINAL_STATES}
             bound = self.journal.calls(done)
             specs = {s.id: s for s in message.tasks}
             done = {i for i in done if bound[i].same_work(specs[i])}
@@ -607,7 +634,16 @@ class MasterNodeTransport:
             ids = query.params.get("ids")
             if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
                 raise ConfigError("outcomes query needs params.ids: a list of task ids")
-            return [o.to_dict() for o in self._outcomes(ids).values()]
+            outcomes = self._outcomes(ids)
+            if query.params.get("watch") is True:
+                self._watch(query.client_id, outcomes)
+            return [o.to_dict() for o in outcomes.values()]
+        if query.what == "task":
+            return self._task_info(query.params)
+        if query.what == "tasks":
+            return self._list_tasks(query.params)
+        if query.what == "cancel":
+            return self._cancel(query.params, who=f"client {query.client_id}")
         handler = self._query_handlers.get(query.what)
         if handler is None:
             raise ConfigError(f"unknown query {query.what!r}")
@@ -629,6 +665,93 @@ class MasterNodeTransport:
             for task_id in missing:
                 out[task_id] = found.get(task_id) or TaskOutcome(id=task_id, state="unknown")
         return out
+
+    def _watch(self, client_id: str, outcomes: dict[str, TaskOutcome]) -> None:
+        """Push the outcome of each still-pending task to `client_id` too when it ends."""
+        watchers = self._watchers
+        active = self.scheduler.tasks
+        for task_id, outcome in outcomes.items():
+            if outcome.state != "pending" or task_id not in active:
+                continue
+            if active[task_id].client == client_id:
+                continue  # its submitter is told anyway
+            clients = watchers.get(task_id)
+            if clients is None:
+                if len(watchers) >= _MAX_WATCHED:
+                    continue
+                clients = watchers[task_id] = set()
+            clients.add(client_id)
+
+    def _task_info(self, params: dict) -> dict | None:
+        task_id = _task_id(params.get("id"))
+        self._commit()  # the journal is read below: it must hold every write so far
+        view = self.journal.task(task_id)
+        if view is None:
+            return None
+        record = self.scheduler.tasks.get(task_id)
+        if record is not None:  # active: the scheduler knows its state first-hand
+            view["state"] = STATE_NAMES[record.state]
+            view["node_id"] = record.node
+            view["attempts"] = record.attempts
+            view["dispatches"] = record.dispatch
+        return view
+
+    def _list_tasks(self, params: dict) -> list[dict]:
+        state, name, limit = params.get("state"), params.get("name"), params.get("limit", 50)
+        if state is not None and state not in STATE_CODES:
+            raise ConfigError(f"unknown task state {state!r} (use one of "
+                              f"{', '.join(STATE_CODES)})")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ConfigError(f"a task name must be a non-empty string, got {name!r}")
+        if type(limit) is not int or not 1 <= limit <= _MAX_LISTED:
+            raise ConfigError(f"limit must be an integer 1-{_MAX_LISTED}, got {limit!r}")
+        self._commit()
+        return self.journal.tasks(state=state, name=name, limit=limit)
+
+    def _cancel(self, params: dict, *, who: str) -> list[dict]:
+        """Cancel the given ids (called on the loop, or under its lock): each active one ends
+        `cancelled` now; a running one's node is told to stop it."""
+        ids = params.get("ids")
+        if not isinstance(ids, list) or not ids:
+            raise ConfigError("cancel needs params.ids: a non-empty list of task ids")
+        ids = [_task_id(i) for i in ids]
+        scheduler = self.scheduler
+        now = self._clock()
+        verdicts = []
+        stop: dict[str, list[str]] = {}
+        missing = []
+        for task_id in ids:
+            was, record = scheduler.cancel(task_id, f"cancelled by {who}", now)
+            if record is None:
+                missing.append(task_id)
+                verdicts.append({"id": task_id})
+                continue
+            self._stamp_errors([record], now)
+            self._finished.append((record, None))
+            verdicts.append({"id": task_id, "was": was, "state": "cancelled",
+                             "node_id": record.node if was == "running" else ""})
+            if was == "running" and record.node:
+                stop.setdefault(record.node, []).append(task_id)
+        if missing:  # not active: finished, or never known; nothing changes
+            self._commit()
+            found = self.journal.outcomes(missing)
+            for verdict in verdicts:
+                if "was" not in verdict:
+                    outcome = found.get(verdict["id"])
+                    state = outcome.state if outcome is not None else "unknown"
+                    verdict.update(was=state, state=state, node_id=outcome.node_id
+                                   if outcome is not None else "")
+        for node_id, task_ids in stop.items():
+            node = scheduler.nodes.get(node_id)
+            if node is None or not node.alive:
+                continue
+            control = Control(command="cancel", params={"ids": task_ids}, epoch=self.epoch)
+            self._outgoing.append((self.topics.node_tasks(node_id), control.encode(node.codec),
+                                   False))
+        if stop or len(missing) != len(ids):
+            log.info("%s cancelled %d tasks (%d running)", who, len(ids) - len(missing),
+                     sum(len(t) for t in stop.values()))
+        return verdicts
 
     def _check_liveness(self, now: float) -> None:
         if self._report_waiters:
@@ -661,10 +784,28 @@ class MasterNodeTransport:
 
     def _note_requeued(self, task_ids: list[str]) -> None:
         tasks = self.scheduler.tasks
-        self._requeued.extend(tasks[t] for t in task_ids if t in tasks)
+        records = [tasks[t] for t in task_ids if t in tasks]
+        self._stamp_errors(records, self._clock())
+        self._requeued.extend(records)
 
     def _note_failed(self, records: list[TaskRecord]) -> None:
+        self._stamp_errors(records, self._clock())
         self._finished.extend((r, None) for r in records)
+
+    def _stamp_errors(self, records: list[TaskRecord], now: float) -> None:
+        """Give a task's newest error the wall-clock times of its attempt (when it was sent,
+        when it ended), for `master-node task`; errors stamped already are left alone."""
+        wall = None
+        for record in records:
+            errors = record.errors
+            if not errors or "ended" in errors[-1]:
+                continue
+            if wall is None:
+                wall = time.time()
+            error = errors[-1]
+            error["ended"] = round(wall, 3)
+            if record.sent > 0 and "node_id" in error:
+                error["started"] = round(wall - max(0.0, now - record.sent), 3)
 
     # -- internals: journal and publication ------------------------------------------------------
 
@@ -690,7 +831,8 @@ class MasterNodeTransport:
             self._requeued.clear()
         if assignments:
             self._journal_later(partial(
-                journal.dispatched, [r for records in assignments.values() for r in records]))
+                journal.dispatched, [r for records in assignments.values() for r in records],
+                time.time()))
         if self._finished:
             self._journal_later(partial(journal.finished, self._finished[:], time.time()))
 
@@ -727,6 +869,7 @@ class MasterNodeTransport:
         if self._finished:
             handles = self._handles
             by_client = self._client_outcomes
+            watchers = self._watchers
             for record, value in self._finished:
                 outcome = _outcome_dict(record, value)
                 if handles:
@@ -738,6 +881,9 @@ class MasterNodeTransport:
                     if outcomes is None:
                         outcomes = by_client[record.client] = []
                     outcomes.append(outcome)
+                if watchers:
+                    for client_id in watchers.pop(record.id, ()):
+                        by_client.setdefault(client_id, []).append(outcome)
             self._finished.clear()
         for client_id, outcomes in self._client_outcomes.items():
             topic = self.topics.client(client_id)
@@ -783,6 +929,13 @@ class MasterNodeTransport:
             nodes_ready=sum(1 for n in live if n.status == "ready"), nodes_total=len(live),
             ts=round(time.time(), 3), waiting=sum(s.waiting.values()),
             waiting_for=",".join(sorted(s.waiting)))
+
+
+def _task_id(value: Any) -> str:
+    """A task id from a query, checked: a clear error for anything else."""
+    if not isinstance(value, str) or not 0 < len(value) <= 128:
+        raise ConfigError(f"a task id must be a string of 1-128 characters, got {value!r}")
+    return value
 
 
 def _conflict(task_id: str) -> str:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from core.errors import FabricError
 from core.primality import is_prime
+from node import task_context
 from node.registry import default_registry
 
 __all__ = ["noop", "echo", "sleep", "fail", "primes", "parse_number"]
@@ -29,7 +29,7 @@ def echo(value: Any = None) -> Any:
 def sleep(seconds: float = 0.0) -> float:
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= _MAX_SLEEP:
         raise ValueError(f"sleep takes 0..{_MAX_SLEEP:g} seconds, got {seconds!r}")
-    time.sleep(seconds)
+    task_context.sleep(seconds)  # ends early if the task is cancelled
     return seconds
 
 

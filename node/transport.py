@@ -33,6 +33,7 @@ from core.url import BrokerUrl, parse_broker_url
 from node import builtin_tasks as _builtin  # noqa: F401  (registers the built-in tasks)
 from node.identity import claim_node_id
 from node.lease_fence import LeaseFence
+from node import task_context
 from node.registry import TaskRegistry, default_registry
 from node.work_queue import PrefetchGauge, PriorityTaskQueue
 
@@ -89,6 +90,9 @@ class ComputeNodeTransport:
         # queued or running here, each as its newest dispatch (whose attempt a result answers)
         self._held: dict[str, TaskSpec] = {}
         self._running: set[str] = set()   # taken by a worker, no result yet
+        # held tasks the master cancelled after they were taken: their result is dropped
+        self._cancelled: set[str] = set()
+        self._cancel_events: dict[str, threading.Event] = {}  # for tasks that wait on it
         # the last results by task id, with the task they answered: a repeated delivery of
         # their dispatch gets them again, and so does a new dispatch of a task that succeeded
         # (the master lost the answer); a new dispatch after a failure runs again
@@ -160,6 +164,7 @@ class ComputeNodeTransport:
         that finish meanwhile, in one message.
         """
         held, running, recent = self._held, self._running, self._recent
+        cancelled, events = self._cancelled, self._cancel_events
         with self._outbox_cond:
             for i, result in enumerate(results):
                 task_id = result.id
@@ -168,6 +173,11 @@ class ComputeNodeTransport:
                     # dispatched again while it ran here: this answers the newest dispatch
                     result = results[i] = result.answering(newest)
                 running.discard(task_id)
+                if cancelled and task_id in cancelled:  # its late result is dropped
+                    results[i] = self._cancelled_result(result)
+                    continue
+                if events:
+                    events.pop(task_id, None)
                 recent[task_id] = (result, newest)
                 if result.ok:
                     self.tasks_done += 1
@@ -253,6 +263,16 @@ class ComputeNodeTransport:
             return result_for(task, False, error={
                 "kind": "unknown_task", "type": "UnknownTask",
                 "message": f"no task named {task.name!r} on node {self.node_id}"}, ts=self._clock())
+        if self._cancelled and task.id in self._cancelled:  # cancelled before it started
+            return result_for(task, False, error=dict(task_context.CANCELLED_ERROR),
+                              ts=self._clock())
+        task_context.enter(task, self)
+        try:
+            return self._call(fn, task)
+        finally:
+            task_context.leave()
+
+    def _call(self, fn: Callable[..., Any], task: TaskSpec) -> TaskResult:
         try:
             value = fn(*task.args, **task.kwargs)
             if self.codec == codec.MSGPACK and type(value) not in _PLAIN \
@@ -272,6 +292,56 @@ class ComputeNodeTransport:
             return result_for(task, False, error={
                 "kind": kind, "type": type(e).__name__, "message": str(e),
                 "traceback": traceback.format_exc(limit=8)}, ts=self._clock())
+
+    # -- cancellation ------------------------------------------------------------------------------
+
+    def is_cancelled(self, task_id: str) -> bool:
+        """Whether the master cancelled this held task (what a running task may ask)."""
+        return task_id in self._cancelled
+
+    def cancel_event(self, task_id: str) -> threading.Event:
+        """An event set when this task is cancelled (made for tasks that wait on it)."""
+        with self._lock:
+            event = self._cancel_events.get(task_id)
+            if event is None:
+                event = self._cancel_events[task_id] = threading.Event()
+                if task_id in self._cancelled or task_id not in self._held:
+                    event.set()
+            return event
+
+    def cancel(self, task_ids: Iterable[str]) -> tuple[int, int]:
+        """Stop tasks the master cancelled: a queued one is dropped and reported `cancelled`
+        at once; a running one is told (its context) and reported `cancelled` when its
+        function returns, whatever it returned. Ids not held here are ignored (finished
+        already). How many were (dropped, told)."""
+        wanted = {t for t in task_ids if t in self._held}
+        if not wanted:
+            return 0, 0
+        dropped = self._queue.remove(wanted)
+        with self._outbox_cond:
+            gone = []
+            for task in dropped:
+                newest = self._held.pop(task.id, task)
+                gone.append(result_for(newest, False, error=dict(task_context.CANCELLED_ERROR),
+                                       ts=self._clock()))
+                wanted.discard(task.id)
+            wanted &= self._held.keys()  # still here: running, or taken to run
+            self._cancelled |= wanted
+            for task_id in wanted:
+                event = self._cancel_events.get(task_id)
+                if event is not None:
+                    event.set()
+            if gone:
+                self._outbox.extend(gone)
+                self._outbox_cond.notify()
+        return len(dropped), len(wanted)
+
+    def _cancelled_result(self, result: TaskResult) -> TaskResult:
+        """The word a cancelled task's slot is free (called with the lock held)."""
+        self._cancelled.discard(result.id)
+        self._cancel_events.pop(result.id, None)
+        return TaskResult(result.id, False, error=dict(task_context.CANCELLED_ERROR),
+                          ts=result.ts, attempt=result.attempt, token=result.token)
 
     def _worker_loop(self) -> None:
         """Run tasks: one at a time, or, when they are tiny, the few that take a millisecond
@@ -410,6 +480,16 @@ class ComputeNodeTransport:
             handed = self._hand_back(min(count, len(self._queue)))
             if handed:
                 log.debug("handed back %d unstarted tasks to an idle node", handed)
+        elif control.command == "cancel":
+            ids = control.params.get("ids")
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                self.rejected += 1
+                log.warning("cancel needs a list of task ids, got %r", ids)
+                return
+            dropped, told = self.cancel(ids)
+            if dropped or told:
+                log.info("cancelled %d queued tasks; told %d running ones to stop", dropped,
+                         told)
         else:
             self.rejected += 1
             log.warning("unknown control command %r", control.command)

@@ -89,6 +89,16 @@ class PriorityTaskQueue:
             self._heap[:] = keep  # a sorted list is a valid heap
             return [entry[2] for entry in reversed(taken)]
 
+    def remove(self, task_ids: set[str]) -> list[TaskSpec]:
+        """Take the queued tasks with these ids out (cancelled before they started)."""
+        with self._cond:
+            heap = self._heap
+            gone = [entry[2] for entry in heap if entry[2].id in task_ids]
+            if gone:
+                heap[:] = [entry for entry in heap if entry[2].id not in task_ids]
+                heapq.heapify(heap)
+            return gone
+
     def drain(self) -> list[TaskSpec]:
         """Take every queued task out at once (to hand them back on shutdown)."""
         with self._cond:

@@ -1,8 +1,9 @@
 """The `master-node` commands, one module each: NAME, HELP, DESCRIPTION, add_arguments, run."""
 
-from master.commands import (broker, dashboard, nodes, passwd, pipelines, primes, serve, snapshot,
-                             status, submit)
+from master.commands import (broker, cancel, dashboard, nodes, passwd, pipelines, primes, result,
+                             serve, snapshot, status, submit, task, tasks)
 
-COMMANDS = [serve, submit, nodes, status, primes, snapshot, pipelines, dashboard, passwd, broker]
+COMMANDS = [serve, submit, result, tasks, task, cancel, nodes, status, primes, snapshot, pipelines,
+            dashboard, passwd, broker]
 
 __all__ = ["COMMANDS"]
