@@ -628,3 +628,58 @@ def test_benchmark_script_short_run(tmp_path: Path) -> None:
     assert job["correct"] and job["nodes"] == 1 and job["per_second"] > 0
     assert set(job["cpu_seconds"]) == {"master", "broker", "node-1", "client"}
     assert report["routine"]["agree"]
+
+
+class _MasterDouble:
+    """The two calls the feeder makes, answered from a table (pure logic of the feeder)."""
+
+    def __init__(self, known: dict[str, dict]) -> None:
+        self.known = known
+        self.submitted: list[str] = []
+
+    def query(self, what: str, params: dict, *, timeout: float) -> list[dict]:
+        assert what == "outcomes"
+        return [self.known.get(i, {"id": i, "state": "unknown"}) for i in params["ids"]]
+
+    def submit_many(self, calls: list[tuple], *, ack_timeout: float) -> list:
+        from master.handles import TaskHandle
+        self.submitted += [c[4] for c in calls]
+        return [TaskHandle(c[4]) for c in calls]
+
+
+def _feed(client: _MasterDouble, shards: list, done_before: dict[int, str]):
+    from master.primes_job.feeder import Feeder, Window
+    feeder = Feeder(client, iter(shards), job_id="j", task_name="primes", priority=5,
+                    window=Window(16), done_before=done_before, attempts={}, ack_timeout=1.0)
+    feeder.start()
+    wait_until(lambda: feeder.reader_done or feeder.error is not None, 10, message="fed")
+    feeder.stop()
+    out = []
+    while not feeder.submitted.empty():
+        out.append(feeder.submitted.get())
+    return feeder, out
+
+
+def test_the_feeder_takes_finished_shards_from_the_master_and_passes_over_failed_ids() -> None:
+    shards = list(iter_shards([list(range(30))], ShardPlan(10, 10**6), lambda bad: None))
+    ids = [task_id("j", s.index, task_digest("primes", [s.wire])) for s in shards]
+    client = _MasterDouble({
+        ids[0]: {"id": ids[0], "state": "completed", "value": [2, 3], "node_id": "old"},
+        ids[1]: {"id": ids[1], "state": "failed", "error": {"kind": "error"}}})
+    feeder, out = _feed(client, shards, {})
+    assert feeder.error is None
+    by_shard = {s.shard.index: s for s in out}
+    assert by_shard[0].reused and by_shard[0].handle.outcome(0).value == [2, 3]
+    assert not by_shard[1].reused and by_shard[1].attempt == 1 and not by_shard[2].reused
+    assert sorted(client.submitted) == sorted([ids[2], ids[1] + "-r1"])  # ids[0] not sent
+    assert feeder.known_failures == 1
+
+
+def test_the_feeder_refuses_a_checkpoint_whose_shard_holds_other_numbers() -> None:
+    shards = list(iter_shards([list(range(30))], ShardPlan(10, 10**6), lambda bad: None))
+    good = task_digest("primes", [shards[0].wire])
+    feeder, out = _feed(_MasterDouble({}), shards, {0: good})
+    assert feeder.error is None and feeder.shards_skipped == 1 and len(out) == 2
+    feeder, _out = _feed(_MasterDouble({}), shards, {0: good, 1: "another-digest"})
+    from master.primes_job.feeder import StaleCheckpoint
+    assert isinstance(feeder.error, StaleCheckpoint) and "shard 1" in str(feeder.error)
