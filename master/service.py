@@ -6,13 +6,16 @@ import logging
 import os
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 from core.errors import ConfigError
 from core.topics import DEFAULT_ROOT
+from core.credentials import with_password
+from core.mqtt import TlsSettings
 from core.url import BrokerUrl, parse_broker_url
+from master.claim import RootClaim, StateLock
 from master.pipelines_bridge import load_pipeline_file, serve_pipelines
 from master.snapshots import Snapshotter
 from master.transport import MasterNodeTransport
@@ -39,6 +42,27 @@ class ServeOptions:
     snapshot_interval: float = 30.0        # 0: only on request (master-node snapshot)
     replica: bool = False                  # one of replicated masters (see master.replica)
     lease_ttl: float = 3.0                 # replicated: how long the active master's lease lives
+    password_file: Path | None = None      # the --broker password, instead of in the URL
+    tls: TlsSettings | None = None         # CA, client certificate and key for --broker
+    claim_ttl: float = 3.0                 # plain master: its root claim is renewed every third
+
+
+def check_serve_options(options: ServeOptions) -> None:
+    """Range checks with a clear error, before anything starts."""
+    def positive(name: str, value: float, *, low: float = 0.0, zero: bool = False,
+                 high: float = 86_400.0) -> None:
+        ok = (value == 0 and zero) or low < value <= high  # NaN fails every comparison
+        if not ok:
+            raise ConfigError(f"{name} {value!r}: must be {'0 or ' if zero else ''}more than "
+                              f"{low:g} and at most {high:g} seconds")
+    positive("--node-timeout", options.node_timeout, low=0.05)
+    positive("--lease-ttl", options.lease_ttl, low=0.1)
+    positive("--snapshot-interval", options.snapshot_interval, zero=True, low=0.1)
+    positive("claim ttl", options.claim_ttl, low=0.1)
+    if options.max_attempts < 1:
+        raise ConfigError(f"--max-attempts {options.max_attempts}: must be at least 1")
+    if options.max_queued < 1:
+        raise ConfigError(f"--max-queued {options.max_queued}: must be at least 1")
 
 
 def default_config_path() -> Path | None:
@@ -53,26 +77,60 @@ def serve(options: ServeOptions, *, stop: threading.Event | None = None,
     """Run the master until `stop` is set (or SIGINT/SIGTERM when run from the CLI).
     A replica calls `on_ready` each time it becomes active, `on_standby` once it stands by."""
     stop = stop or threading.Event()
+    check_serve_options(options)
     if options.replica:
         return _serve_replica(options, stop=stop, on_ready=on_ready, on_standby=on_standby)
     pipeline_file = load_pipeline_file(options.pipelines) if options.pipelines else None
-    broker_process = None
     if options.broker:
-        broker_url = parse_broker_url(options.broker)
-    else:
-        from master.broker import start_broker_process
-        config = options.config or default_config_path()
-        if config is not None and not Path(config).is_file():
-            raise ConfigError(f"broker config {config} not found")
-        broker_process = start_broker_process(
-            config, port=options.port, parent_pid=os.getpid(),
-            allow_remote_anonymous=options.allow_remote_anonymous)
-        broker_url = parse_broker_url(broker_process.url)
-        log.info("embedded broker listening on %s", broker_process.url)
+        broker_url = _external_broker(options)
+    # one plain master per state directory, locked before anything else starts
+    state_lock = StateLock(options.state_dir).acquire(
+        holder=options.master_id, root=options.root,
+        broker=str(broker_url) if options.broker else "its embedded broker")
+    broker_process = claim = None
+    try:
+        if not options.broker:
+            broker_process, broker_url = _start_embedded(options)
+        claim = RootClaim(broker=broker_url, root=options.root, master_id=options.master_id,
+                          state_dir=Path(options.state_dir), tls=options.tls,
+                          ttl=options.claim_ttl).acquire()
+        return _serve_plain(options, broker_url, pipeline_file, stop=stop, on_ready=on_ready)
+    finally:
+        if claim is not None:
+            claim.release()
+        if broker_process is not None:
+            broker_process.stop()
+        state_lock.release()
+
+
+def _external_broker(options: ServeOptions) -> BrokerUrl:
+    return with_password(parse_broker_url(options.broker), password_file=options.password_file)
+
+
+def _start_embedded(options: ServeOptions) -> tuple[object, BrokerUrl]:
+    """The embedded broker, trusting a credential made for this master alone (so it comes
+    up with `allow_anonymous false` too), and the URL the master logs in with."""
+    from master.broker import issue_credential, start_broker_process
+    config = options.config or default_config_path()
+    if config is not None and not Path(config).is_file():
+        raise ConfigError(f"broker config {config} not found")
+    credential = issue_credential(options.state_dir, options.master_id)
+    broker_process = start_broker_process(
+        config, port=options.port, parent_pid=os.getpid(),
+        allow_remote_anonymous=options.allow_remote_anonymous, trusted_file=credential.path)
+    log.info("embedded broker listening on %s", broker_process.url)
+    broker_url = replace(parse_broker_url(broker_process.url), username=credential.username,
+                         password=credential.password)
+    return broker_process, broker_url
+
+
+def _serve_plain(options: ServeOptions, broker_url: BrokerUrl, pipeline_file: object, *,
+                 stop: threading.Event,
+                 on_ready: Callable[[MasterNodeTransport, BrokerUrl], None] | None) -> int:
     master = MasterNodeTransport(broker_url=broker_url, root=options.root,
                                  state_dir=options.state_dir, master_id=options.master_id,
                                  max_attempts=options.max_attempts, max_queued=options.max_queued,
-                                 node_timeout=options.node_timeout)
+                                 node_timeout=options.node_timeout, tls=options.tls)
     pipelines = snapshotter = None
     try:
         master.start()
@@ -93,8 +151,6 @@ def serve(options: ServeOptions, *, stop: threading.Event | None = None,
         if snapshotter is not None:
             snapshotter.stop()
         master.stop()
-        if broker_process is not None:
-            broker_process.stop()
     log.info("master %s stopped", options.master_id)
     return 0
 
@@ -106,7 +162,7 @@ def _serve_replica(options: ServeOptions, *, stop: threading.Event,
     from master.lease import LeaseTiming
     from master.replica import ReplicaOptions, ReplicatedMaster, check_replica_options
     check_replica_options(broker=options.broker, pipelines=options.pipelines)
-    broker_url = parse_broker_url(options.broker)
+    broker_url = _external_broker(options)
     directory = options.snapshots or Path(options.state_dir).parent / "snapshots"
     snapshotters: dict[int, Snapshotter] = {}
 
@@ -134,7 +190,7 @@ def _serve_replica(options: ServeOptions, *, stop: threading.Event,
                        master_id=options.master_id, root=options.root,
                        timing=LeaseTiming(ttl=options.lease_ttl),
                        node_timeout=options.node_timeout, max_attempts=options.max_attempts,
-                       max_queued=options.max_queued),
+                       max_queued=options.max_queued, tls=options.tls),
         on_active=active, on_inactive=inactive, on_standby=standby)
     replica.start()
     try:

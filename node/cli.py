@@ -12,9 +12,13 @@ from core.errors import FabricError
 from core.logs import configure_logging
 from core.runtime import tune_for_messaging
 from core.topics import DEFAULT_ROOT
+from core.credentials import add_security_options, broker_from_args, tls_from_args
 from core.url import BROKER_ENV, parse_broker_url
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "MIN_HEARTBEAT", "MAX_HEARTBEAT"]
+
+MIN_HEARTBEAT = 0.05  # below this the node floods the broker with statuses
+MAX_HEARTBEAT = 3600.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="register a lambda_handler(event, context) run in a worker process "
                              "with memory and time limits (repeatable)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
+    add_security_options(parser)
     return parser
 
 
@@ -63,13 +68,18 @@ def main(argv: list[str] | None = None) -> int:
             raise FabricError("--capacity must be at least 1")
         if args.prefetch is not None and args.prefetch < 0:
             raise FabricError("--prefetch must be 0 or more")
+        if not MIN_HEARTBEAT <= args.heartbeat <= MAX_HEARTBEAT:  # NaN fails too
+            raise FabricError(f"--heartbeat {args.heartbeat:g}: must be between "
+                              f"{MIN_HEARTBEAT:g} and {MAX_HEARTBEAT:g} seconds")
+        broker = broker_from_args(parse_broker_url(args.broker), args)
+        tls = tls_from_args(args)
         registry = default_registry.copy()
         for spec in args.task:
             load_task(spec, registry=registry)
         runner = attach_lambdas(registry, args.lambdas)
         tune_for_messaging()
         node = ComputeNodeTransport(
-            broker_url=parse_broker_url(args.broker), node_id=args.node_id, root=args.root,
+            broker_url=broker, tls=tls, node_id=args.node_id, root=args.root,
             capacity=args.capacity, prefetch=args.prefetch, heartbeat=args.heartbeat,
             registry=registry, lambdas=lambda: runner.names)
         stop = threading.Event()

@@ -13,6 +13,7 @@ from master.broker.passwd import (PasswordFile, add_user, check_password, hash_p
                                   remove_user, verify)
 from master.broker.plugins import AclFilePlugin, PasswordFileAuthPlugin
 from master.broker.process import BrokerProcess, start_broker_process
+from master.broker.trusted import TrustedCredential, issue_credential
 
 __all__ = [
     "Access", "AclFile", "AclRule", "topic_matches",
@@ -22,4 +23,5 @@ __all__ = [
     "PasswordFile", "add_user", "check_password", "hash_password", "remove_user", "verify",
     "AclFilePlugin", "PasswordFileAuthPlugin",
     "BrokerProcess", "start_broker_process",
+    "TrustedCredential", "issue_credential",
 ]

@@ -43,6 +43,9 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--parent-pid", type=int, help="exit when this process is gone")
     parser.add_argument("--allow-remote-anonymous", action="store_true",
                         help="allow anonymous clients on listeners other machines can reach")
+    parser.add_argument("--trusted-file", type=Path, help="a `user:hash` file whose users "
+                        "pass every ACL: the credential `master-node serve` generates for its "
+                        "own master")
     return parser.parse_args(argv)
 
 
@@ -170,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             config = config.with_port(args.port)
         if args.bind is not None:
             config = config.with_bind(args.bind)
+        if args.trusted_file is not None:
+            config = config.with_overrides(trusted_file=args.trusted_file.resolve())
     except BrokerError as e:
         return _fail(str(e), status=2, parent=args.parent_pid is not None)
     configure_logging(config)

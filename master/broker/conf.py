@@ -96,6 +96,7 @@ class Listener:
     bind_address: str | None = None
     tls: TlsSettings | None = None
     socket_domain: str | None = None
+    max_connections: int | None = None  # None: no cap (mosquitto's -1)
     line: int = 0
 
     @property
@@ -133,6 +134,10 @@ class BrokerConfig:
     log_timestamp: bool = True
     log_timestamp_format: str | None = None
     pid_file: Path | None = None
+    use_username_as_clientid: bool = False
+    # not a mosquitto directive: the `user:hash` file of the credential `serve` generates for
+    # its own master, which passes every ACL (see master.broker.trusted)
+    trusted_file: Path | None = None
     source: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -257,6 +262,7 @@ class _Parser:
             "upgrade_outgoing_qos": self._only("false", why="messages are delivered at "
                                                "min(publish QoS, subscription QoS) as MQTT "
                                                "requires"),
+            "use_username_as_clientid": self._bool_setting,
             "listener": self._listener,
             "cafile": self._listener_path,
             "capath": self._listener_path,
@@ -268,8 +274,7 @@ class _Parser:
             "socket_domain": self._listener_choice(frozenset({"ipv4", "ipv6"})),
             "protocol": self._listener_choice(frozenset({"mqtt"}), unsupported={
                 "websockets": "websockets listeners are not implemented"}),
-            "max_connections": self._listener_only("-1", why="the embedded broker does not "
-                                                   "cap connections per listener"),
+            "max_connections": self._listener_max_connections,
         }
 
     # -- driving
@@ -462,6 +467,13 @@ class _Parser:
                 raise self.error(f"{value} is not supported: {why}")
         return handler
 
+    def _listener_max_connections(self, args: list[str], rest: str) -> None:
+        value = self._int(args, -1, 2**31 - 1)
+        if value == 0:
+            raise self.error("0 would refuse every client: use -1 for no cap, or 1 and more")
+        self._store(self._current_listener().options, None if value == -1 else value,
+                    unique=False)
+
     # -- result
 
     def _build(self) -> BrokerConfig:
@@ -496,4 +508,5 @@ class _Parser:
                               tls_version=options.get("tls_version"),
                               ciphers=options.get("ciphers"))
         return Listener(port=draft.port, bind_address=draft.bind_address, tls=tls,
-                        socket_domain=options.get("socket_domain"), line=draft.line)
+                        socket_domain=options.get("socket_domain"),
+                        max_connections=options.get("max_connections"), line=draft.line)

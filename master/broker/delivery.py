@@ -1,5 +1,6 @@
 """`DeliveryHandler`: amqtt 0.12.1's broker-side protocol handler with at-least-once QoS 1
-delivery to subscribers.
+and exactly-once QoS 2 delivery to subscribers (QoS 2 below follows the same rules, through
+PUBREC/PUBREL/PUBCOMP).
 
 amqtt waits 5 s for a subscriber's PUBACK, then forgets the message: a subscriber slow to
 acknowledge (a busy master) leaves no record of what it is still owed, and a message in
@@ -29,6 +30,7 @@ from typing import Any, Callable
 
 from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.pubrel import PubrelPacket
 from amqtt.session import OUTGOING, IncomingApplicationMessage, OutgoingApplicationMessage, Session
 
 __all__ = ["DeliveryHandler", "MAX_INFLIGHT", "RETRY_QOS2_TIMEOUT"]
@@ -91,14 +93,9 @@ class DeliveryHandler(BrokerProtocolHandler):
                 message = OutgoingApplicationMessage(None, topic, qos, data, retain)
                 self._undelivered(session, message)
                 return message
-        if qos == QOS_1:
-            message = OutgoingApplicationMessage(session.next_packet_id, topic, qos, data, retain)
-            await self._deliver_qos1(message)
-            return message
-        try:
-            return await super().mqtt_publish(topic, data, qos, retain, ack_timeout)
-        finally:  # amqtt's QoS 2 flow always leaves inflight_out when it ends
-            self._release_packet_id()
+        message = OutgoingApplicationMessage(session.next_packet_id, topic, qos, data, retain)
+        await (self._deliver_qos1(message) if qos == QOS_1 else self._deliver_qos2(message))
+        return message
 
     async def _wait_for_packet_id(self) -> None:
         """First come, first served, so messages keep their order."""
@@ -163,6 +160,63 @@ class DeliveryHandler(BrokerProtocolHandler):
             del session.inflight_out[packet_id]
             self._release_packet_id()
 
+    # -- QoS 2 to the client: the same, through PUBREC and PUBCOMP ---------------------------
+
+    async def _handle_qos2_message_flow(
+            self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage) -> None:
+        if app_message.direction != OUTGOING:
+            await super()._handle_qos2_message_flow(app_message)
+            return
+        await self._deliver_qos2(app_message)  # type: ignore[arg-type]
+
+    async def _deliver_qos2(self, message: OutgoingApplicationMessage) -> None:
+        """amqtt gave up after 5 s without PUBREC or PUBCOMP and forgot the message as soon
+        as PUBREC came, so a drop before PUBCOMP lost the PUBREL. Here the message stays in
+        flight until PUBCOMP: resumed before PUBREC it is published again (DUP), after PUBREC
+        only the PUBREL is sent again (MQTT-4.4.0-1)."""
+        session = self.session
+        packet_id = message.packet_id
+        if session is None or packet_id is None:
+            raise ValueError(f"QoS 2 message without session or packet id: {message!r}")
+        session.inflight_out[packet_id] = message
+        self._delivering.add(packet_id)
+        if self._stopped:
+            self._delivering.discard(packet_id)
+            self._undelivered(session, message)
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            if message.pubrec_packet is None:
+                received: asyncio.Future[Any] = loop.create_future()
+                self._pubrec_waiters[packet_id] = received
+                try:
+                    packet = message.build_publish_packet(dup=message.publish_packet is not None)
+                    message.publish_packet = packet
+                    await self._send_packet(packet)
+                    message.pubrec_packet = await received
+                finally:
+                    if self._pubrec_waiters.get(packet_id) is received:
+                        del self._pubrec_waiters[packet_id]
+            completed: asyncio.Future[Any] = loop.create_future()
+            self._pubcomp_waiters[packet_id] = completed
+            try:
+                message.pubrel_packet = PubrelPacket.build(packet_id)
+                await self._send_packet(message.pubrel_packet)
+                message.pubcomp_packet = await completed
+            finally:
+                if self._pubcomp_waiters.get(packet_id) is completed:
+                    del self._pubcomp_waiters[packet_id]
+        except asyncio.CancelledError:
+            if not self._stopped:
+                raise  # the broker is shutting down: nothing to redeliver
+            self._undelivered(session, message)  # the connection ended first
+            return
+        finally:
+            self._delivering.discard(packet_id)
+        if session.inflight_out.get(packet_id) is message:
+            del session.inflight_out[packet_id]
+            self._release_packet_id()
+
     def _undelivered(self, session: Session, message: OutgoingApplicationMessage) -> None:
         log.debug("%s: message %s on %s not acknowledged before the connection ended",
                   session.client_id, message.packet_id, message.topic)
@@ -179,11 +233,7 @@ class DeliveryHandler(BrokerProtocolHandler):
             return
         self._resumed = True
         for message in tuple(session.inflight_out.values()):
-            if message.qos == QOS_1:
-                self.resend(message)
-            else:
-                self._spawn(asyncio.wait_for(self._handle_message_flow(message),
-                                             RETRY_QOS2_TIMEOUT))
+            self.resend(message)
         for incoming in tuple(session.inflight_in.values()):
             self._spawn(asyncio.wait_for(self._handle_message_flow(incoming), RETRY_QOS2_TIMEOUT))
 
@@ -194,7 +244,8 @@ class DeliveryHandler(BrokerProtocolHandler):
         if not self._resumed or self._stopped or message.packet_id in self._delivering:
             return False
         self._delivering.add(message.packet_id)  # claimed now, though the flow starts later
-        self._spawn(self._deliver_qos1(message))
+        self._spawn(self._deliver_qos2(message) if message.qos == QOS_2
+                    else self._deliver_qos1(message))
         return True
 
     def _spawn(self, coroutine: Any) -> None:

@@ -93,7 +93,8 @@ def _server_spec(config: BrokerConfig, listener: Listener) -> ServerSpec:
             where = str(config.source) if config.source else "<config>"
             raise BrokerConfigError(f"{where}:{listener.line}: listener {listener.port}: cannot "
                                     f"set up TLS: {e}") from e
-    return ServerSpec(host=host, port=listener.port, ssl_context=context)
+    return ServerSpec(host=host, port=listener.port, ssl_context=context,
+                      max_connections=listener.max_connections)
 
 
 def _amqtt_settings(config: BrokerConfig) -> tuple[dict[str, Any], dict[str, ServerSpec]]:
@@ -110,6 +111,7 @@ def _amqtt_settings(config: BrokerConfig) -> tuple[dict[str, Any], dict[str, Ser
         "master.broker.plugins.PasswordFileAuthPlugin": {
             "allow_anonymous": config.allow_anonymous,
             "password_file": str(config.password_file) if config.password_file else None,
+            "trusted_file": str(config.trusted_file) if config.trusted_file else None,
         },
     }
     if config.acl_file is not None:
@@ -140,14 +142,17 @@ class EmbeddedBroker:
         """Validate, then listen; a bad file or a busy port is an error, never half a broker."""
         config = self.config
         check_anonymous_policy(config, allow_remote_anonymous=self._allow_remote_anonymous)
-        if config.password_file is not None:
-            PasswordFile.load(config.password_file)
+        for path in (config.password_file, config.trusted_file):
+            if path is not None:
+                PasswordFile.load(path)
         if config.acl_file is not None:
             AclFile.load(config.acl_file)
         settings, servers = _amqtt_settings(config)
         broker = FabricBroker(settings, servers=servers, max_packet_size=config.max_packet_size,
                               max_queued_messages=config.max_queued_messages,
-                              connection_messages=config.connection_messages)
+                              connection_messages=config.connection_messages,
+                              use_username_as_clientid=config.use_username_as_clientid,
+                              bind_identity=config.password_file is not None)
         amqtt_log = logging.getLogger("amqtt.broker")
         level = amqtt_log.level
         amqtt_log.setLevel(logging.CRITICAL)  # its traceback of the cause we report ourselves

@@ -29,11 +29,20 @@ Each fix is one small override, named after the bug it answers (see DESIGN.md):
   (thousands of messages when the broker is busy). The queue is now broadcast before the
   session ends (and before the will); a session being replaced keeps it for its loop, and
   the sweep of ended sessions no longer removes one that reconnected meanwhile.
-- `AT_LEAST_ONCE` -- amqtt forgets a QoS 1 message its subscriber has not acknowledged within
-  5 s, never resends one in flight when a persistent session reconnects, and fails once
-  65,535 are unacknowledged. `master.broker.delivery.DeliveryHandler` keeps each in flight
+- `AT_LEAST_ONCE` -- amqtt forgets a QoS 1 or 2 message its subscriber has not acknowledged
+  within 5 s (a QoS 2 one even as soon as PUBREC came), never resends one in flight when a
+  persistent session reconnects, and fails once 65,535 are unacknowledged. `master.broker.delivery.DeliveryHandler` keeps each in flight
   until acknowledged and resends it (DUP) when the session resumes; queued and retained
   messages no longer hold up the client's message loop until acknowledged.
+
+- `IDENTITY` -- amqtt lets any authenticated client take any client id, so one node's
+  credentials could evict another node (its will sent). `use_username_as_clientid` is
+  honoured as in mosquitto, and with a password file a client id held by another user's
+  session is refused.
+- `CONNECT_DEADLINE` / `MAX_CONNECTIONS` -- a CONNECT trickling in a byte at a time held a
+  socket as long as it liked, and connections were not capped. The CONNECT must now be
+  complete within `CONNECT_TIMEOUT` of the TCP accept, and a listener's `max_connections`
+  refuses connections beyond it.
 
 And the plumbing those need, also small: unauthenticated clients are refused before they
 touch any session; a client that sends no CONNECT within `CONNECT_TIMEOUT` is dropped; packets
@@ -69,7 +78,7 @@ from amqtt.session import OutgoingApplicationMessage, Session
 from amqtt.utils import gen_client_id
 
 from master.broker.delivery import DeliveryHandler
-from master.broker.plugins import AclFilePlugin
+from master.broker.plugins import TRUSTED, AclFilePlugin, is_trusted
 
 __all__ = ["FabricBroker", "ServerSpec", "CONNECT_TIMEOUT", "KEEPALIVE_FACTOR"]
 
@@ -91,6 +100,7 @@ class ServerSpec:
     host: str | None
     port: int
     ssl_context: ssl.SSLContext | None = None
+    max_connections: int | None = None  # None: no cap
 
 
 class ConnectionReader(StreamReaderAdapter):
@@ -108,6 +118,7 @@ class ConnectionReader(StreamReaderAdapter):
         self._limit = max_packet_size
         self._idle_limit = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
+        self._connect_deadline: asyncio.TimerHandle | None = None
         self._stage = 0  # 0: next byte starts a packet, 1: remaining length, 2: body
         self._length = self._multiplier = self._length_bytes = self._body_left = 0
 
@@ -173,6 +184,24 @@ class ConnectionReader(StreamReaderAdapter):
             self._watchdog.cancel()
             self._watchdog = None
 
+    # -- CONNECT_DEADLINE: the whole CONNECT within a bound, however it trickles in
+
+    def connect_within(self, seconds: float) -> None:
+        """Close the connection unless `connected` is called within `seconds` of now: the
+        idle watchdog alone let a CONNECT sent a byte at a time hold a socket for minutes."""
+        self._connect_deadline = asyncio.get_running_loop().call_later(seconds,
+                                                                       self._connect_late)
+
+    def connected(self) -> None:
+        if self._connect_deadline is not None:
+            self._connect_deadline.cancel()
+            self._connect_deadline = None
+
+    def _connect_late(self) -> None:
+        self._connect_deadline = None
+        log.info("closing %s: no complete CONNECT within %.1f s", self.peer, CONNECT_TIMEOUT)
+        self.abort()
+
     def abort(self) -> None:
         """Drop the connection now, unsent data included: a frozen peer reads nothing."""
         self.stop_watch()
@@ -231,8 +260,12 @@ class FabricBroker(Broker):
 
     def __init__(self, config: dict[str, Any], *, servers: dict[str, ServerSpec],
                  max_packet_size: int | None = None, max_queued_messages: int = 1000,
-                 connection_messages: bool = True) -> None:
+                 connection_messages: bool = True, use_username_as_clientid: bool = False,
+                 bind_identity: bool = False) -> None:
         super().__init__(config)
+        self._use_username_as_clientid = use_username_as_clientid
+        self._bind_identity = bind_identity
+        self._open_connections: dict[str, int] = {}
         self._server_specs = servers
         self._max_packet_size = max_packet_size
         self._max_queued_messages = max_queued_messages
@@ -269,13 +302,25 @@ class FabricBroker(Broker):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport: asyncio.Transport = writer.transport  # type: ignore[assignment]
+        cap = self._server_specs[listener_name].max_connections
+        open_now = self._open_connections.get(listener_name, 0)
+        if cap is not None and open_now >= cap:  # MAX_CONNECTIONS, as mosquitto's directive
+            peer = writer.get_extra_info("peername")
+            log.warning("refusing a connection from %s: listener %s has max_connections %d",
+                        f"{peer[0]}:{peer[1]}" if peer else "a client", listener_name, cap)
+            transport.abort()
+            return
+        self._open_connections[listener_name] = open_now + 1
         connection = ConnectionReader(reader, transport, listener=listener_name,
                                       max_packet_size=self._max_packet_size)
         connection.watch_idle(CONNECT_TIMEOUT)
+        connection.connect_within(CONNECT_TIMEOUT)
         try:
             await self._client_connected(listener_name, connection, StreamWriterAdapter(writer))
         finally:
+            self._open_connections[listener_name] -= 1
             connection.stop_watch()
+            connection.connected()
             connection.finished.set()
             if not writer.is_closing():
                 writer.close()
@@ -292,6 +337,8 @@ class FabricBroker(Broker):
             raise AMQTTError(f"no valid CONNECT from {remote_address}:{remote_port}: {e}") from e
         except Exception as e:  # garbage on the wire must not reach the event loop
             raise AMQTTError(f"bad CONNECT from {remote_address}:{remote_port}: {e!r}") from e
+        if isinstance(reader, ConnectionReader):
+            reader.connected()
         if not incoming.client_id:
             incoming.client_id = gen_client_id()
         handler = cast(DeliveryHandler, connected)
@@ -299,12 +346,10 @@ class FabricBroker(Broker):
         handler.max_queued = self._max_queued_messages
         listener = getattr(reader, "listener", "default")
         if not await super()._authenticate(incoming, self.listeners_config[listener]):
-            if self._connection_messages:
-                log.info("client %s from %s:%s refused: not authorised", incoming.client_id,
-                         remote_address, remote_port)
-            with contextlib.suppress(OSError):
-                await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
-            raise AMQTTError(f"client {incoming.client_id} not authorised")
+            await self._refuse(incoming, writer, remote_address, remote_port, "not authorised")
+        refusal = self._bind_client_id(incoming)
+        if refusal is not None:
+            await self._refuse(incoming, writer, remote_address, remote_port, refusal)
         incoming.is_anonymous = False  # PERSISTENT_SESSIONS: amqtt drops "anonymous" sessions
         if incoming.will_flag and self._topic_plugins and not await self._topic_filtering(
                 incoming, topic=incoming.will_topic or "", action=Action.PUBLISH):
@@ -323,6 +368,33 @@ class FabricBroker(Broker):
                      remote_address, remote_port, int(bool(incoming.clean_session)), keepalive,
                      f", u'{incoming.username}'" if incoming.username else "")
         return handler, session
+
+    async def _refuse(self, incoming: Session, writer: WriterAdapter, remote_address: str,
+                      remote_port: int, why: str) -> None:
+        if self._connection_messages:
+            log.info("client %s from %s:%s refused: %s", incoming.client_id, remote_address,
+                     remote_port, why)
+        with contextlib.suppress(OSError):
+            await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
+        raise AMQTTError(f"client {incoming.client_id} refused: {why}")
+
+    def _bind_client_id(self, incoming: Session) -> str | None:
+        """IDENTITY: with `use_username_as_clientid` the client id is the username (a client
+        without one is refused), as in mosquitto; and with a password file, a client id in
+        use by another user's session is never handed over, so one user's credentials cannot
+        evict another user's node. The master's own trusted session keeps its ids. Returns
+        why the client is refused, or None."""
+        if is_trusted(incoming):
+            return None
+        if self._use_username_as_clientid:
+            if incoming.username is None:
+                return "use_username_as_clientid needs a username"
+            incoming.client_id = incoming.username
+        if self._bind_identity:
+            existing = self._sessions.get(incoming.client_id or "", (None, None))[0]
+            if existing is not None and existing.username != incoming.username:
+                return (f"client id {incoming.client_id!r} belongs to another user's session")
+        return None
 
     async def _authenticate(self, session: Session, listener: ListenerConfig) -> bool:
         """Authentication already ran before the session was touched; don't run it twice."""
@@ -361,6 +433,7 @@ class FabricBroker(Broker):
                      "will_retain", "keep_alive", "username", "password", "remote_address",
                      "remote_port", "ssl_object"):
             setattr(existing, name, getattr(incoming, name))
+        existing.attributes[TRUSTED] = is_trusted(incoming)
         existing.parent = 1
         return existing
 

@@ -24,7 +24,14 @@ from master.broker.acl import Access, AclFile
 from master.broker.errors import BrokerError
 from master.broker.passwd import PasswordFile
 
-__all__ = ["PasswordFileAuthPlugin", "AclFilePlugin"]
+__all__ = ["PasswordFileAuthPlugin", "AclFilePlugin", "TRUSTED", "is_trusted"]
+
+TRUSTED = "master.broker.trusted"  # session attribute: logged in with the master's credential
+
+
+def is_trusted(session: Session | None) -> bool:
+    """Did this session log in with the credential `serve` generated for its own master?"""
+    return session is not None and bool(session.attributes.get(TRUSTED))
 
 log = logging.getLogger("master.broker")
 _ACL_RECHECK_SECONDS = 1.0
@@ -62,19 +69,28 @@ class _Reloading(Generic[T]):
 class PasswordFileAuthPlugin(BaseAuthPlugin):
     """mosquitto's rules: no username needs allow_anonymous; a username needs the password
     file to hold it with a matching password (no password file: usernames are not checked
-    when anonymous access is allowed, and refused when it is not)."""
+    when anonymous access is allowed, and refused when it is not). First, though, the
+    master's own generated credential (`trusted_file`), whose sessions are marked `TRUSTED`."""
 
     @dataclass
     class Config:
         allow_anonymous: bool = False
         password_file: str | None = None
+        trusted_file: str | None = None
 
     def __init__(self, context: BaseContext) -> None:
         super().__init__(context)
         path = self.config.password_file
         self._passwords = _Reloading(Path(path), PasswordFile.load) if path else None
+        trusted = self.config.trusted_file
+        self._trusted = _Reloading(Path(trusted), PasswordFile.load) if trusted else None
 
     async def authenticate(self, *, session: Session) -> bool:
+        session.attributes.pop(TRUSTED, None)
+        if session.username is not None and self._trusted is not None and \
+                self._trusted.refresh().verify(session.username, session.password):
+            session.attributes[TRUSTED] = True
+            return True
         if session.username is None:
             return bool(self.config.allow_anonymous)
         if self._passwords is None:
@@ -84,7 +100,7 @@ class PasswordFileAuthPlugin(BaseAuthPlugin):
 
 class AclFilePlugin(BaseTopicPlugin):
     """mosquitto's acl_file: WRITE checked on publish, READ on every delivery; subscribing is
-    always granted, as mosquitto 2.0 grants it."""
+    always granted, as mosquitto 2.0 grants it. The master's own trusted session passes."""
 
     @dataclass
     class Config:
@@ -103,7 +119,7 @@ class AclFilePlugin(BaseTopicPlugin):
 
     def allows(self, session: Session | None, topic: str | None, action: Action | None) -> bool:
         """The synchronous check behind `topic_filtering`, for callers on the hot path."""
-        if action == Action.SUBSCRIBE:
+        if action == Action.SUBSCRIBE or is_trusted(session):
             return True
         if session is None or topic is None:
             return False

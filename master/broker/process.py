@@ -80,13 +80,15 @@ def start_broker_process(config_path: str | os.PathLike[str] | None, *, port: in
                          timeout: float = 10.0, allow_remote_anonymous: bool = False,
                          stderr: IO[bytes] | int | None = None,
                          cwd: str | os.PathLike[str] | None = None,
+                         trusted_file: str | os.PathLike[str] | None = None,
                          python: str = sys.executable) -> BrokerProcess:
     """Run `python -m master.broker` and return once it prints READY (within `timeout`).
 
     The config is checked here first, so a bad file raises `BrokerConfigError` in the caller
     with its line number; `port=0` picks a free port. With `parent_pid` the broker exits by
     itself once that process is gone. Relative paths in the config resolve against `cwd`
-    (default: the working directory), where the process runs.
+    (default: the working directory), where the process runs. `trusted_file` holds the
+    hashed credential of the master that starts it (`master.broker.trusted`).
     """
     base_dir = Path(cwd).resolve() if cwd is not None else Path.cwd()
     config = _checked_config(config_path, port=port, bind=bind, base_dir=base_dir,
@@ -102,6 +104,8 @@ def start_broker_process(config_path: str | os.PathLike[str] | None, *, port: in
         command += ["--parent-pid", str(parent_pid)]
     if allow_remote_anonymous:
         command.append("--allow-remote-anonymous")
+    if trusted_file is not None:
+        command += ["--trusted-file", str(Path(trusted_file).resolve())]
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)

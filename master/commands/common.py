@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from core.credentials import add_security_options, broker_from_args, tls_from_args
 from core.topics import DEFAULT_ROOT
-from core.url import BROKER_ENV
+from core.url import BROKER_ENV, parse_broker_url
 
 __all__ = ["add_client_options", "connect", "ask"]
 
@@ -18,12 +19,15 @@ def add_client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default=DEFAULT_ROOT, help="topic root (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                         help="how long to wait for the master (default %(default)s)")
+    add_security_options(parser)
 
 
 def connect(args: argparse.Namespace) -> Any:
     """A started FabricClient for the command's --broker and --root."""
     from master.client import FabricClient
-    return FabricClient(broker_url=args.broker, root=args.root).start(timeout=args.timeout)
+    broker = broker_from_args(parse_broker_url(args.broker), args)
+    return FabricClient(broker_url=broker, root=args.root,
+                        tls=tls_from_args(args)).start(timeout=args.timeout)
 
 
 def ask(args: argparse.Namespace, what: str) -> Any:

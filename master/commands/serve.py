@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from core.credentials import add_security_options
 from core.topics import DEFAULT_ROOT
 
 NAME = "serve"
@@ -16,7 +17,9 @@ DESCRIPTION = ("Run the master. With no --broker it starts the embedded MQTT bro
                "in-flight work survives in the journal, even a kill -9. With --replica, run "
                "several masters (each with its own --id and --state, all on one --broker): "
                "one is active, the others keep a copy of its journal and take over, with "
-               "nothing it acknowledged lost, when it dies or stops renewing its lease.")
+               "nothing it acknowledged lost, when it dies or stops renewing its lease. Without "
+               "--replica one master serves a root: a second one on the same root or --state "
+               "exits with status 2, naming the first.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,9 +65,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --replica: the active master renews its lease every third of "
                         "this; a standby takes over when the lease lapses or its holder's "
                         "connection drops (default %(default)s; the same on every master)")
+    add_security_options(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    from core.credentials import tls_from_args
     from core.runtime import tune_for_messaging
     from master.service import ServeOptions, install_signal_handlers, serve
     tune_for_messaging()
@@ -76,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
                            master_id=args.master_id, pipelines=args.pipelines,
                            allow_remote_anonymous=args.allow_remote_anonymous,
                            snapshots=args.snapshots, snapshot_interval=args.snapshot_interval,
-                           replica=args.replica, lease_ttl=args.lease_ttl)
+                           replica=args.replica, lease_ttl=args.lease_ttl,
+                           password_file=args.password_file, tls=tls_from_args(args))
 
     listen = None
     if args.dashboard:

@@ -1,7 +1,9 @@
 """Built-in lambdas for demos and tests, registered in the default registry on import.
 
 Each exercises one thing a user relies on: a round trip (echo), the timeout (sleep), the memory
-limit (allocate), error reporting (fail) and per-call environment variables (env).
+limit (allocate), error reporting (fail) and per-call environment variables (env). None of
+them can read the node's own environment: a lambda runs with its call's variables over a fixed
+base (`node.lambdas.environment`).
 """
 
 from __future__ import annotations
@@ -51,5 +53,6 @@ def fail(event: dict[str, Any], context: LambdaContext) -> None:
 
 @lambda_function("env")
 def env(event: dict[str, Any], context: LambdaContext) -> str | None:
-    """The value of the environment variable event["name"] in this call (None if unset)."""
+    """The value of the variable event["name"] in this call's environment: one the call gave
+    (or the fixed base), never the node's (None if unset)."""
     return os.environ.get(event["name"])

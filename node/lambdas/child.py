@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 from node.lambdas import framing
 from node.lambdas.context import LambdaContext
+from node.lambdas.environment import call_environment
 from node.lambdas.outcome import EXCEPTION, MEMORY
 from node.lambdas.registry import Handler
 
@@ -157,7 +158,10 @@ def run_child(
     try:
         _isolate(parent_pid, close_fds)
         _limit_memory(call["memory_mb"])
-        os.environ.update(call["env"])  # this child's copy only: gone when the call ends
+        # this child's copy only, gone when the call ends: the base plus the call's variables,
+        # never the node's (the zygote was started with the base alone)
+        os.environ.clear()
+        os.environ.update(call_environment(call["env"]))
         payload = _run(call, handler, deadline)
         _write_all(result_fd, framing.frame(payload))
         status = 0

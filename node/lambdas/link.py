@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from node.lambdas import framing
+from node.lambdas.environment import BASE_ENV
 from node.lambdas.errors import LambdaError
 from node.lambdas.outcome import CRASHED, LambdaOutcome
 
@@ -111,6 +112,7 @@ class ZygoteLink:
                 [sys.executable, "-c", _BOOTSTRAP, _ROOT, str(theirs.fileno())],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
+                env=dict(BASE_ENV),  # the node's own variables stay in the node
                 start_new_session=True,  # terminal signals go to the node, which stops calls itself
             )
         except OSError as e:
