@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable
 
 from core import codec
-from core.errors import DecodeError, EncodeError, FabricError, FabricTimeout, QueueFull, TaskRefused
+from core.errors import ConfigError, DecodeError, EncodeError, FabricError, FabricTimeout, QueueFull, TaskRefused
 from core.mqtt import MqttSession, TlsSettings
 from core.protocol import (DEFAULT_PRIORITY, QUEUE_FULL, MasterStatus, Message, OutcomeBatch, Query,
                            QueryReply, Submission, SubmitReply, TaskOutcome, TaskSpec,
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 _SUBMIT_CHUNK = 1000
 _SUBMIT_WINDOW = 4  # submissions awaiting their acknowledgement at once
+_FINAL = frozenset({"completed", "failed", "cancelled"})
 
 
 class FabricClient:
@@ -238,6 +239,82 @@ class FabricClient:
     def nodes(self, *, timeout: float = 10.0) -> list[dict]:
         return self.query("nodes", timeout=timeout)
 
+    # -- tasks by id (whoever submitted them) ----------------------------------------------------
+
+    def handle(self, task_id: str, *, timeout: float = 10.0) -> TaskHandle:
+        """A handle on any task by its id (submitted by this client or another, earlier or
+        from another process): the master pushes its outcome here when it ends.
+        ConfigError if the master knows no task with that id."""
+        if not isinstance(task_id, str) or not 0 < len(task_id) <= 128:
+            raise ConfigError(f"a task id must be a string of 1-128 characters, got {task_id!r}")
+        with self._lock:
+            handle = self._handles.get(task_id)
+            if handle is None:
+                handle = self._handles[task_id] = TaskHandle(task_id)
+        try:
+            data = self.query("outcomes", {"ids": [task_id], "watch": True}, timeout=timeout)
+        except BaseException:
+            self._drop_handle(handle)
+            raise
+        outcome = TaskOutcome.from_dict(data[0])
+        if outcome.state == "unknown":
+            self._drop_handle(handle)
+            raise ConfigError(f"no task with id {task_id!r} is known to the master")
+        self._resolve([outcome])
+        return handle
+
+    def outcome(self, task_id: str, timeout: float | None = None) -> TaskOutcome:
+        """The final outcome of the task with this id, waiting up to `timeout` seconds
+        (None: until it ends); FabricTimeout if it is still queued or running then."""
+        handle = self.handle(task_id)
+        try:
+            return handle.outcome(timeout)
+        except FabricTimeout:
+            self._drop_handle(handle)
+            raise
+
+    def result(self, task_id: str, timeout: float | None = None) -> Any:
+        """The value of the task with this id (waiting as `outcome` does); TaskFailed if it
+        failed or was cancelled."""
+        handle = self.handle(task_id)
+        try:
+            return handle.result(timeout)
+        except FabricTimeout:
+            self._drop_handle(handle)
+            raise
+
+    def _drop_handle(self, handle: TaskHandle) -> None:
+        """Stop waiting on a handle nobody waits on any more."""
+        with self._lock:
+            if self._handles.get(handle.id) is handle:
+                del self._handles[handle.id]
+
+    def task(self, task_id: str, *, timeout: float = 10.0) -> dict:
+        """Everything the master knows about one task: its call, state, times, and each
+        attempt (`history`: node, started, ended, outcome, message). ConfigError if unknown."""
+        info = self.query("task", {"id": task_id}, timeout=timeout)
+        if info is None:
+            raise ConfigError(f"no task with id {task_id!r} is known to the master")
+        return info
+
+    def tasks(self, *, state: str | None = None, name: str | None = None, limit: int = 50,
+              timeout: float = 10.0) -> list[dict]:
+        """The latest tasks, newest first: optionally only one state (queued, running,
+        completed, failed, cancelled) and/or task name."""
+        params: dict[str, Any] = {"limit": limit}
+        if state is not None:
+            params["state"] = state
+        if name is not None:
+            params["name"] = name
+        return self.query("tasks", params, timeout=timeout)
+
+    def cancel(self, task_ids: str | Iterable[str], *, timeout: float = 10.0) -> list[dict]:
+        """Cancel tasks by id: a queued one never starts, a running one is stopped on its
+        node; each ends `cancelled`, once. One verdict per id: `was` (queued, running, or
+        the final state of a task that had ended already: then nothing changed) and `state`."""
+        ids = [task_ids] if isinstance(task_ids, str) else list(task_ids)
+        return self.query("cancel", {"ids": ids}, timeout=timeout)
+
     def status(self, *, timeout: float = 10.0) -> dict:
         return self.query("status", timeout=timeout)
 
@@ -277,7 +354,7 @@ class FabricClient:
                 waiter[0].set()
 
     def _resolve(self, outcomes: Iterable[TaskOutcome]) -> None:
-        final = [o for o in outcomes if o.state == "completed" or o.state == "failed"]
+        final = [o for o in outcomes if o.state in _FINAL]
         with self._lock:  # once per batch: a batch holds up to a thousand outcomes
             pop = self._handles.pop
             resolved = [(pop(o.id, None), o) for o in final]
@@ -306,8 +383,8 @@ class FabricClient:
             ids = list(self._handles)
         for start in range(0, len(ids), _SUBMIT_CHUNK):
             try:
-                data = self.query("outcomes", {"ids": ids[start:start + _SUBMIT_CHUNK]},
-                                  timeout=10.0)
+                data = self.query("outcomes", {"ids": ids[start:start + _SUBMIT_CHUNK],
+                                               "watch": True}, timeout=10.0)
                 self._resolve(TaskOutcome.from_dict(o) for o in data)
             except FabricError as e:
                 log.info("could not re-query outcomes yet: %s", e)
