@@ -11,6 +11,12 @@ than queued for the network thread to be woken through a socket pair and write i
 That saves two thread switches and a system call per message, which is most of a message's
 cost on a small machine. The session's thread reads, sends acknowledgements, keeps the
 connection alive and reconnects; writers take turns under one lock, never waiting on it.
+
+A broker list (the members of one clustered broker) is tried in order: the session connects
+to the first member that answers and, when it loses its member, reconnects to the next. The
+backoff between attempts doubles and resets only once a session has stayed up for a while
+(`stable_after`), so a member that accepts connections and drops them at once (a dying
+cluster member, a load balancer in front of one) gets a few attempts, never a storm.
 """
 
 from __future__ import annotations
@@ -104,14 +110,23 @@ def connect_failure(broker: BrokerUrl, *, refused: str | None,
     return "no answer", _BROKER_HINT
 
 
+def _member_failures(failures: dict[BrokerUrl, tuple[str | None, Exception | None]]) -> str:
+    """Each member's reason, for a list none of whose members would take us."""
+    return "; ".join(f"{member}: {connect_failure(member, refused=r, error=e)[0]}"
+                     for member, (r, e) in failures.items())
+
+
 class MqttSession:
     """One MQTT connection with bounded waits, automatic reconnect and re-subscription."""
 
     def __init__(self, *, broker: BrokerUrl, client_id: str, clean_session: bool = True,
                  keepalive: int = 10, will: Will | None = None, tls: TlsSettings | None = None,
                  max_inflight: int = 1000, reconnect_min: float = 0.05,
-                 reconnect_max: float = 2.0) -> None:
+                 reconnect_max: float = 2.0, stable_after: float | None = None,
+                 connack_timeout: float = 5.0) -> None:
         self.broker = broker
+        self._members = broker.members
+        self._member_index = 0
         self.client_id = client_id
         self._subscriptions: dict[str, tuple[int, Handler]] = {}
         self._on_connect_hooks: list[Callable[[bool], None]] = []
@@ -129,8 +144,16 @@ class MqttSession:
         self._wake_w.setblocking(False)
         self._reconnect_min = reconnect_min
         self._reconnect_max = reconnect_max
-        self._backoff = reconnect_min  # back to the minimum once a connection is accepted
-        self.connects = 0
+        # back to the minimum only once a session has stayed up `stable_after` seconds
+        self._backoff = reconnect_min
+        self._stable_after = max(2.0, 2 * keepalive) if stable_after is None else stable_after
+        self._connack_timeout = connack_timeout
+        self._up_since: float | None = None      # when the current session was accepted
+        self._attempt_since = 0.0                # when the current attempt opened its socket
+        # each member's last failure while starting: (refused, error)
+        self._failures: dict[BrokerUrl, tuple[str | None, Exception | None]] = {}
+        self.connects = 0       # sessions accepted, over all members
+        self.attempts = 0       # connection attempts made, over all members
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                              clean_session=clean_session, protocol=paho.MQTTv311)
         if broker.username:
@@ -164,19 +187,34 @@ class MqttSession:
         connection refused, an unknown host, a TLS failure, the broker refusing our
         credentials), else after `timeout` with the last reason seen; either way with a hint.
         Once connected, losing the broker only means reconnecting.
+
+        With a broker list, a member's definite failure moves on to the next member at once;
+        BrokerUnavailable comes when every member failed definitely, naming each one's reason.
         """
-        self._client.connect_async(self.broker.host, self.broker.port, keepalive=self._keepalive)
+        self._client.connect_async(self.member.host, self.member.port, keepalive=self._keepalive)
+        self._attempt_since = time.monotonic()
         self._thread = threading.Thread(target=self._network_loop, name=f"mqtt-{self.client_id}",
                                         daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._connected.wait(max(0.0, min(0.02, deadline - time.monotonic()))):
-            definite = self._refused is not None or _is_definite(self._connect_error)
+            if len(self._members) == 1:
+                definite = self._refused is not None or _is_definite(self._connect_error)
+            else:
+                failures = dict(self._failures)
+                definite = len(failures) == len(self._members) and all(
+                    r is not None or _is_definite(e) for r, e in failures.values())
             if definite or time.monotonic() >= deadline:
                 break
         if self._connected.is_set():
             return
         self._halt_thread(timeout=2.0)
+        if len(self._members) > 1:
+            failures = dict(self._failures)
+            detail = _member_failures(failures) if failures else "no answer"
+            hint = connect_failure(self._members[0], refused=None, error=None)[1]
+            raise BrokerUnavailable(f"cannot connect to any member of {self.broker} within "
+                                    f"{timeout:g}s: {detail} ({hint})")
         reason, hint = connect_failure(self.broker, refused=self._refused,
                                        error=self._connect_error)
         within = "" if reason != "no answer" else f" within {timeout:g}s"
@@ -218,6 +256,11 @@ class MqttSession:
                         sock.close()
                     except OSError:
                         pass
+
+    @property
+    def member(self) -> BrokerUrl:
+        """The member of the broker list this session is (or was last) connected or connecting to."""
+        return self._members[self._member_index]
 
     @property
     def connected(self) -> bool:
@@ -306,17 +349,20 @@ class MqttSession:
                 if self._stopping:
                     self._halt.wait(0.05)
                     continue
-                if not first:  # lost, refused or unreachable: back off, doubling
-                    if self._halt.wait(self._backoff):
+                if not first:  # lost, refused or unreachable: the next member, after a pause
+                    if self._halt.wait(self._next_delay()):
                         break
-                    self._backoff = min(self._backoff * 2, self._reconnect_max)
+                    self._next_member()
                 first = False
-                with self._write_lock:
-                    try:
-                        client.reconnect()
-                    except (OSError, ValueError) as e:
-                        self._connect_error = e
-                        log.debug("cannot reach %s yet: %s", self.broker, e)
+                self._attempt()
+                continue
+            if not self._connected.is_set() and \
+                    time.monotonic() - self._attempt_since > self._connack_timeout:
+                # the member took the connection but never answered it: try another
+                self._connect_error = TimeoutError(
+                    f"no CONNACK within {self._connack_timeout:g}s")
+                self._note_failure()
+                self._lost(client)
                 continue
             pending = sock.pending() if hasattr(sock, "pending") else 0
             try:
@@ -341,6 +387,44 @@ class MqttSession:
                 if client.want_write():  # a ping, or acknowledgements queued just now
                     with self._write_lock:
                         client.loop_write()
+
+    def _attempt(self) -> None:
+        """One connection attempt to the current member (the network thread's)."""
+        client = self._client
+        self.attempts += 1
+        self._attempt_since = time.monotonic()
+        with self._write_lock:
+            try:
+                client.reconnect()
+            except (OSError, ValueError) as e:
+                self._connect_error = e
+                self._note_failure()
+                log.debug("cannot reach %s yet: %s", self.member, e)
+
+    def _next_delay(self) -> float:
+        """The pause before the next attempt: none right after losing a session that had
+        stayed up (another member may take us at once), else the backoff, doubling."""
+        up_since, self._up_since = self._up_since, None
+        if up_since is not None and time.monotonic() - up_since >= self._stable_after:
+            self._backoff = self._reconnect_min
+            return 0.0
+        delay = self._backoff
+        self._backoff = min(self._backoff * 2, self._reconnect_max)
+        return delay
+
+    def _next_member(self) -> None:
+        """Point paho at the next member of the list (a single broker: the same one)."""
+        if len(self._members) == 1:
+            return
+        self._member_index = (self._member_index + 1) % len(self._members)
+        member = self.member
+        with self._write_lock:
+            # connect_async only records where to go; reconnect() goes there
+            self._client.connect_async(member.host, member.port, keepalive=self._keepalive)
+
+    def _note_failure(self) -> None:
+        if not self._connected.is_set():
+            self._failures[self.member] = (self._refused, self._connect_error)
 
     def _lost(self, client: paho.Client) -> None:
         """A select on a dead socket: close it the way paho does, so hooks run once."""
@@ -407,11 +491,13 @@ class MqttSession:
                         reason_code: object, _properties: object) -> None:
         if getattr(reason_code, "is_failure", False):
             self._refused = str(reason_code)
-            log.warning("broker %s refused connection: %s", self.broker, reason_code)
+            self._note_failure()
+            log.warning("broker %s refused connection: %s", self.member, reason_code)
             return
         self._refused = None
         self._connect_error = None
-        self._backoff = self._reconnect_min
+        self._failures.clear()
+        self._up_since = time.monotonic()  # the backoff resets once this session lasts
         self.connects += 1
         with self._lock:
             subscriptions = list(self._subscriptions.items())
@@ -429,7 +515,8 @@ class MqttSession:
         was_connected = self._connected.is_set()
         self._connected.clear()
         if was_connected and not self._stopping:
-            log.warning("lost connection to %s (%s); reconnecting", self.broker, reason_code)
+            log.warning("lost connection to %s (%s); reconnecting%s", self.member, reason_code,
+                        " to the next member" if len(self._members) > 1 else "")
         for hook in list(self._on_disconnect_hooks):
             try:
                 hook()

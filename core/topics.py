@@ -28,15 +28,19 @@ from core.errors import ConfigError
 __all__ = ["Topics", "validate_id", "DEFAULT_ROOT"]
 
 DEFAULT_ROOT = "fabric"
-_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_ID = re.compile(r"^[A-Za-z0-9_:-]{1,64}$")
 
 
 def validate_id(value: str, *, what: str = "id") -> str:
-    """Ids become topic levels, so they may hold no `/`, `+`, `#` or spaces."""
+    """Ids become topic levels, so they may hold no `/`, `+`, `#` or spaces, and no `.`:
+    RabbitMQ's MQTT plugin turns a `.` into a level separator, so on a RabbitMQ cluster a
+    node `a.b` would publish to `nodes/a/b/status`, which no fabric subscription matches."""
     if not isinstance(value, str) or not _ID.match(value):
+        dotted = isinstance(value, str) and "." in value
         raise ConfigError(
-            f"invalid {what} {value!r}: use 1-64 characters from A-Z a-z 0-9 _ . : -"
-        )
+            f"invalid {what} {value!r}: use 1-64 characters from A-Z a-z 0-9 _ : -"
+            + (f" (no '.': RabbitMQ reads it as a topic level separator; try "
+               f"{value.replace('.', '-')!r})" if dotted else ""))
     return value
 
 

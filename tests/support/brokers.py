@@ -1,4 +1,5 @@
-"""Real brokers for tests: the embedded one and mosquitto, each a subprocess on a free port.
+"""Real brokers for tests: the embedded one and mosquitto, each a subprocess on a free port,
+and a RabbitMQ cluster (`start_rabbitmq_cluster`: members of its own, never the system service).
 
     handle = start_embedded(config_text_or_path)       # port=None: the broker picks one
     handle = start_mosquitto(config_text)               # port=None: a free port is found
@@ -40,6 +41,8 @@ __all__ = [
     "MOSQUITTO", "BROKER_KINDS", "mosquitto_available", "free_port", "with_listener_port",
     "BrokerHandle", "start_embedded", "start_mosquitto", "start_broker", "broker_params",
     "Probe", "Received", "RawClient", "connect_packet", "publish_packet", "wait_until",
+    "RABBITMQ_BIN", "rabbitmq_available", "RabbitCluster", "RabbitMember",
+    "start_rabbitmq_cluster",
 ]
 
 MOSQUITTO = Path("/usr/sbin/mosquitto")
@@ -517,6 +520,228 @@ class RawClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# -- a RabbitMQ cluster: members of our own on free loopback ports --------------------------
+
+RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
+EPMD = Path("/usr/bin/epmd")
+
+
+def rabbitmq_available() -> bool:
+    return (RABBITMQ_BIN / "rabbitmq-server").is_file() and EPMD.is_file()
+
+
+@dataclass
+class RabbitMember:
+    """One member: its Erlang node name, MQTT port, and the `beam.smp` process."""
+
+    name: str
+    mqtt_port: int
+    amqp_port: int
+    dist_port: int
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    config_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.mqtt_port}"
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+class RabbitCluster:
+    """A RabbitMQ cluster started from the Debian package's scripts, never its system service.
+
+    Its own epmd (the Erlang port mapper) on a free port, so nothing is shared with other runs;
+    each member runs `rabbitmq-server` in the foreground (exec'ed into `beam.smp`, so its PID is
+    the broker's), with data, logs and Erlang cookie under `directory`. Members after the first
+    join it with `rabbitmqctl join_cluster`.
+    """
+
+    def __init__(self, directory: Path, *, owns_directory: bool) -> None:
+        self.directory = directory
+        self._owns_directory = owns_directory
+        self.members: list[RabbitMember] = []
+        self.epmd_port = free_port()
+        self.tag = f"f{os.getpid()}x{time.monotonic_ns() % 100_000}"
+        self.home = directory / "home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        cookie = self.home / ".erlang.cookie"
+        cookie.write_text(f"cookie{os.urandom(12).hex()}")
+        cookie.chmod(0o400)
+        (directory / "enabled_plugins").write_text("[rabbitmq_mqtt].\n")
+        self._epmd_log = open(directory / "epmd.log", "wb")
+        self.epmd = subprocess.Popen([str(EPMD), "-port", str(self.epmd_port)],
+                                     stdin=subprocess.DEVNULL, stdout=self._epmd_log,
+                                     stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        self.started_in: float | None = None
+
+    @property
+    def urls(self) -> list[str]:
+        return [m.url for m in self.members]
+
+    @property
+    def broker_list(self) -> str:
+        """Every member's URL, as one `--broker` value."""
+        return ",".join(self.urls)
+
+    def env(self, name: str | None = None) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(HOME=str(self.home), ERL_EPMD_PORT=str(self.epmd_port),
+                   RABBITMQ_ENABLED_PLUGINS_FILE=str(self.directory / "enabled_plugins"),
+                   RUNNING_UNDER_SYSTEMD="true")  # exec beam.smp in the foreground, -noinput
+        if name is not None:
+            env.update(RABBITMQ_NODENAME=name)
+        return env
+
+    def spawn(self, index: int) -> RabbitMember:
+        """Start member `index` (not yet clustered): returns at once."""
+        name = f"{self.tag}m{index}@localhost"
+        mqtt_port, amqp_port, dist_port = free_port(), free_port(), free_port()
+        base = self.directory / f"m{index}"
+        base.mkdir(exist_ok=True)
+        config = base / "rabbitmq.conf"
+        config.write_text(
+            f"listeners.tcp.default = 127.0.0.1:{amqp_port}\n"
+            f"mqtt.listeners.tcp.default = 127.0.0.1:{mqtt_port}\n"
+            "mqtt.allow_anonymous = true\n"
+            "loopback_users = none\n"
+            "log.console = false\n"
+            "log.file.level = warning\n")
+        env = self.env(name)
+        env.update(RABBITMQ_CONFIG_FILE=str(config), RABBITMQ_DIST_PORT=str(dist_port),
+                   RABBITMQ_MNESIA_BASE=str(base / "mnesia"), RABBITMQ_LOG_BASE=str(base / "log"),
+                   RABBITMQ_PID_FILE=str(base / "pid"))
+        log_path = base / "stdout.log"
+        with open(log_path, "wb") as log:
+            popen = subprocess.Popen([str(RABBITMQ_BIN / "rabbitmq-server")],
+                                     stdin=subprocess.DEVNULL, stdout=log,
+                                     stderr=subprocess.STDOUT, cwd=base, env=env,
+                                     preexec_fn=_die_with_parent)
+        member = RabbitMember(name=name, mqtt_port=mqtt_port, amqp_port=amqp_port,
+                              dist_port=dist_port, popen=popen, log_path=log_path,
+                              config_path=config)
+        if index < len(self.members):
+            self.members[index] = member
+        else:
+            self.members.append(member)
+        return member
+
+    def wait_mqtt(self, member: RabbitMember, timeout: float) -> None:
+        """Until the member's MQTT listener accepts; an error with its log if it died."""
+        deadline = time.monotonic() + timeout
+        while not _accepts(member.mqtt_port):
+            if not member.alive:
+                raise RuntimeError(f"RabbitMQ member {member.name} exited "
+                                   f"({member.popen.returncode}):\n{self.log_of(member)}")
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"RabbitMQ member {member.name} not listening on MQTT port "
+                                   f"{member.mqtt_port} within {timeout:g}s:\n"
+                                   f"{self.log_of(member)}")
+            time.sleep(0.1)
+
+    def ctl(self, member: RabbitMember, *args: str, timeout: float = 60.0) -> str:
+        """`rabbitmqctl -n <member> ARGS`; an error with its output if it fails."""
+        done = subprocess.run([str(RABBITMQ_BIN / "rabbitmqctl"), "-q", "-n", member.name,
+                               *args], env=self.env(), capture_output=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)} on {member.name} failed "
+                               f"({done.returncode}): {done.stdout.decode(errors='replace')}"
+                               f"{done.stderr.decode(errors='replace')}")
+        return done.stdout.decode(errors="replace")
+
+    def join(self, member: RabbitMember, timeout: float = 60.0) -> None:
+        """Make `member` a member of the first member's cluster."""
+        self.ctl(member, "stop_app")
+        self.ctl(member, "join_cluster", self.members[0].name)
+        self.ctl(member, "start_app")
+        self.wait_mqtt(member, timeout)
+
+    def running_members(self) -> str:
+        """`cluster_status` as the first live member sees it."""
+        live = [m for m in self.members if m.alive]
+        return self.ctl(live[0], "cluster_status", "--formatter", "json") if live else ""
+
+    def kill(self, index: int) -> None:
+        """SIGKILL one member (a crash: no goodbye to its clients or peers)."""
+        member = self.members[index]
+        if member.alive:
+            member.popen.kill()
+        member.popen.wait(10)
+
+    def log_of(self, member: RabbitMember) -> str:
+        texts = []
+        for path in [member.log_path, *sorted((member.log_path.parent / "log").glob("*.log"))]:
+            try:
+                texts.append(path.read_text(errors="replace")[-4000:])
+            except OSError:
+                pass
+        return "\n".join(texts)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM every member (SIGKILL after `timeout`), then epmd; remove the directory."""
+        for member in self.members:
+            if member.alive:
+                member.popen.terminate()
+        deadline = time.monotonic() + timeout
+        for member in self.members:
+            try:
+                member.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                member.popen.kill()
+                member.popen.wait(10)
+        if self.epmd.poll() is None:
+            self.epmd.terminate()
+            try:
+                self.epmd.wait(5)
+            except subprocess.TimeoutExpired:
+                self.epmd.kill()
+                self.epmd.wait(5)
+        self._epmd_log.close()
+        if self._owns_directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> RabbitCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_rabbitmq_cluster(members: int = 3, *, directory: str | os.PathLike[str] | None = None,
+                           timeout: float = 120.0) -> RabbitCluster:
+    """A running `members`-member RabbitMQ cluster with the MQTT plugin, on loopback.
+
+    Members boot in parallel (a boot takes 10-20 s of CPU on a small machine), then join the
+    first one. Raises, naming the cause, when RabbitMQ is not installed or a member fails.
+    """
+    if not rabbitmq_available():
+        raise RuntimeError(f"RabbitMQ is not installed ({RABBITMQ_BIN / 'rabbitmq-server'} or "
+                           f"{EPMD} missing): run scripts/install_test_deps.sh (Debian package "
+                           "rabbitmq-server)")
+    workdir, owned = _workdir(directory, "rabbitmq")
+    cluster = RabbitCluster(workdir, owns_directory=owned)
+    began = time.monotonic()
+    try:
+        spawned = [cluster.spawn(i) for i in range(members)]
+        for member in spawned:
+            cluster.wait_mqtt(member, max(1.0, began + timeout - time.monotonic()))
+        for member in spawned[1:]:
+            cluster.join(member, timeout=max(1.0, began + timeout - time.monotonic()))
+    except BaseException:
+        cluster.stop()
+        raise
+    cluster.started_in = time.monotonic() - began
+    return cluster
 
 
 # -- plain amqtt, for showing that the promise tests fail without the fixes -----------------
