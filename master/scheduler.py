@@ -170,9 +170,10 @@ class Scheduler:
         self.unknown_failed: list[TaskRecord] = []  # drained by the master after assign()
         self._resend: dict[str, list[TaskRecord]] = {}  # lost on the way: send again
         self.waiting: dict[str, int] = {}  # capability -> queued tasks no live node offers
-        # answered dispatches (id -> (node, token)), in two generations: a bounded memory
-        self._answered: dict[str, tuple[str, str]] = {}
-        self._answered_old: dict[str, tuple[str, str]] = {}
+        # answered dispatches (id -> token; a token went to one node only), in two
+        # generations: a bounded memory
+        self._answered: dict[str, str] = {}
+        self._answered_old: dict[str, str] = {}
         self.cancelled = 0
         # running tasks cancelled whose node has not said it stopped: id -> (node, when);
         # each still holds its slot in that node's in_flight (bounded by the nodes' credit)
@@ -406,7 +407,7 @@ class Scheduler:
             return "duplicate", None
         if record is None or record.state not in (QUEUED, RUNNING):
             answered = self._answered.get(result.id) or self._answered_old.get(result.id)
-            if answered is not None and answered[0] == node_id and answered[1] == result.token:
+            if answered is not None and answered == result.token:
                 self.duplicates += 1
                 return "duplicate", record
             self.rejected += 1
@@ -488,7 +489,7 @@ class Scheduler:
         if len(answered) >= _RECENT_ANSWERED:
             self._answered_old = answered
             answered = self._answered = {}
-        answered[record.spec.id] = (record.sent_to, record.token)
+        answered[record.spec.id] = record.token
 
     def complete_many(self, node_id: str, results: Iterable[TaskResult]
                       ) -> tuple[list[tuple[TaskRecord, TaskResult]], list[TaskResult]]:
@@ -514,7 +515,7 @@ class Scheduler:
             record.node = node_id
             record.state = COMPLETED
             del tasks[result.id]
-            answered[result.id] = (node_id, record.token)
+            answered[result.id] = result.token
             done.append((record, result))
         if len(answered) >= _RECENT_ANSWERED:
             self._answered_old, self._answered = answered, {}
