@@ -27,9 +27,6 @@ NOT_RUN = {
     "kill -9 $(cat logs/": "part of the start_system.sh walk-through",
     "python scripts/deploy_esp32.py": "needs a board on a serial port",
     "mpremote connect": "needs a board on a serial port",
-    "master-node passwd": "asks for a password on the terminal; tests/test_broker_auth.py",
-    "cp broker.acl.example": "edits the working tree's broker configuration",
-    "compute-node --broker mqtt://worker-1:PASSWORD@host": "a placeholder host and password",
     "python3 -m master.broker": "the fixed port 1883; tests/test_broker_process.py runs it",
     "master-node serve --replica": "replicated masters on their own broker; "
                                    "tests/test_replication.py",
