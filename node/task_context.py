@@ -15,11 +15,14 @@ from typing import Any, Protocol
 
 from core.errors import TaskError
 
-__all__ = ["TaskContext", "current_task", "cancelled", "sleep", "CANCELLED_ERROR"]
+__all__ = ["TaskContext", "current_task", "cancelled", "sleep", "CANCELLED_ERROR", "running"]
 
 CANCELLED_ERROR = {"kind": "cancelled", "type": "Cancelled", "message": "cancelled"}
 
-_local = threading.local()
+# the task each worker thread runs now (`task`) and the node it runs for (`node`); the node
+# sets both before each task and clears `task` after it
+running = threading.local()
+_local = running
 
 
 class _Holder(Protocol):
@@ -52,16 +55,6 @@ class TaskContext:
         """Raise TaskError(kind `cancelled`) if the task was cancelled: a place to stop."""
         if self.cancelled:
             raise TaskError(dict(CANCELLED_ERROR))
-
-
-def enter(task: Any, node: _Holder) -> None:
-    """The worker thread starts `task` (called by the node for each task it runs)."""
-    _local.task = task
-    _local.node = node
-
-
-def leave() -> None:
-    _local.task = None
 
 
 def current_task() -> TaskContext | None:

@@ -266,13 +266,9 @@ class ComputeNodeTransport:
         if self._cancelled and task.id in self._cancelled:  # cancelled before it started
             return result_for(task, False, error=dict(task_context.CANCELLED_ERROR),
                               ts=self._clock())
-        task_context.enter(task, self)
-        try:
-            return self._call(fn, task)
-        finally:
-            task_context.leave()
-
-    def _call(self, fn: Callable[..., Any], task: TaskSpec) -> TaskResult:
+        current = task_context.running  # what the task's context reads, on this thread
+        current.task = task
+        current.node = self
         try:
             value = fn(*task.args, **task.kwargs)
             if self.codec == codec.MSGPACK and type(value) not in _PLAIN \
@@ -292,6 +288,8 @@ class ComputeNodeTransport:
             return result_for(task, False, error={
                 "kind": kind, "type": type(e).__name__, "message": str(e),
                 "traceback": traceback.format_exc(limit=8)}, ts=self._clock())
+        finally:
+            current.task = None
 
     # -- cancellation ------------------------------------------------------------------------------
 
