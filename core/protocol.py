@@ -53,6 +53,7 @@ MIN_PRIORITY = 1
 MAX_PRIORITY = 10
 DEFAULT_PRIORITY = 5
 MAX_ATTEMPTS = 1000  # a per-task budget past this is a mistake, not a policy
+MAX_TIMEOUT = 7 * 24 * 3600.0  # a per-task time limit, seconds (0: none)
 NODE_STATES = ("connected", "ready", "busy", "offline", "dead")
 
 M = TypeVar("M", bound="Message")
@@ -174,6 +175,7 @@ class TaskSpec:
     attempt: int = 0        # which dispatch of this task this is (0: not dispatched)
     token: str = ""         # unguessable, one per dispatch: a result must echo it
     max_attempts: int = 0   # real runs allowed before it ends failed (0: the master's default)
+    timeout: float = 0.0    # seconds one run may take on its node, ending `timeout` (0: none)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"id": self.id, "name": self.name, "priority": self.priority}
@@ -186,6 +188,8 @@ class TaskSpec:
             d["token"] = self.token
         if self.max_attempts:
             d["max_attempts"] = self.max_attempts
+        if self.timeout:
+            d["timeout"] = self.timeout
         return d
 
     def same_work(self, other: "TaskSpec") -> bool:
@@ -214,16 +218,19 @@ class TaskSpec:
             attempt = d.get("attempt", 0)
             token = d.get("token", "")
             budget = d.get("max_attempts", 0)
+            limit = d.get("timeout", 0.0)
             if type(task_id) is str and 0 < len(task_id) <= 128 and type(name) is str \
                     and type(priority) is int and MIN_PRIORITY <= priority <= MAX_PRIORITY \
                     and (type(args) is list or args is _ABSENT) \
                     and (type(kwargs) is dict or kwargs is _ABSENT) \
                     and type(attempt) is int and 0 <= attempt <= _COUNTER_MAX \
                     and type(token) is str and len(token) <= 64 \
-                    and type(budget) is int and 0 <= budget <= MAX_ATTEMPTS:
+                    and type(budget) is int and 0 <= budget <= MAX_ATTEMPTS \
+                    and (limit == 0.0 and type(limit) is float
+                         or _timeout_ok(limit)):
                 return _new_spec(task_id, name, [] if args is _ABSENT else args,
                                  {} if kwargs is _ABSENT else kwargs, priority, attempt, token,
-                                 budget)
+                                 budget, limit if type(limit) is float else float(limit))
         return cls._checked(d)
 
     @classmethod
@@ -245,7 +252,19 @@ class TaskSpec:
             attempt=_int(d, "attempt", "task", 0, 0, _COUNTER_MAX),
             token=token,
             max_attempts=_int(d, "max_attempts", "task", 0, 0, MAX_ATTEMPTS),
+            timeout=_task_timeout(d),
         )
+
+
+def _timeout_ok(value: Any) -> bool:
+    return type(value) in (int, float) and 0 <= value <= MAX_TIMEOUT
+
+
+def _task_timeout(d: dict) -> float:
+    value = d.get("timeout", 0.0)
+    if not _timeout_ok(value):
+        raise DecodeError(f"task: 'timeout' must be 0-{MAX_TIMEOUT:g} seconds, got {value!r}")
+    return float(value)
 
 
 class _RandomHex:
@@ -292,7 +311,7 @@ def new_token() -> str:
 
 def make_task(name: str, args: Any = (), kwargs: dict | None = None, *,
               priority: int = DEFAULT_PRIORITY, task_id: str | None = None,
-              max_attempts: int = 0) -> TaskSpec:
+              max_attempts: int = 0, timeout: float = 0.0) -> TaskSpec:
     """A new task with a fresh id, checked the way the master will check it."""
     if not isinstance(name, str) or not name:
         raise ConfigError("task name must be a non-empty string")
@@ -306,6 +325,10 @@ def make_task(name: str, args: Any = (), kwargs: dict | None = None, *,
                 or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
             raise ConfigError(f"priority must be an integer {MIN_PRIORITY}-{MAX_PRIORITY}, "
                               f"got {priority!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+            or not 0 <= timeout <= MAX_TIMEOUT:
+        raise ConfigError(f"timeout must be 0-{MAX_TIMEOUT:g} seconds (0: no limit), "
+                          f"got {timeout!r}")
     if kwargs is None:
         kwargs = {}
     elif isinstance(kwargs, dict):
@@ -313,7 +336,7 @@ def make_task(name: str, args: Any = (), kwargs: dict | None = None, *,
     else:
         raise ConfigError("kwargs must be a dict")
     return _new_spec(task_id or new_task_id(), name, list(args), kwargs, priority, 0, "",
-                     max_attempts)
+                     max_attempts, float(timeout))
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,17 +437,18 @@ def _setters(cls: type, names: tuple[str, ...]) -> tuple:
 
 
 _SPEC_SET = _setters(TaskSpec, ("id", "name", "args", "kwargs", "priority", "attempt", "token",
-                                 "max_attempts"))
+                                 "max_attempts", "timeout"))
 _RESULT_SET = _setters(TaskResult, ("id", "ok", "value", "error", "ts", "attempt", "token"))
 _OUTCOME_SET = _setters(TaskOutcome, ("id", "state", "value", "error", "node_id", "attempts"))
 
 
 def _new_spec(task_id: str, name: str, args: list, kwargs: dict, priority: int,
-              attempt: int = 0, token: str = "", max_attempts: int = 0, *,
-              _new: Any = object.__new__, _s: tuple = _SPEC_SET) -> TaskSpec:
+              attempt: int = 0, token: str = "", max_attempts: int = 0, timeout: float = 0.0,
+              *, _new: Any = object.__new__, _s: tuple = _SPEC_SET) -> TaskSpec:
     spec = _new(TaskSpec)
     _s[0](spec, task_id), _s[1](spec, name), _s[2](spec, args), _s[3](spec, kwargs)
     _s[4](spec, priority), _s[5](spec, attempt), _s[6](spec, token), _s[7](spec, max_attempts)
+    _s[8](spec, timeout)
     return spec
 
 

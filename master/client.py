@@ -80,12 +80,14 @@ class FabricClient:
 
     def submit(self, name: str, args: Iterable[Any] = (), kwargs: dict | None = None, *,
                priority: int = DEFAULT_PRIORITY, task_id: str | None = None,
-               max_attempts: int = 0, ack_timeout: float = 10.0) -> TaskHandle:
+               max_attempts: int = 0, timeout: float = 0.0,
+               ack_timeout: float = 10.0) -> TaskHandle:
         """Submit one task; returns once the master has journalled it. A `task_id` of your
         own names this work: submitting it again is harmless, binding it to other work is
-        refused (TaskRefused). `max_attempts`: real runs allowed (0: the master's default)."""
+        refused (TaskRefused). `max_attempts`: real runs allowed (0: the master's default).
+        `timeout`: seconds one run may take on its node, else it ends `timeout` (0: none)."""
         return self.submit_many([(name, list(args), dict(kwargs or {}), priority, task_id,
-                                  max_attempts)], ack_timeout=ack_timeout)[0]
+                                  max_attempts, timeout)], ack_timeout=ack_timeout)[0]
 
     def dispatch_lambda(self, lambda_data: dict, *, priority: int = DEFAULT_PRIORITY) -> TaskHandle:
         """Run a named lambda (`name`, `event`, `env`, `timeout`, `memory`) on some node."""
@@ -100,16 +102,17 @@ class FabricClient:
     def submit_many(self, calls: Iterable[tuple], *,
                     ack_timeout: float = 30.0,
                     on_progress: Callable[[int], None] | None = None) -> list[TaskHandle]:
-        """Submit (name, args, kwargs, priority[, task_id[, max_attempts]]) calls in batches;
-        each id once, journalled. A caller-chosen task id makes a resubmission after a crash
-        harmless.
+        """Submit (name, args, kwargs, priority[, task_id[, max_attempts[, timeout]]]) calls in
+        batches; each id once, journalled. A caller-chosen task id makes a resubmission after
+        a crash harmless.
 
         Tasks the master refuses because its queue is full are resent with backoff until
         `ack_timeout` passes, then their handles fail with QueueFull; a task refused for any
         other reason fails at once with TaskRefused.
         """
         specs = [make_task(c[0], c[1], c[2], priority=c[3], task_id=c[4] if len(c) > 4 else None,
-                           max_attempts=c[5] if len(c) > 5 else 0)
+                           max_attempts=c[5] if len(c) > 5 else 0,
+                           timeout=c[6] if len(c) > 6 else 0.0)
                  for c in calls]  # every call checked before any is sent
         deadline = time.monotonic() + ack_timeout
         chunks = self._chunks_within(specs)

@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     dispatch INTEGER NOT NULL DEFAULT 0,
     token TEXT NOT NULL DEFAULT '',
     max_attempts INTEGER NOT NULL DEFAULT 0,
-    started REAL
+    started REAL,
+    timeout REAL NOT NULL DEFAULT 0
 );
 DROP INDEX IF EXISTS tasks_active;
 CREATE INDEX IF NOT EXISTS tasks_open ON tasks(priority) WHERE finished IS NULL;
@@ -61,7 +62,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 # columns added since the first schema: a journal written before them gains them on open
 _ADDED_COLUMNS = {"dispatch": "INTEGER NOT NULL DEFAULT 0", "token": "TEXT NOT NULL DEFAULT ''",
-                  "max_attempts": "INTEGER NOT NULL DEFAULT 0", "started": "REAL"}
+                  "max_attempts": "INTEGER NOT NULL DEFAULT 0", "started": "REAL",
+                  "timeout": "REAL NOT NULL DEFAULT 0"}
 
 
 def _pack(value: Any) -> bytes:
@@ -183,13 +185,14 @@ class Journal(BatchedWrites):
             r.row = row
             call = _pack([spec.args, spec.kwargs]) if spec.args or spec.kwargs else _NO_CALL
             rows.append((row, spec.id, spec.name, call, spec.priority, r.client, r.pinned, QUEUED,
-                         now, spec.max_attempts))
+                         now, spec.max_attempts, spec.timeout))
             row += 1
         self._next_row = row
         self._begin()
         return self._db.executemany(
             "INSERT OR IGNORE INTO tasks (rowid, id, name, call, priority, client, pinned, state, "
-            "submitted, max_attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows).rowcount
+            "submitted, max_attempts, timeout) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows).rowcount
 
     def _update(self, sql: str, rows: list[tuple]) -> None:
         """`sql` for each row, whose last value is the task's row number (or, if it has none,
@@ -238,13 +241,14 @@ class Journal(BatchedWrites):
         """Tasks to restore after a restart, with whether each was in flight (goes in front)."""
         out = []
         for (row, task_id, name, call, priority, client, pinned, state, attempts,
-             errors, node, dispatch, token, max_attempts) in self._db.execute(
+             errors, node, dispatch, token, max_attempts, timeout) in self._db.execute(
                 "SELECT rowid, id, name, call, priority, client, pinned, state, attempts, errors, "
-                "node, dispatch, token, max_attempts "
+                "node, dispatch, token, max_attempts, timeout "
                 "FROM tasks WHERE finished IS NULL ORDER BY state DESC, rowid"):
             args, kwargs = _unpack(call)
             record = TaskRecord(spec=TaskSpec(id=task_id, name=name, args=args, kwargs=kwargs,
-                                              priority=priority, max_attempts=max_attempts),
+                                              priority=priority, max_attempts=max_attempts,
+                                              timeout=timeout),
                                 client=client, pinned=pinned, attempts=attempts,
                                 errors=json.loads(errors), row=row, dispatch=dispatch,
                                 token=token if state == RUNNING else "",
@@ -326,13 +330,13 @@ class Journal(BatchedWrites):
 
 
 _TASK_COLUMNS = ("id, name, call, priority, client, pinned, state, node, attempts, errors, result, "
-                 "submitted, finished, dispatch, max_attempts, started")
+                 "submitted, finished, dispatch, max_attempts, started, timeout")
 
 
 def _task_view(row: tuple, *, full: bool) -> dict[str, Any]:
     """One journal row as people read it; `full` adds the call, value and every attempt."""
     (task_id, name, call, priority, client, pinned, state, node, attempts, errors, result,
-     submitted, finished, dispatch, max_attempts, started) = row
+     submitted, finished, dispatch, max_attempts, started, timeout) = row
     view: dict[str, Any] = {"id": task_id, "name": name, "state": STATE_NAMES[state],
                             "priority": priority, "node_id": node, "attempts": attempts,
                             "dispatches": dispatch, "submitted": submitted, "started": started,
@@ -342,7 +346,7 @@ def _task_view(row: tuple, *, full: bool) -> dict[str, Any]:
     error_list = json.loads(errors)
     args, kwargs = _unpack(call)
     view.update(args=args, kwargs=kwargs, client=client, pinned=pinned,
-                max_attempts=max_attempts,
+                max_attempts=max_attempts, timeout=timeout,
                 value=_unpack(result) if state == COMPLETED else None,
                 error=_failure(error_list) if state >= FAILED else None,
                 history=_history(error_list, state=state, node=node, dispatch=dispatch,

@@ -196,11 +196,13 @@ class MasterNodeTransport:
 
     def submit(self, name: str, args: Iterable[Any] = (), kwargs: dict | None = None, *,
                priority: int = DEFAULT_PRIORITY, task_id: str | None = None,
-               max_attempts: int = 0) -> TaskHandle:
+               max_attempts: int = 0, timeout: float = 0.0) -> TaskHandle:
         """Queue a task for whichever node the scheduler picks; await it with the handle.
-        A `task_id` of your own names this work: binding it to other work is refused."""
+        A `task_id` of your own names this work: binding it to other work is refused.
+        `timeout`: seconds one run may take on its node before it ends `timeout` (0: none)."""
         return self._submit_local([self._spec(name, args, kwargs, priority, task_id,
-                                              max_attempts)], chosen_ids=task_id is not None)[0]
+                                              max_attempts, timeout)],
+                                  chosen_ids=task_id is not None)[0]
 
     def submit_many(self, calls: Iterable[tuple[str, list, dict, int]]) -> list[TaskHandle]:
         """Queue many (name, args, kwargs, priority) calls at once; one handle each."""
@@ -327,9 +329,9 @@ class MasterNodeTransport:
     # -- internals: intake -----------------------------------------------------------------------
 
     def _spec(self, name: str, args: Iterable[Any], kwargs: dict | None, priority: int,
-              task_id: str | None, max_attempts: int = 0) -> TaskSpec:
+              task_id: str | None, max_attempts: int = 0, timeout: float = 0.0) -> TaskSpec:
         return make_task(name, args, kwargs, priority=priority, task_id=task_id,
-                         max_attempts=max_attempts)
+                         max_attempts=max_attempts, timeout=timeout)
 
     def _submit_local(self, specs: list[TaskSpec], *, pinned: str = "",
                       chosen_ids: bool = False) -> list[TaskHandle]:

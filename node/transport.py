@@ -93,6 +93,12 @@ class ComputeNodeTransport:
         # held tasks the master cancelled after they were taken: their result is dropped
         self._cancelled: set[str] = set()
         self._cancel_events: dict[str, threading.Event] = {}  # for tasks that wait on it
+        # running tasks with a time limit: id -> (monotonic deadline, task); past it the node
+        # reports `timeout` at once and drops the late result (ids in _timed_out)
+        self._deadlines: dict[str, tuple[float, TaskSpec]] = {}
+        self._timed_out: set[str] = set()
+        self._deadline_cond = threading.Condition(self._lock)
+        self._watchdog: threading.Thread | None = None
         # the last results by task id, with the task they answered: a repeated delivery of
         # their dispatch gets them again, and so does a new dispatch of a task that succeeded
         # (the master lost the answer); a new dispatch after a failure runs again
@@ -165,6 +171,7 @@ class ComputeNodeTransport:
         """
         held, running, recent = self._held, self._running, self._recent
         cancelled, events = self._cancelled, self._cancel_events
+        dropped = False
         with self._outbox_cond:
             for i, result in enumerate(results):
                 task_id = result.id
@@ -175,6 +182,10 @@ class ComputeNodeTransport:
                 running.discard(task_id)
                 if cancelled and task_id in cancelled:  # its late result is dropped
                     results[i] = self._cancelled_result(result)
+                    if task_id in self._timed_out:  # `timeout` was reported already
+                        self._timed_out.discard(task_id)
+                        results[i] = None
+                        dropped = True
                     continue
                 if events:
                     events.pop(task_id, None)
@@ -185,11 +196,13 @@ class ComputeNodeTransport:
                     self.tasks_failed += 1
             while len(recent) > _RECENT_RESULTS:
                 recent.popitem(last=False)
+            if dropped:
+                results = [r for r in results if r is not None]
             alone = not self._outbox and not self._released and not len(self._queue)
             if not alone:
                 self._outbox.extend(results)
                 self._outbox_cond.notify()
-        if alone:
+        if alone and results:
             self._publish_results(results, [])
 
     def get_task(self, timeout: float | None = None) -> TaskSpec | None:
@@ -238,6 +251,8 @@ class ComputeNodeTransport:
         self._queue.close()
         with self._outbox_cond:
             self._outbox_cond.notify_all()
+        if self._watchdog is not None:
+            self._watchdog.join(timeout=2.0)
         for thread in self._threads:
             thread.join(timeout=2.0)
         if graceful:
@@ -269,6 +284,8 @@ class ComputeNodeTransport:
         current = task_context.running  # what the task's context reads, on this thread
         current.task = task
         current.node = self
+        if task.timeout:
+            self._start_clock(task)
         try:
             value = fn(*task.args, **task.kwargs)
             if self.codec == codec.MSGPACK and type(value) not in _PLAIN \
@@ -290,6 +307,9 @@ class ComputeNodeTransport:
                 "traceback": traceback.format_exc(limit=8)}, ts=self._clock())
         finally:
             current.task = None
+            if task.timeout:
+                with self._lock:
+                    self._deadlines.pop(task.id, None)
 
     # -- cancellation ------------------------------------------------------------------------------
 
@@ -333,6 +353,50 @@ class ComputeNodeTransport:
                 self._outbox.extend(gone)
                 self._outbox_cond.notify()
         return len(dropped), len(wanted)
+
+    # -- time limits -------------------------------------------------------------------------------
+
+    def _start_clock(self, task: TaskSpec) -> None:
+        """Watch a task with a time limit (the watchdog thread starts with the first one)."""
+        with self._deadline_cond:
+            self._deadlines[task.id] = (time.monotonic() + task.timeout, task)
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(target=self._watch_deadlines, daemon=True,
+                                                  name=f"{self.node_id}-deadlines")
+                self._watchdog.start()
+            self._deadline_cond.notify()
+
+    def _watch_deadlines(self) -> None:
+        """Report `timeout` for each task past its limit, the moment it passes: the task is
+        told to stop (its context says cancelled) and its late result is dropped."""
+        with self._deadline_cond:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                late = [t for end, t in self._deadlines.values() if end <= now]
+                for task in late:
+                    del self._deadlines[task.id]
+                    self._time_out(task)
+                if late:
+                    self._outbox_cond.notify()
+                wait = min((end for end, _t in self._deadlines.values()), default=now + 0.5)
+                self._deadline_cond.wait(min(0.5, max(0.0, wait - now)))
+
+    def _time_out(self, task: TaskSpec) -> None:
+        """`task` ran past its limit (called with the lock held)."""
+        newest = self._held.get(task.id, task)
+        self._timed_out.add(task.id)
+        self._cancelled.add(task.id)
+        event = self._cancel_events.get(task.id)
+        if event is not None:
+            event.set()
+        self.tasks_failed += 1
+        log.warning("task %s (%s) ran past its %gs limit: reported as timeout", task.id,
+                    task.name, task.timeout)
+        self._outbox.append(result_for(newest, False, error={
+            "kind": "timeout", "type": "Timeout",
+            "message": f"the task ran past its {task.timeout:g}s limit on node {self.node_id} "
+                       "(a thread worker was told to stop; its late result is dropped)"},
+            ts=self._clock()))
 
     def _cancelled_result(self, result: TaskResult) -> TaskResult:
         """The word a cancelled task's slot is free (called with the lock held)."""

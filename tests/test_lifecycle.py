@@ -204,3 +204,39 @@ def test_a_cancelled_task_that_ignores_it_keeps_its_slot_and_its_result_is_dropp
         assert client.result(follower.id, timeout=5) == "after"
         status = client.status()
         assert (status["completed"], status["failed"], status["in_flight"]) == (1, 0, 0)
+
+
+def test_a_time_limit_ends_a_run_with_timeout_on_its_node(fabric: Fabric, tmp_path: Path) -> None:
+    fabric.master()
+    fabric.node("n1", "--capacity", "2", "--task", f"{LIFE}:patient", "--task", f"{LIFE}:stubborn")
+    with fabric.client() as client:
+        ready(client, "n1")
+        assert client.submit("echo", ["quick"], timeout=5).result(timeout=30) == "quick"
+
+        told = tmp_path / "told"  # a task that checks its context stops at the limit
+        started = time.monotonic()
+        outcome = client.submit("patient", [str(told)], timeout=1).outcome(timeout=30)
+        assert outcome.state == "failed" and outcome.error["kind"] == "timeout"
+        assert "1s limit on node n1" in outcome.error["message"]
+        assert outcome.attempts == 1  # another run would not cure it
+        wait_until(lambda: lines(told) == ["started", "stopped"], 10, message="told to stop")
+        assert time.monotonic() - started < 10
+
+        deaf = tmp_path / "deaf"  # one that never looks: reported at the limit, result dropped
+        started = time.monotonic()
+        handle = client.submit("stubborn", [str(deaf), 3.0], timeout=0.5)
+        outcome = handle.outcome(timeout=30)
+        assert outcome.error["kind"] == "timeout" and time.monotonic() - started < 2.5
+        assert lines(deaf) == ["started"]
+        wait_until(lambda: lines(deaf) == ["started", "finished"], 30, message="it returned")
+        assert client.submit("echo", ["after"]).result(timeout=30) == "after"
+        info = client.task(handle.id)
+        assert info["state"] == "failed" and info["timeout"] == 0.5
+        assert [h["outcome"] for h in info["history"]] == ["timeout"]
+        status = client.status()
+        assert (status["completed"], status["failed"]) == (2, 2)
+
+    limited = cli(fabric, "submit", "sleep", "5", "--time-limit", "1")
+    assert limited.returncode == 1 and json.loads(limited.stderr)["error"]["kind"] == "timeout"
+    negative = cli(fabric, "submit", "sleep", "1", "--time-limit", "-1")
+    assert negative.returncode == 2 and "timeout must be 0-" in negative.stderr

@@ -23,6 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kwargs", default="{}", metavar="JSON", help="keyword arguments as JSON")
     p.add_argument("--priority", type=int, default=5, metavar="1-10",
                    help="1 least urgent, 10 most (default %(default)s)")
+    p.add_argument("--time-limit", type=float, default=0.0, metavar="SECONDS",
+                   help="how long one run may take on its node; past it the task ends with "
+                        "kind `timeout` (default: no limit). A thread worker is told to stop "
+                        "and its late result dropped; it cannot be killed")
+    p.add_argument("--max-attempts", type=int, default=0, metavar="N",
+                   help="runs allowed before it ends failed (default: the master's)")
     p.add_argument("--no-wait", action="store_true", help="print the task id and return")
     p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
                    help="how long to wait for the result (default: until it comes)")
@@ -46,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     client = connect(args)
     try:
         handle = client.submit(args.name, [_parse_arg(a) for a in args.args], kwargs,
-                               priority=args.priority, ack_timeout=args.timeout)
+                               priority=args.priority, max_attempts=args.max_attempts,
+                               timeout=args.time_limit, ack_timeout=args.timeout)
         if args.no_wait:
             print(handle.id)
             return 0
