@@ -17,6 +17,13 @@ to the first member that answers and, when it loses its member, reconnects to th
 backoff between attempts doubles and resets only once a session has stayed up for a while
 (`stable_after`), so a member that accepts connections and drops them at once (a dying
 cluster member, a load balancer in front of one) gets a few attempts, never a storm.
+
+On a list, a clean session takes a client id of its own per member: `<id>` on the first,
+`<id>~<n>` on member n (`~` never appears in a fabric id). A clustered broker may keep what a
+client id's last session left on the member that died with it: RabbitMQ keeps the QoS 1
+subscription queue of a client id homed on its member and refuses every later subscription
+under that id, on every member, while that member is down. With one id per member, what a
+session leaves lives on the member it names.
 """
 
 from __future__ import annotations
@@ -127,6 +134,7 @@ class MqttSession:
         self.broker = broker
         self._members = broker.members
         self._member_index = 0
+        self._clean_session = clean_session
         self.client_id = client_id
         self._subscriptions: dict[str, tuple[int, Handler]] = {}
         self._on_connect_hooks: list[Callable[[bool], None]] = []
@@ -421,6 +429,15 @@ class MqttSession:
         with self._write_lock:
             # connect_async only records where to go; reconnect() goes there
             self._client.connect_async(member.host, member.port, keepalive=self._keepalive)
+            if self._clean_session:  # paho has no public setter for the client id
+                self._client._client_id = self.member_client_id.encode()
+
+    @property
+    def member_client_id(self) -> str:
+        """The client id used on the current member (see the module's docstring)."""
+        if not self._clean_session or self._member_index == 0:
+            return self.client_id
+        return f"{self.client_id}~{self._member_index}"
 
     def _note_failure(self) -> None:
         if not self._connected.is_set():
