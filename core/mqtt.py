@@ -168,6 +168,7 @@ class MqttSession:
             client.username_pw_set(broker.username, broker.password)
         if will is not None:
             client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        self._client_tls = bool(broker.tls or tls is not None)
         if broker.tls or tls is not None:
             tls = tls or TlsSettings()
             client.tls_set(ca_certs=tls.ca_file, certfile=tls.cert_file, keyfile=tls.key_file,
@@ -199,6 +200,7 @@ class MqttSession:
         With a broker list, a member's definite failure moves on to the next member at once;
         BrokerUnavailable comes when every member failed definitely, naming each one's reason.
         """
+        self._client.on_log = self._handle_log  # until the first CONNACK: see _handle_log
         self._client.connect_async(self.member.host, self.member.port, keepalive=self._keepalive)
         self._attempt_since = time.monotonic()
         self._thread = threading.Thread(target=self._network_loop, name=f"mqtt-{self.client_id}",
@@ -498,6 +500,20 @@ class MqttSession:
                                _sock: object) -> None:
         """paho has something to send: whoever queued it writes it (see `_write`)."""
 
+    def _handle_log(self, _client: paho.Client, _userdata: object, level: int, text: str) -> None:
+        """A TLS 1.3 broker refuses a missing or untrusted client certificate only after the
+        handshake, on the first read, which paho reports in its log alone: keep it as this
+        attempt's error, so start() fails at once saying so instead of 'no answer'."""
+        if level == paho.MQTT_LOG_ERR and not self._connected.is_set() and (
+                "SSL" in text or "alert" in text):
+            self._tls_refused(text.partition("socket: ")[2] or text)
+
+    def _tls_refused(self, reason: str) -> None:
+        error = ssl.SSLError()
+        error.reason = reason  # what connect_failure shows
+        self._connect_error = error
+        self._note_failure()
+
     def _handle_socket_open(self, _client: paho.Client, _userdata: object, sock: socket.socket) -> None:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -513,6 +529,7 @@ class MqttSession:
             return
         self._refused = None
         self._connect_error = None
+        client.on_log = None  # paho formats every log line while one is set: not on the hot path
         self._failures.clear()
         self._up_since = time.monotonic()  # the backoff resets once this session lasts
         self.connects += 1
@@ -527,9 +544,16 @@ class MqttSession:
             except Exception:
                 log.exception("on_connect hook failed")
 
-    def _handle_disconnect(self, _client: paho.Client, _userdata: object, _flags: object,
+    def _handle_disconnect(self, client: paho.Client, _userdata: object, _flags: object,
                            reason_code: object, _properties: object) -> None:
         was_connected = self._connected.is_set()
+        if not was_connected and client.on_log is not None and self._client_tls and \
+                self._refused is None and self._connect_error is None:
+            # closed without a word after the handshake, before any CONNACK: what a TLS 1.3
+            # listener without a TLS alert does to a client certificate it does not accept
+            self._tls_refused("the broker closed the TLS connection before answering CONNECT "
+                              "(require_certificate true? give --cert-file and --key-file, "
+                              "signed by the listener's cafile)")
         self._connected.clear()
         if was_connected and not self._stopping:
             log.warning("lost connection to %s (%s); reconnecting%s", self.member, reason_code,

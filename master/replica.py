@@ -139,6 +139,8 @@ class ReplicatedMaster:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
+    rejected = 0  # malformed messages on the lease topic, logged and counted
+
     def start(self, *, timeout: float = 10.0) -> "ReplicatedMaster":
         """Open the journal copy, connect, and begin as a standby."""
         self._replica = JournalReplica(self._path)
@@ -216,7 +218,11 @@ class ReplicatedMaster:
         try:
             lease = Lease.decode(payload)
         except DecodeError as e:
-            log.warning("ignored a malformed lease: %s", e)
+            self.rejected += 1
+            transport = self._transport
+            if transport is not None:  # the active master's own count, in its status
+                transport.rejected += 1
+            log.warning("rejected a malformed lease (%d so far): %s", self.rejected, e)
             return
         with self._lock:
             event = self._view.observe(lease, self._clock())

@@ -32,6 +32,7 @@ class LeaseFence:
         self._lock = threading.Lock()
         self._best: tuple[int, str] = (0, "")
         self._held = False  # the best lease was last seen held (not expired)
+        self.rejected = 0  # malformed messages on the lease topic, logged and counted
 
     @property
     def epoch(self) -> int:
@@ -41,23 +42,29 @@ class LeaseFence:
     def holder(self) -> str:
         return self._best[1]
 
-    def observe(self, payload: bytes) -> None:
-        """A message on the lease topic (a cleared or malformed one changes nothing)."""
+    def observe(self, payload: bytes) -> bool:
+        """A message on the lease topic (a cleared or malformed one changes nothing); False
+        for a malformed one, which is also counted in `rejected`."""
         if not payload:
-            return
+            return True
         try:
             lease = decode_message(payload)
+            if not isinstance(lease, Lease):
+                raise DecodeError(f"a {lease.TYPE!r} message is not a lease")
         except DecodeError as e:
-            log.warning("ignored a malformed lease: %s", e)
-            return
-        if not isinstance(lease, Lease) or lease.state == CLAIM:  # a claim is not a lease yet
-            return
+            with self._lock:
+                self.rejected += 1
+            log.warning("rejected a malformed lease (%d so far): %s", self.rejected, e)
+            return False
+        if lease.state == CLAIM:  # a claim is not a lease yet
+            return True
         with self._lock:
             if lease.key >= self._best:
                 if lease.state == HELD:
                     self._best, self._held = lease.key, True
                 else:  # expired: its holder is gone; an older lease is still refused
                     self._held = False
+        return True
 
     def admits(self, epoch: int, master: str) -> bool:
         """Take a batch from `master` at `epoch`?"""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import ssl
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,3 +157,44 @@ def test_required_client_certificates(kind: str, pki: Pki, tmp_path: Path) -> No
         assert _accepted(broker, _context(pki, pki.client_cert, pki.client_key))
         assert not _accepted(broker, _context(pki))  # no client certificate
         assert not _accepted(broker, _context(pki, pki.rogue_cert, pki.rogue_key))
+
+
+def test_fabric_nodes_and_cli_prove_who_they_are(kind: str, pki: Pki, tmp_path: Path) -> None:
+    """`require_certificate true` end to end: a master, a node and the CLI, each with the CA,
+    a client certificate and its key given as options; without a certificate the CLI is
+    refused at once, saying why."""
+    import subprocess
+    import sys
+
+    from support.fabric import Fabric, Proc, child_env
+
+    tls = ["--ca-file", str(pki.ca), "--cert-file", str(pki.client_cert),
+           "--key-file", str(pki.client_key)]
+    with _tls_broker(kind, pki, tmp_path, require_certificate=True) as broker:
+        fabric = Fabric(broker.url, tmp_path)
+        try:
+            fabric.master(*tls)
+            node = fabric.node("tls-node", *tls)
+            node.wait_for_output("ready on", timeout=30)
+            submit = [sys.executable, "-m", "master.cli", "submit", "--broker", broker.url,
+                      "--root", fabric.root, "echo", "over-tls"]
+            done = subprocess.run(submit + tls, env=child_env(), capture_output=True,
+                                  text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+            assert done.stdout.strip() == '"over-tls"'
+            started = time.monotonic()
+            bare = subprocess.run(submit + ["--ca-file", str(pki.ca)], env=child_env(),
+                                  capture_output=True, text=True, timeout=60)
+            assert bare.returncode == 2
+            took = time.monotonic() - started
+            assert "cannot connect" in bare.stderr and "TLS handshake failed" in bare.stderr, \
+                bare.stderr
+            assert took < 5.0  # at once, not after the 10 s connect timeout
+            print(f"refused without a certificate in {took:.1f} s: "
+                  f"{bare.stderr.strip().splitlines()[-1]}")
+            half = subprocess.run(submit + ["--cert-file", str(pki.client_cert)],
+                                  env=child_env(), capture_output=True, text=True, timeout=60)
+            assert half.returncode == 2 and "go together" in half.stderr, half.stderr
+            assert isinstance(node, Proc)
+        finally:
+            fabric.cleanup()
