@@ -29,34 +29,9 @@ class Link:
         self.handle_disconnect()
         if self.wifi_up is not None and not self.wifi_up():
             return False
-        tls = None
-        if self.ca_file:
-            with open(self.ca_file, "rb") as f:
-                tls = Tls(f.read(), self.tls_hostname or self.broker_host, self.io_timeout)
-            sys.modules["ussl"] = tls  # umqtt.simple 1.3 imports `ussl` to wrap its socket
-        c = BoundedClient(self.node_id, self.broker_host, self.broker_port, self.user,
-                          self.password, self.broker_keepalive, tls)
-        c.limit = self.max_payload
-        c.rx = self.rx
-        c.io_timeout = self.io_timeout
-        c.set_callback(self._on_message)
-        self.seq += 1
-        c.set_last_will(self.status_topic, self._status_json("dead"), True, 1)
+        c = self._client()
         try:
-            try:
-                c.connect(self.clean_session, self.io_timeout)
-            except TypeError:  # umqtt.simple before 1.4: no connect timeout
-                c.connect(self.clean_session)
-            if tls is not None:
-                c.raw = tls.raw
-            c.settimeout(self.io_timeout)
-            try:  # umqtt writes a message in pieces: without this, Nagle adds ~40 ms
-                (c.raw or c.sock).setsockopt(6, 1, 1)  # IPPROTO_TCP, TCP_NODELAY
-            except Exception:
-                pass
-            c.last_rx = time.ticks_ms()
-            c.subscribe(self.lease_topic, 1)  # first: the retained lease precedes any task
-            c.subscribe(self.task_topic, 1)
+            self._session(c)
             poller = select.poll()
             poller.register(c.sock, select.POLLIN)
         except Exception:
@@ -74,6 +49,44 @@ class Link:
         self.publish_status(self.state())
         log("online as", self.node_id, "at", self.broker_host, self.broker_port)
         return True
+
+    # Small functions: each one's bytecode is one piece of heap, and a piece that size must
+    # be free while the module compiles.
+
+    def _client(self):
+        """A BoundedClient with the will of this session (TLS when a CA is configured)."""
+        tls = None
+        if self.ca_file:
+            with open(self.ca_file, "rb") as f:
+                tls = Tls(f.read(), self.tls_hostname or self.broker_host, self.io_timeout)
+            sys.modules["ussl"] = tls  # umqtt.simple 1.3 imports `ussl` to wrap its socket
+        c = BoundedClient(self.node_id, self.broker_host, self.broker_port, self.user,
+                          self.password, self.broker_keepalive, tls)
+        c.tls = tls
+        c.limit = self.max_payload
+        c.rx = self.rx
+        c.io_timeout = self.io_timeout
+        c.set_callback(self._on_message)
+        self.seq += 1
+        c.set_last_will(self.status_topic, self._status_json("dead"), True, 1)
+        return c
+
+    def _session(self, c):
+        """CONNECT (bounded), socket options, the subscriptions."""
+        try:
+            c.connect(self.clean_session, self.io_timeout)
+        except TypeError:  # umqtt.simple before 1.4: no connect timeout
+            c.connect(self.clean_session)
+        if c.tls is not None:
+            c.raw = c.tls.raw
+        c.settimeout(self.io_timeout)
+        try:  # umqtt writes a message in pieces: without this, Nagle adds ~40 ms
+            (c.raw or c.sock).setsockopt(6, 1, 1)  # IPPROTO_TCP, TCP_NODELAY
+        except Exception:
+            pass
+        c.last_rx = time.ticks_ms()
+        c.subscribe(self.lease_topic, 1)  # first: the retained lease precedes any task
+        c.subscribe(self.task_topic, 1)
 
     def is_connected(self):
         """True while the MQTT session is up and (when known) the Wi-Fi link too."""

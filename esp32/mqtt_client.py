@@ -44,6 +44,7 @@ class BoundedClient(MQTTClient):
     last_rx = 0
     rx = None   # bytearray(limit), set by the owner while the heap is still whole
     raw = None  # the TCP socket under TLS
+    tls = None  # the Tls it was given
 
     def settimeout(self, t):
         (self.raw or self.sock).settimeout(t)

@@ -127,21 +127,8 @@ class TaskQueue:
             self.finish({"id": tid, "ok": False, "error": error(
                 "bad_request", "TypeError", "attempt must be an int >= 0, token a string")})
             return
-        i = self.find(tid)
-        held = self.run_task if tid == self.running else self.items[i][2] if i >= 0 else None
-        if held is not None:
-            if a > held.get("attempt", 0):  # re-dispatched: answer the newest attempt
-                held["attempt"] = a
-                held["token"] = tok
-            else:
-                self.duplicates += 1
+        if self.known(tid, a, tok):
             return
-        for entry in self.recent:
-            if entry[0] == tid and entry[1] >= a:
-                self.duplicates += 1
-                if entry[1] == a and entry[2] is not None:
-                    self.send(entry[2])
-                return
         p = t.get("priority", DEFAULT_PRIORITY)
         if (type(t.get("name")) is not str or type(t.get("args", [])) is not list
                 or type(t.get("kwargs", {})) is not dict or type(p) is not int
@@ -161,6 +148,27 @@ class TaskQueue:
             self.released.append(q.pop(low)[2]["id"])
         self.seq += 1
         q.append((p, self.seq, t, size))
+
+    def known(self, tid, a, tok):
+        """True if attempt `a` of task `tid` needs no run: it is held (a newer attempt takes
+        over the held copy's attempt and token), or done (the same attempt is answered from
+        memory, an older one dropped)."""
+        i = self.find(tid)
+        held = self.run_task if tid == self.running else self.items[i][2] if i >= 0 else None
+        if held is not None:
+            if a > held.get("attempt", 0):  # re-dispatched: answer the newest attempt
+                held["attempt"] = a
+                held["token"] = tok
+            else:
+                self.duplicates += 1
+            return True
+        for entry in self.recent:
+            if entry[0] == tid and entry[1] >= a:
+                self.duplicates += 1
+                if entry[1] == a and entry[2] is not None:
+                    self.send(entry[2])
+                return True
+        return False
 
     def _least(self):
         """Index of the least urgent held task (the newest among equals)."""
