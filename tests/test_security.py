@@ -513,3 +513,16 @@ def test_heartbeat_and_timeouts_are_range_checked(argv: list[str], expected: str
                   cwd=tmp_path, timeout=30)
     assert result.returncode == 2
     assert expected in result.stderr, result.stderr
+
+
+def test_malformed_lease_messages_are_counted() -> None:
+    from core.replication import HELD, Lease
+    from node.lease_fence import LeaseFence
+    fence = LeaseFence()
+    assert fence.observe(b"{not json") is False
+    assert fence.observe(b"\x81\xa4type\xa6status") is False  # a message, but not a lease
+    assert fence.observe(b"") is True  # a cleared retained lease: nothing to count
+    assert fence.rejected == 2
+    held = Lease(holder="m1", epoch=3, state=HELD, journal_epoch=3, journal_seq=10)
+    assert fence.observe(held.encode()) is True
+    assert fence.rejected == 2 and fence.admits(3, "m1")

@@ -31,7 +31,10 @@ def run(args: argparse.Namespace) -> int:
     host, port = parse_listen(args.listen)
     stop = threading.Event()
     install_signal_handlers(stop)
-    dashboard = Dashboard(broker_url=args.broker, host=host, port=port, root=args.root)
+    from core.credentials import broker_from_args, tls_from_args
+    from core.url import parse_broker_url
+    dashboard = Dashboard(broker_url=broker_from_args(parse_broker_url(args.broker), args),
+                          host=host, port=port, root=args.root, tls=tls_from_args(args))
     dashboard.start(timeout=args.timeout)
     print(f"dashboard on {dashboard.url}", flush=True)
     try:
