@@ -130,7 +130,7 @@ class MqttSession:
                  keepalive: int = 10, will: Will | None = None, tls: TlsSettings | None = None,
                  max_inflight: int = 1000, reconnect_min: float = 0.05,
                  reconnect_max: float = 2.0, stable_after: float | None = None,
-                 connack_timeout: float = 5.0) -> None:
+                 connack_timeout: float = 10.0) -> None:
         self.broker = broker
         self._members = broker.members
         self._member_index = 0
@@ -207,7 +207,9 @@ class MqttSession:
                                         daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout
-        while not self._connected.wait(max(0.0, min(0.02, deadline - time.monotonic()))):
+        # `connects`, not only the flag: a session accepted and lost at once was connected
+        while not self._connected.wait(max(0.0, min(0.02, deadline - time.monotonic()))) \
+                and not self.connects:
             if len(self._members) == 1:
                 definite = self._refused is not None or _is_definite(self._connect_error)
             else:
@@ -216,15 +218,18 @@ class MqttSession:
                     r is not None or _is_definite(e) for r, e in failures.values())
             if definite or time.monotonic() >= deadline:
                 break
-        if self._connected.is_set():
+        if self._connected.is_set() or self.connects:
             return
         self._halt_thread(timeout=2.0)
         if len(self._members) > 1:
             failures = dict(self._failures)
             detail = _member_failures(failures) if failures else "no answer"
             hint = connect_failure(self._members[0], refused=None, error=None)[1]
-            raise BrokerUnavailable(f"cannot connect to any member of {self.broker} within "
-                                    f"{timeout:g}s: {detail} ({hint})")
+            every = len(failures) == len(self._members) and all(
+                r is not None or _is_definite(e) for r, e in failures.values())
+            within = "" if every else f" within {timeout:g}s"
+            raise BrokerUnavailable(f"cannot connect to any member of {self.broker}{within}: "
+                                    f"{detail} ({hint})")
         reason, hint = connect_failure(self.broker, refused=self._refused,
                                        error=self._connect_error)
         within = "" if reason != "no answer" else f" within {timeout:g}s"

@@ -603,9 +603,14 @@ class RabbitCluster:
         return env
 
     def spawn(self, index: int) -> RabbitMember:
-        """Start member `index` (not yet clustered): returns at once."""
+        """Start member `index` (not yet clustered, or again after it died: then on its old
+        ports and data, so it rejoins the cluster by itself): returns at once."""
         name = f"{self.tag}m{index}@localhost"
-        mqtt_port, amqp_port, dist_port = free_port(), free_port(), free_port()
+        if index < len(self.members):
+            old = self.members[index]
+            mqtt_port, amqp_port, dist_port = old.mqtt_port, old.amqp_port, old.dist_port
+        else:
+            mqtt_port, amqp_port, dist_port = free_port(), free_port(), free_port()
         base = self.directory / f"m{index}"
         base.mkdir(exist_ok=True)
         config = base / "rabbitmq.conf"
@@ -677,6 +682,18 @@ class RabbitCluster:
         if member.alive:
             member.popen.kill()
         member.popen.wait(10)
+
+    def restart(self, index: int, timeout: float = 90.0) -> RabbitMember:
+        """Start a killed member again; returns once its MQTT listener accepts."""
+        if self.members[index].alive:
+            raise RuntimeError(f"member {index} is still running")
+        member = self.spawn(index)
+        self.wait_mqtt(member, timeout)
+        return member
+
+    def log_bytes(self) -> int:
+        """How much every member has written to its logs (a reconnect storm shows here)."""
+        return sum(path.stat().st_size for path in self.directory.glob("m*/log/*.log"))
 
     def log_of(self, member: RabbitMember) -> str:
         texts = []
