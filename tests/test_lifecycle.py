@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,55 @@ def test_a_time_limit_ends_a_run_with_timeout_on_its_node(fabric: Fabric, tmp_pa
     assert limited.returncode == 1 and json.loads(limited.stderr)["error"]["kind"] == "timeout"
     negative = cli(fabric, "submit", "sleep", "1", "--time-limit", "-1")
     assert negative.returncode == 2 and "timeout must be 0-" in negative.stderr
+
+
+def test_the_master_api_cancels_inspects_and_a_cancel_survives_a_restart(
+        broker_url: str, tmp_path: Path) -> None:
+    from master.client import FabricClient
+    from master.transport import MasterNodeTransport
+    from node.transport import ComputeNodeTransport
+
+    root = f"t{uuid.uuid4().hex[:8]}"
+    state = tmp_path / "state"
+    master = MasterNodeTransport(broker_url=broker_url, root=root, state_dir=state)
+    master.start()
+    node = ComputeNodeTransport(broker_url=broker_url, root=root, node_id="inproc", capacity=1,
+                                prefetch=0, heartbeat=0.5)
+    try:
+        node.start()
+        wait_until(lambda: "inproc" in master.get_nodes_by_status("ready"), 30,
+                   message="the node ready")
+        running = master.submit("sleep", [30])
+        wait_until(lambda: master.task_info(running.id)["state"] == "running", 10,
+                   message="the sleep dispatched")
+        queued = master.submit("echo", ["never"], task_id="keep-me")
+        verdicts = {v["id"]: v for v in master.cancel([running.id, "keep-me", "unheard-of"])}
+        assert verdicts[running.id] == {"id": running.id, "was": "running",
+                                        "state": "cancelled", "node_id": "inproc"}
+        assert verdicts["keep-me"]["was"] == "queued"
+        assert verdicts["unheard-of"]["was"] == "unknown"
+        assert running.outcome(timeout=5).state == "cancelled"
+        assert queued.outcome(timeout=5).state == "cancelled"
+        # the node stopped the sleep (it waits on its context): the one slot runs new work
+        assert master.submit("echo", ["next"]).result(timeout=10) == "next"
+        assert {t["id"] for t in master.tasks(state="cancelled")} == {running.id, "keep-me"}
+        assert master.task_info("unheard-of") is None
+        assert master.scheduler.cancelled == 2 and not master.scheduler._cancelling
+    finally:
+        node.stop()
+        master.stop()
+
+    master = MasterNodeTransport(broker_url=broker_url, root=root, state_dir=state)
+    master.start()
+    try:
+        info = master.task_info("keep-me")
+        assert info["state"] == "cancelled" and info["error"]["kind"] == "cancelled"
+        with FabricClient(broker_url=broker_url, root=root) as client:
+            with pytest.raises(TaskFailed, match="cancelled"):
+                client.result(running.id, timeout=10)
+            # the same work submitted again under its id gets its outcome, not another run
+            again = client.submit("echo", ["never"], task_id="keep-me")
+            assert again.outcome(timeout=10).state == "cancelled"
+        assert master.status()["queued"] == 0
+    finally:
+        master.stop()
