@@ -10,7 +10,8 @@ topic root at the broker.
   end of it); a claim held by someone else that is renewed within `ttl` means a live master,
   and this one is refused, naming it. A claim not renewed for `ttl` is stale (its master died
   with the broker down) and is taken over. Two masters starting at once both publish, watch
-  for `settle` seconds, and the earlier claim (then the smaller token) wins.
+  for `settle` seconds, and the earlier claim (then the smaller token) wins. A root whose
+  replicated masters' lease (`<root>/master/lease`) is retained held is refused too.
 
 Replicated masters (`serve --replica`) do not use either: they elect one holder themselves.
 """
@@ -31,6 +32,7 @@ from typing import Any
 
 from core.errors import ConfigError, DecodeError
 from core.mqtt import MqttSession, TlsSettings, Will
+from core.replication import Lease
 from core.url import BrokerUrl
 
 __all__ = ["StateLock", "RootClaim", "Claim", "claim_topic", "LOCK_FILE_NAME"]
@@ -146,6 +148,8 @@ class RootClaim:
                                     keepalive=max(1, int(ttl)), tls=tls,
                                     will=Will(self.topic, released, qos=1, retain=True))
         self._session.subscribe(self.topic, self._on_message)
+        self._lease: dict[str, Any] | None = None  # replicated masters' lease, if retained
+        self._session.subscribe(f"{root}/master/lease", self._on_lease)
 
     @property
     def rejected(self) -> int:
@@ -175,6 +179,20 @@ class RootClaim:
                 data.get("token") != self.token:
             log.warning("root %r also claimed by %s; renewing this master's claim", self.root,
                         _describe(data))
+
+    def _on_lease(self, _topic: str, payload: bytes) -> None:
+        """Replicated masters on this root: their lease, held or not (malformed: counted)."""
+        if not payload:
+            return
+        try:
+            lease = Lease.decode(payload)
+        except DecodeError as e:
+            with self._changed:
+                self._seen.rejected += 1
+            log.warning("rejected a malformed lease (%d so far): %s", self._seen.rejected, e)
+            return
+        with self._changed:
+            self._lease = {"holder": lease.holder, "epoch": lease.epoch, "state": lease.state}
 
     def _wait(self, predicate: Any, timeout: float) -> Any:
         deadline = time.monotonic() + timeout
@@ -207,6 +225,13 @@ class RootClaim:
         self._session.publish(self.topic, probe, qos=1)
         self._wait(lambda ms: any(m.token == self.token and m.state == PROBE for m in ms),
                    self.probe_timeout)  # whatever was retained came before it
+        with self._changed:
+            lease = self._lease
+        if lease is not None and lease["state"] == HELD:
+            raise ConfigError(f"root {self.root!r} on {self._record['broker']} is served by "
+                              f"replicated masters (master {lease['holder']!r} holds their "
+                              f"lease at epoch {lease['epoch']}): a plain master cannot join "
+                              "them; run this one with --replica, or use another --root")
         holder = self._current_holder()
         if holder is not None:
             renewed = self._wait(lambda ms: self._renewed(ms, holder), self.ttl)

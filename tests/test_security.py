@@ -526,3 +526,18 @@ def test_malformed_lease_messages_are_counted() -> None:
     held = Lease(holder="m1", epoch=3, state=HELD, journal_epoch=3, journal_seq=10)
     assert fence.observe(held.encode()) is True
     assert fence.rejected == 2 and fence.admits(3, "m1")
+
+
+def test_a_plain_master_does_not_join_replicated_masters(tmp_path: Path) -> None:
+    from core.replication import HELD, Lease
+    with start_broker("embedded", "allow_anonymous true\n", directory=tmp_path) as broker:
+        root = f"t{uuid.uuid4().hex[:8]}"
+        lease = Lease(holder="replica-a", epoch=4, state=HELD)
+        with Probe(broker.host, broker.port, "lease-writer") as writer:
+            writer.publish(f"{root}/master/lease", lease.encode(), qos=1, retain=True)
+        plain = _run([sys.executable, "-m", "master.cli", "serve", "--broker", broker.url,
+                      "--root", root, "--state", str(tmp_path / "state")], cwd=tmp_path,
+                     timeout=30)
+    assert plain.returncode == 2, plain.stderr
+    assert "served by replicated masters (master 'replica-a' holds their lease at epoch 4)" \
+        in plain.stderr
