@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
 def make_config(args: argparse.Namespace) -> dict[str, Any]:
     """config.py settings from the arguments; ConfigError names what is wrong."""
     broker = parse_broker_url(args.broker, env={})
+    if broker.alternates:  # the board's config holds one broker: never drop members silently
+        raise ConfigError(f"--broker {broker}: a board takes one broker, not a list; give the "
+                          "cluster member (or load balancer) it should use")
     if broker.tls and not args.ca_file:
         raise ConfigError("an mqtts:// broker needs --ca-file: the CA certificate that signed "
                           "the broker's, which the board checks it against")
