@@ -296,7 +296,11 @@ class Journal(BatchedWrites):
 
     def tasks(self, *, state: str | None = None, name: str | None = None,
               limit: int = 50) -> list[dict[str, Any]]:
-        """The latest tasks (newest first), optionally of one state and/or task name."""
+        """The latest tasks (newest first), optionally of one state and/or task name.
+
+        This runs on the master's loop, so it reads a bounded part of a long journal: queued
+        and running tasks through the index of unfinished ones, anything else among the
+        latest `_SCANNED` tasks."""
         where, params = [], []
         if state is not None:
             where.append("state = ?")
@@ -304,10 +308,16 @@ class Journal(BatchedWrites):
         if name is not None:
             where.append("name = ?")
             params.append(name)
-        sql = f"SELECT {_TASK_COLUMNS} FROM tasks"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY rowid DESC LIMIT ?"
+        if not where:
+            sql = f"SELECT {_TASK_COLUMNS} FROM tasks ORDER BY rowid DESC LIMIT ?"
+            return [_task_view(row, full=False) for row in self._db.execute(sql, [int(limit)])]
+        if state in ("queued", "running"):  # the partial index of unfinished tasks
+            sql = (f"SELECT {_TASK_COLUMNS} FROM tasks WHERE finished IS NULL AND "
+                   f"{' AND '.join(where)} ORDER BY rowid DESC LIMIT ?")
+        else:
+            sql = (f"SELECT {_TASK_COLUMNS} FROM tasks WHERE rowid >= ? AND "
+                   f"{' AND '.join(where)} ORDER BY rowid DESC LIMIT ?")
+            params.insert(0, self._next_row - _SCANNED)
         params.append(int(limit))
         return [_task_view(row, full=False) for row in self._db.execute(sql, params)]
 
@@ -329,6 +339,7 @@ class Journal(BatchedWrites):
         return [(i, n, _unpack(r)) for i, n, r in self._db.execute(sql)]
 
 
+_SCANNED = 200_000  # latest tasks a listing of finished ones looks through at most
 _TASK_COLUMNS = ("id, name, call, priority, client, pinned, state, node, attempts, errors, result, "
                  "submitted, finished, dispatch, max_attempts, started, timeout")
 

@@ -13,7 +13,9 @@ NAME = "tasks"
 HELP = "list the latest tasks (by state, by name)"
 STATES = ("queued", "running", "completed", "failed", "cancelled")
 DESCRIPTION = ("List the latest tasks, newest first: id, name, state, node, attempts, when "
-               "submitted and finished. `master-node task ID` shows one in full.")
+               "submitted and finished. Queued and running tasks are all searched; with "
+               "another filter, the latest 200,000 tasks are (the master answers on its own "
+               "loop and must stay quick). `master-node task ID` shows any task in full.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
