@@ -88,17 +88,20 @@ def run(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
     client = connect(args)
-    previous = signal.signal(signal.SIGTERM, interrupt)  # stop_system.sh stops jobs with it
+    # both signals stop the job the same way: SIGTERM is what stop_system.sh sends, and SIGINT
+    # is handled even when started from a shell that ignores it (a background job)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         summary = run_primes_job(client, options, on_bad_line=bad_line, on_progress=bar.update,
                                  on_notice=lambda text: bar.message(f"master-node primes: {text}"))
     except KeyboardInterrupt:
-        name = "SIGTERM" if caught else "SIGINT"
-        bar.message(f"master-node primes: interrupted by {name}: finished shards are "
-                    "checkpointed; run the same command again to resume")
-        return 128 + (caught[0] if caught else signal.SIGINT)
+        signum = caught[0] if caught else signal.SIGINT
+        bar.message(f"master-node primes: interrupted by {signal.Signals(signum).name}: finished "
+                    "shards are checkpointed; run the same command again to resume")
+        return 128 + signum
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         bar.close()
         client.close()
     if args.json:
