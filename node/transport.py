@@ -123,7 +123,7 @@ class ComputeNodeTransport:
             will=self._will())
         self._session.subscribe(self.topics.node_tasks(self.node_id), self._on_task_message, qos=1)
         self._fence = LeaseFence()  # replicated masters: work only from the lease holder
-        self._session.subscribe(self.topics.master_lease, lambda _t, p: self._fence.observe(p))
+        self._session.subscribe(self.topics.master_lease, self._on_lease)
         self._session.on_connect(self._on_connected)
 
     # -- seed API ------------------------------------------------------------------------------
@@ -518,6 +518,10 @@ class ComputeNodeTransport:
             if resend or self._released:
                 self._outbox.extend(resend)
                 self._outbox_cond.notify()
+
+    def _on_lease(self, _topic: str, payload: bytes) -> None:
+        if not self._fence.observe(payload):
+            self.rejected += 1  # a malformed lease counts where a person looks: the status
 
     def _on_control(self, control: Control) -> None:
         if not self._fence.admits_control(control.epoch):
