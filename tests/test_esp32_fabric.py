@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from esp32_support import (Harness, MicroPythonNode, boards, broker, micropython,  # noqa: E402,F401
                            umqtt_file)
 from support.brokers import BrokerHandle  # noqa: E402
-from support.fabric import REPO, Fabric, child_env  # noqa: E402
+from support.fabric import REPO, Fabric, Proc, child_env  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -134,3 +134,49 @@ def test_master_submits_reach_a_board(fab: Fabric, broker: BrokerHandle, boards)
         assert "unknown_task" in str(failed.value)
     finally:
         client.close()
+
+
+USER_LAMBDA = '''
+def lambda_handler(event, context):
+    return {"double": 2 * event["n"]}
+'''
+
+
+def test_a_mixed_fleet_runs_every_call_on_a_node_that_has_it(fab: Fabric, broker: BrokerHandle,
+                                                             boards, tmp_path: Path) -> None:
+    """A plain node, a node with a user lambda and a board: 20 concurrent calls of each kind
+    (a plain task, the user's lambda, a firmware lambda, a built-in CPython lambda), each on a
+    node that offers it, none failed."""
+    code = tmp_path / "usercode"
+    code.mkdir()
+    (code / "mymodule.py").write_text(USER_LAMBDA)
+    fab.master()
+    fab.node("plain", "--capacity", "2")
+    user = Proc([sys.executable, "-m", "node.cli", "--broker", fab.broker_url, "--root", fab.root,
+                 "--id", "user", "--heartbeat", "0.5", "--capacity", "2",
+                 "--lambda", "mymodule:lambda_handler"], tmp_path / "node-user.log", cwd=code)
+    fab.procs.append(user)
+    boards(broker, "mp-mix", fab.root, HEARTBEAT_S=1)
+    wait_master_knows(fab, {"plain", "user", "mp-mix"})
+    client = fab.client()
+    try:
+        nodes = {n["node_id"]: n for n in client.nodes()}
+        assert "square" in nodes["mp-mix"]["lambdas"] and "echo" not in nodes["mp-mix"]["lambdas"]
+        calls = ([("echo", [i], {}, 5) for i in range(20)]
+                 + [("lambda", [], {"name": "lambda_handler", "event": {"n": i}}, 5)
+                    for i in range(20)]
+                 + [("lambda", [], {"name": "square", "event": i}, 5) for i in range(20)]
+                 + [("lambda", [], {"name": "echo", "event": i}, 5) for i in range(20)])
+        outcomes = [h.outcome(timeout=120) for h in client.submit_many(calls)]
+    finally:
+        client.close()
+    assert [o.state for o in outcomes] == ["completed"] * 80, \
+        [o.error for o in outcomes if o.state != "completed"]
+    echo, user_lambda, square, echo_lambda = (outcomes[i:i + 20] for i in range(0, 80, 20))
+    assert [o.value for o in echo] == list(range(20))
+    assert [o.value for o in user_lambda] == [{"double": 2 * i} for i in range(20)]
+    assert {o.node_id for o in user_lambda} == {"user"}
+    assert [o.value for o in square] == [i * i for i in range(20)]
+    assert {o.node_id for o in square} == {"mp-mix"}
+    assert [o.value for o in echo_lambda] == list(range(20))
+    assert "mp-mix" not in {o.node_id for o in echo_lambda}
