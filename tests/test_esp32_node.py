@@ -617,8 +617,10 @@ def test_seed_api_on_the_board(broker: BrokerHandle, root: str, harness: Harness
                                boards) -> None:
     """connect, is_connected, check_messages, the keepalive loop and thread, handle_disconnect,
     the will, the retained status and a node id from the MAC, called one by one."""
+    # the driver replaces main.py and compiles on the board beside the firmware: a heap with
+    # room for it (the firmware's own 100K budget is held by the heap test)
     board = boards(broker, None, root, files={"main.py": API_DRIVER}, STATIC_IP="10.9.8.77",
-                   MQTT_KEEPALIVE=2)
+                   MQTT_KEEPALIVE=2, heap="160K")
     node_id = f"esp32-{board.mac}"
 
     def steps() -> dict[str, dict]:
