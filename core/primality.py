@@ -278,6 +278,35 @@ def is_prime(n: int) -> bool:
     return _is_prime_gmpy2(n)
 
 
+def _filter_primes_gmpy2(numbers: "Iterable[int]") -> "List[int]":
+    """``filter_primes`` with the common case inlined: a 64-bit n above every base, so no
+    base is reduced or skipped; the same steps as ``_is_prime_gmpy2``, minus a call and the
+    checks per number (about a tenth of the time of a batch)."""
+    mpz, gcd, strong = _gmpy2.mpz, _gmpy2.gcd, _gmpy2.is_strong_prp
+    primorial, bases, high = _SMALL_PRIMORIAL, _BASES_64, _LIMIT_64
+    low = _BASES_64[-1] + 1
+    out = []
+    for n in numbers:
+        if type(n) is int and low <= n < high:
+            m = mpz(n)
+            if gcd(m, primorial) != 1:
+                continue
+            try:
+                for a in bases:
+                    if not strong(m, a):
+                        break
+                else:
+                    out.append(n)
+            except ValueError:  # gcd(a, n) > 1: a proper factor of n
+                pass
+        elif _is_prime_gmpy2(n):
+            out.append(n)
+    return out
+
+
 def filter_primes(numbers: "Iterable[int]") -> "List[int]":
-    """The primes among numbers, in input order (duplicates kept)."""
-    return [n for n in numbers if is_prime(n)]
+    """The primes among numbers, in input order (duplicates kept): ``is_prime`` of each,
+    the fastest way this interpreter has."""
+    if _gmpy2 is None:
+        return [n for n in numbers if is_prime_pure(n)]
+    return _filter_primes_gmpy2(numbers)

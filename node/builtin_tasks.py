@@ -5,13 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from core.errors import FabricError
-from core.primality import is_prime
+from core.number_text import excerpt, parse_lines
+from core.primality import filter_primes, is_prime
 from node import task_context
 from node.registry import default_registry
 
-__all__ = ["noop", "echo", "sleep", "fail", "primes", "parse_number"]
+__all__ = ["noop", "echo", "sleep", "fail", "primes", "primes_range", "parse_number"]
 
 _MAX_SLEEP = 3600.0
+_MAX_BAD_REPORTED = 100  # bad lines named per range (all are counted)
+_WIRE_HIGH = 1 << 64     # primes from here on travel as decimal text (msgpack's ints end)
 
 
 @default_registry.register("noop")
@@ -55,3 +58,33 @@ def primes(numbers: list) -> list[int]:
     if not isinstance(numbers, list):
         raise TypeError("primes takes a list of numbers")
     return [i for i, value in enumerate(numbers) if is_prime(parse_number(value))]
+
+
+@default_registry.register("primes_range")
+def primes_range(text: str) -> dict[str, Any]:
+    """The primes among the lines of `text` (bytes of an input file as Latin-1), parsed here
+    so the job's client need not: {"primes": [...], "numbers": how many numbers,
+    "bad": how many bad lines, "bad_lines": [[line offset, reason, excerpt], ...]}.
+    CPython nodes advertise it; boards keep `primes` (the job falls back to it for them)."""
+    if not isinstance(text, str):
+        raise TypeError("primes_range takes the text of whole lines")
+    data = text.encode("latin-1")
+    if data.endswith(b"\n"):
+        data = data[:-1]
+    if not data:
+        return {"primes": [], "numbers": 0, "bad": 0, "bad_lines": []}
+    found: list[int | str] = []
+    numbers = bad = 0
+    bad_lines: list[list[Any]] = []
+    for item in parse_lines(data.split(b"\n"), fast=b"_" not in data):
+        if isinstance(item, list):
+            numbers += len(item)
+            found += filter_primes(item)
+        else:
+            bad += 1
+            if len(bad_lines) < _MAX_BAD_REPORTED:
+                offset, reason, raw = item
+                bad_lines.append([offset, reason, excerpt(raw)])
+    high = _WIRE_HIGH
+    return {"primes": [p if p < high else str(p) for p in found], "numbers": numbers,
+            "bad": bad, "bad_lines": bad_lines}

@@ -26,6 +26,7 @@ from core.mqtt import MqttSession
 from core.url import parse_broker_url
 from support.brokers import Probe, RabbitCluster, start_rabbitmq_cluster
 from support.fabric import Fabric, Proc, wait_until
+from support.workloads import SLOW_PRIMES
 from test_primes_job import expected_primes, finish, make_inputs, primes_command
 
 pytestmark = pytest.mark.cluster
@@ -170,8 +171,8 @@ def test_replicated_masters_on_different_members_survive_the_active_ones_death(
     watch = ReplicaWatch(cluster.urls[0], fabric.root)
     try:
         holder, epoch = watch.wait_active(20)
-        fabric.node_on(rotated(cluster, 1), "n1", "--task", "support.workloads:primes")
-        fabric.node_on(rotated(cluster, 2), "n2", "--task", "support.workloads:primes")
+        fabric.node_on(rotated(cluster, 1), "n1", *SLOW_PRIMES)
+        fabric.node_on(rotated(cluster, 2), "n2", *SLOW_PRIMES)
         fabric.broker_url = rotated(cluster, 2)
         output = fabric.tmp / "primes.txt"
         job = primes_command(fabric, files, output, "--shard-size", "25", "--timeout", "30")
@@ -200,8 +201,8 @@ def test_member_killed_mid_job_nodes_fail_over_without_a_storm(
     files, truth = make_inputs(fabric.tmp / "input", seed=23)
     victim_index = 1
     fabric.master_on(rotated(cluster, 0))
-    fabric.node_on(rotated(cluster, victim_index), "n1", "--task", "support.workloads:primes")
-    fabric.node_on(rotated(cluster, 2), "n2", "--task", "support.workloads:primes")
+    fabric.node_on(rotated(cluster, victim_index), "n1", *SLOW_PRIMES)
+    fabric.node_on(rotated(cluster, 2), "n2", *SLOW_PRIMES)
     seqs: dict[str, list[int]] = {"n1": [], "n2": []}
     lock = threading.Lock()
 

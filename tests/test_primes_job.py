@@ -34,6 +34,7 @@ from master.primes_job.runner import JobSummary
 from core.url import parse_broker_url
 from esp32_support import boards, micropython, umqtt_file  # noqa: F401 (fixtures)
 from support.fabric import Fabric, child_env, wait_until
+from support.workloads import SLOW_PRIMES
 
 # -- inputs ------------------------------------------------------------------------------------
 
@@ -381,8 +382,8 @@ def test_job_finds_exactly_sympys_primes_and_names_bad_lines(fabric: Fabric, obs
 def test_node_killed_mid_job_loses_no_work(fabric: Fabric) -> None:
     files, truth = make_inputs(fabric.tmp / "input", seed=11)
     fabric.master()
-    victim = fabric.node("victim", "--task", "support.workloads:primes")
-    fabric.node("survivor", "--task", "support.workloads:primes")
+    victim = fabric.node("victim", *SLOW_PRIMES)
+    fabric.node("survivor", *SLOW_PRIMES)
     ready_nodes(fabric, 2)
     output = fabric.tmp / "primes.txt"
     job = primes_command(fabric, files, output, "--shard-size", "25", "--timeout", "30")
@@ -404,8 +405,8 @@ def test_node_killed_mid_job_loses_no_work(fabric: Fabric) -> None:
 def test_master_killed_mid_job_and_restarted_loses_no_work(fabric: Fabric) -> None:
     files, truth = make_inputs(fabric.tmp / "input", seed=13)
     master = fabric.master()
-    fabric.node("n1", "--task", "support.workloads:primes")
-    fabric.node("n2", "--task", "support.workloads:primes")
+    fabric.node("n1", *SLOW_PRIMES)
+    fabric.node("n2", *SLOW_PRIMES)
     ready_nodes(fabric, 2)
     output = fabric.tmp / "primes.txt"
     job = primes_command(fabric, files, output, "--shard-size", "25", "--timeout", "40")
@@ -425,7 +426,7 @@ def test_interrupted_command_resumes_where_it_stopped(fabric: Fabric) -> None:
     and the summary names only the node that ran shards in the second run."""
     files, truth = make_inputs(fabric.tmp / "input", seed=17)
     fabric.master()
-    first_node = fabric.node("n1", "--task", "support.workloads:primes")
+    first_node = fabric.node("n1", *SLOW_PRIMES)
     ready_nodes(fabric, 1)
     output = fabric.tmp / "primes.txt"
     checkpoint = Path(str(output) + ".checkpoint")
@@ -449,7 +450,7 @@ def test_interrupted_command_resumes_where_it_stopped(fabric: Fabric) -> None:
     first.wait(10)
     done_before = shards_done()
     assert first_node.terminate() == 0  # hands back what it held; the master requeues it
-    fabric.node("n2", "--task", "support.workloads:primes")
+    fabric.node("n2", *SLOW_PRIMES)
     with fabric.client() as client:
         wait_until(lambda: {n["node_id"]: n["status"] for n in client.nodes()}.get("n2")
                    == "ready", 30, message="n2 ready")
@@ -518,7 +519,7 @@ def test_an_interrupted_job_says_so_on_its_progress_topic(fabric: Fabric, observ
                                                           sig: int) -> None:
     files, truth = make_inputs(fabric.tmp / "input", seed=29)
     fabric.master()
-    fabric.node("n1", "--task", "support.workloads:primes", "--capacity", "1")
+    fabric.node("n1", *SLOW_PRIMES, "--capacity", "1")
     ready_nodes(fabric, 1)
     output = fabric.tmp / "primes.txt"
     job = primes_command(fabric, files, output, "--shard-size", "25")
@@ -553,7 +554,7 @@ def test_an_interrupted_job_says_so_on_its_progress_topic(fabric: Fabric, observ
 def test_a_job_that_cannot_go_on_says_failed_with_the_reason(fabric: Fabric, observer) -> None:
     files, _truth = make_inputs(fabric.tmp / "input", seed=31)
     master = fabric.master()
-    fabric.node("n1", "--task", "support.workloads:primes", "--capacity", "1")
+    fabric.node("n1", *SLOW_PRIMES, "--capacity", "1")
     ready_nodes(fabric, 1)
     output = fabric.tmp / "primes.txt"
     job = primes_command(fabric, files, output, "--shard-size", "25", "--timeout", "2",

@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS shards (
     state TEXT NOT NULL,
     digest TEXT NOT NULL DEFAULT '',
     numbers INTEGER NOT NULL DEFAULT 0,
+    bad INTEGER NOT NULL DEFAULT 0,
     primes INTEGER NOT NULL DEFAULT 0,
     node TEXT NOT NULL DEFAULT '',
     error TEXT NOT NULL DEFAULT ''
@@ -56,6 +57,7 @@ class Checkpoint(BatchedWrites):
             self._db.execute("PRAGMA synchronous=NORMAL")  # a process crash loses nothing
             self._db.executescript(_SCHEMA)
             self.reset_reason = self._drop_other_schema()
+            self._add_bad_column()
         except sqlite3.DatabaseError as e:
             raise ConfigError(f"checkpoint {self.path} is not usable ({e}); remove it or "
                               "choose another with --checkpoint") from e
@@ -71,6 +73,13 @@ class Checkpoint(BatchedWrites):
         self._db.executescript("DROP TABLE IF EXISTS meta; DROP TABLE IF EXISTS shards; "
                                "DROP TABLE IF EXISTS primes;" + _SCHEMA)
         return f"it was written in checkpoint schema {schema or '?'}, not {SCHEMA_VERSION}"
+
+    def _add_bad_column(self) -> None:
+        """A checkpoint of this schema from before range shards lacks the bad-line count of
+        its shards (its shards hold numbers, whose bad lines the client counts itself)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(shards)")}
+        if "bad" not in columns:
+            self._db.execute("ALTER TABLE shards ADD COLUMN bad INTEGER NOT NULL DEFAULT 0")
 
     # -- the job it belongs to -----------------------------------------------------------------
 
@@ -102,13 +111,18 @@ class Checkpoint(BatchedWrites):
         return dict(self._db.execute("SELECT shard, digest FROM shards WHERE state = ?",
                                      (DONE,)))
 
+    def done_counts(self) -> dict[int, tuple[int, int]]:
+        """Each finished shard's numbers and bad lines (what a skipped range shard adds)."""
+        return {shard: (numbers, bad) for shard, numbers, bad in self._db.execute(
+            "SELECT shard, numbers, bad FROM shards WHERE state = ?", (DONE,))}
+
     def attempts(self) -> dict[int, int]:
         """The attempt number each unfinished shard's next task id must carry."""
         return dict(self._db.execute("SELECT shard, attempt FROM shards WHERE state != ?",
                                      (DONE,)))
 
     def record_done(self, shard: int, attempt: int, digest: str, numbers: int,
-                    primes: Iterable[int], node: str) -> int:
+                    primes: Iterable[int | str], node: str, *, bad: int = 0) -> int:
         """Record a finished shard (its task's digest) and its primes; how many of them
         were new to the job."""
         values = [(len(text), text) for text in map(str, primes)]
@@ -116,8 +130,8 @@ class Checkpoint(BatchedWrites):
         added = self._db.executemany("INSERT OR IGNORE INTO primes (digits, value) VALUES (?, ?)",
                                      values).rowcount if values else 0
         self._db.execute("INSERT OR REPLACE INTO shards (shard, attempt, state, digest, numbers, "
-                         "primes, node) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                         (shard, attempt, DONE, digest, numbers, len(values), node))
+                         "bad, primes, node) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         (shard, attempt, DONE, digest, numbers, bad, len(values), node))
         return max(0, added)
 
     def record_attempt(self, shard: int, attempt: int, *, failed: bool, error: str) -> None:

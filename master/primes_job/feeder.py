@@ -8,7 +8,10 @@ input's size, and scales with the nodes' slots.
 Before it submits, the feeder asks the master what it knows of the shards' task ids: a shard
 the master finished before this run (the same numbers, by the id's digest) is taken from
 there, so the summary can tell it from a shard run now, and an id the master holds as failed
-is passed over for the shard's next attempt, so a rerun tries it again.
+(or cancelled) is passed over for the shard's next attempt, so a rerun tries it again.
+
+Shards are either form (plan.py): numbers, counted as they are read, or ranges of lines,
+whose numbers are known once a node has parsed them (or from the checkpoint, when skipped).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from core.errors import ConfigError, FabricError, FabricTimeout
 from core.protocol import TaskOutcome
 from master.handles import TaskHandle
 from master.primes_job.plan import TASK_OVERHEAD_BYTES, Shard, task_digest, task_id
+from master.primes_job.ranges import RangeShard
 
 __all__ = ["Window", "Feeder", "Submitted", "StaleCheckpoint", "SUBMIT_BYTES",
            "MAX_KNOWN_FAILURES"]
@@ -84,7 +88,7 @@ class Submitted:
     """A shard's task, journalled by the master (or already finished there: `reused`); what
     the job waits on."""
 
-    shard: Shard
+    shard: Shard | RangeShard
     attempt: int
     digest: str
     handle: TaskHandle
@@ -101,9 +105,10 @@ class Feeder:
     """Reads shards (skipping those the checkpoint holds as done, by index and digest) and
     submits them as tasks."""
 
-    def __init__(self, client: Any, shards: Iterator[Shard], *, job_id: str, task_name: str,
-                 priority: int, window: Window, done_before: dict[int, str],
+    def __init__(self, client: Any, shards: Iterator[Shard | RangeShard], *, job_id: str,
+                 task_name: str, priority: int, window: Window, done_before: dict[int, str],
                  attempts: dict[int, int], ack_timeout: float,
+                 done_counts: dict[int, tuple[int, int]] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
         self.job_id = job_id
@@ -118,10 +123,12 @@ class Feeder:
         self.shards_seen = 0
         self.shards_skipped = 0    # done by an earlier run, from the checkpoint
         self.numbers_skipped = 0
+        self.bad_skipped = 0       # bad lines in range shards skipped (numbers: read again)
         self.known_failures = 0    # ids passed over: the master holds them as failed
         self.active = 0            # shards read (not skipped) whose fate is not settled
         self._shards = shards
         self._done_before = done_before
+        self._done_counts = done_counts or {}
         self._attempts = attempts
         self._clock = clock
         self._retry: deque[tuple[float, Shard, str, int]] = deque()
@@ -199,7 +206,9 @@ class Feeder:
                 self.reader_done = True
                 break
             self.shards_seen += 1
-            self.numbers_read += len(shard.numbers)
+            count = shard.count
+            if count is not None:
+                self.numbers_read += count
             digest = task_digest(self.task_name, [shard.wire])
             done = self._done_before.get(shard.index)
             if done is not None:
@@ -207,7 +216,11 @@ class Feeder:
                     raise StaleCheckpoint(f"shard {shard.index} of the input holds other "
                                           "numbers than when it was checkpointed")
                 self.shards_skipped += 1
-                self.numbers_skipped += len(shard.numbers)
+                if count is None:  # a range: its counts are the checkpoint's
+                    count, bad = self._done_counts.get(shard.index, (0, 0))
+                    self.numbers_read += count
+                    self.bad_skipped += bad
+                self.numbers_skipped += count
                 continue
             with self._lock:
                 self.active += 1
@@ -229,7 +242,7 @@ class Feeder:
                     handle.resolve(outcome)
                     self.submitted.put(Submitted(shard, attempt, digest, handle, self._clock(),
                                                  reused=True))
-                elif outcome is not None and outcome.state == "failed" \
+                elif outcome is not None and outcome.state in ("failed", "cancelled") \
                         and _round < MAX_KNOWN_FAILURES:
                     self.known_failures += 1
                     group.append((shard, digest, attempt + 1))
@@ -271,6 +284,6 @@ class Feeder:
                     outcome = TaskOutcome.from_dict(item)
                 except FabricError:
                     continue
-                if outcome.state in ("completed", "failed"):
+                if outcome.state in ("completed", "failed", "cancelled"):
                     known[outcome.id] = outcome
         return known

@@ -1,7 +1,7 @@
 """Input numbers: files read in blocks, in bounded memory, with bad lines named, not fatal.
 
-A line holds one decimal integer (optional sign, ASCII digits, surrounding blanks allowed).
-Blank lines are skipped. Anything else is a `BadLine` with its file and line number, and the
+A line holds one decimal integer (core/number_text.py has the rules, shared with the nodes
+that parse byte ranges). Anything else is a `BadLine` with its file and line number, and the
 job goes on. Files are read a block at a time and a line may be at most MAX_LINE_BYTES long,
 so a file larger than memory, or one without newlines, is read in bounded memory.
 
@@ -12,21 +12,17 @@ what limits a prime job's speed when the nodes test numbers with gmpy2.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Union
 
+from core.number_text import MAX_DIGITS, MAX_LINE_BYTES, excerpt, parse_line, parse_lines
+
 __all__ = ["BadLine", "parse_line", "read_numbers", "wire_number", "wire_numbers", "MAX_DIGITS",
            "MAX_LINE_BYTES"]
 
-# CPython refuses int() of longer decimal strings by default; such numbers are bad lines here.
-MAX_DIGITS = 4300
-MAX_LINE_BYTES = MAX_DIGITS + 64
 BLOCK_BYTES = 1 << 20
 _WIRE_LOW, _WIRE_HIGH = -(1 << 63), 1 << 64  # msgpack's integers: int64 and uint64
-_NUMBER = re.compile(rb"[+-]?[0-9]+")
-_BLANK = b" \t\r\n\x0b\x0c"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,47 +38,20 @@ class BadLine:
         return f"{self.path}:{self.line}: {self.reason}: {self.text!r}"
 
 
-def parse_line(raw: bytes) -> int | str | None:
-    """The integer on a line, None for a blank line, or the reason it is not an integer."""
-    text = raw.strip(_BLANK)
-    if not text:
-        return None
-    if not _NUMBER.fullmatch(text):
-        return "not an integer"
-    if len(text.lstrip(b"+-")) > MAX_DIGITS:
-        return f"more than {MAX_DIGITS} digits"
-    return int(text)
-
-
 def _excerpt(raw: bytes) -> str:
-    text = raw.strip(_BLANK).decode("utf-8", errors="replace")
-    return text if len(text) <= 40 else text[:37] + "..."
+    return excerpt(raw)
 
 
 def _parse_block(lines: list[bytes], path: str, first_line: int, *, fast: bool = True
                  ) -> Iterator[Union[list[int], BadLine]]:
     """The numbers of whole lines; the fast path when every line is a plain integer.
     `fast` must be False when the lines hold a `_` (int() would take "1_000")."""
-    if fast:
-        try:
-            yield list(map(int, lines))
-            return
-        except ValueError:
-            pass  # a blank, bad or overlong line somewhere: line by line below
-    numbers: list[int] = []
-    for offset, raw in enumerate(lines):
-        value = parse_line(raw)
-        if value is None:
-            continue
-        if isinstance(value, str):
-            if numbers:
-                yield numbers
-                numbers = []
-            yield BadLine(path, first_line + offset, value, _excerpt(raw))
-            continue
-        numbers.append(value)
-    if numbers:
-        yield numbers
+    for item in parse_lines(lines, fast=fast):
+        if isinstance(item, list):
+            yield item
+        else:
+            offset, reason, raw = item
+            yield BadLine(path, first_line + offset, reason, excerpt(raw))
 
 
 def read_numbers(paths: Iterable[Path], *, on_bytes: Callable[[int], None] | None = None,

@@ -22,7 +22,8 @@ from master.primes_job.numbers import BadLine, wire_number, wire_numbers
 
 __all__ = ["ShardPlan", "Shard", "plan_shards", "window_for", "job_id_for", "task_id",
            "task_digest", "iter_shards", "number_cost", "DEFAULT_SHARD_SIZE", "MAX_SHARD_BYTES",
-           "BROKER_SAFE_BYTES", "LIVE_STATES", "live_nodes"]
+           "BROKER_SAFE_BYTES", "LIVE_STATES", "live_nodes", "shard_form", "NUMBERS", "RANGES",
+           "TASK_NAME", "RANGE_TASK"]
 
 # Numbers per shard on CPython nodes: ~10-40 ms of Miller-Rabin in pure Python, so the
 # per-task cost of the fabric (a few ms) stays small beside it, and 2 nodes x 2 slots still
@@ -39,6 +40,9 @@ TASK_OVERHEAD_BYTES = 256
 # JSON bytes of a typical 64-bit number with its separator: what a count is derived with.
 _TYPICAL_NUMBER_BYTES = 21
 LIVE_STATES = frozenset({"connected", "ready", "busy"})
+# The two shard forms and their tasks (see ShardPlan).
+NUMBERS, RANGES = "numbers", "ranges"
+TASK_NAME, RANGE_TASK = "primes", "primes_range"
 # Any number with |n| < 2**64 costs at most this as JSON: 20 digits, sign, quotes, separator.
 _MAX_COST_64 = 24
 _LIMIT_64 = 1 << 64
@@ -46,22 +50,41 @@ _LIMIT_64 = 1 << 64
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """A shard holds at most `shard_size` numbers and at most `max_bytes` of them as JSON."""
+    """A shard holds at most `shard_size` numbers and at most `max_bytes` of them as JSON.
+
+    `form` is how shards travel: NUMBERS (the numbers themselves, task `primes`, which every
+    node runs, ESP32 boards included) or RANGES (line-aligned bytes of a file, task
+    `primes_range`, parsed by the node: the client does not parse the input; a range of
+    about `shard_size` lines of 64-bit numbers, cut by bytes)."""
 
     shard_size: int
     max_bytes: int
+    form: str = NUMBERS
 
     def __post_init__(self) -> None:
         if self.shard_size < 1 or self.max_bytes < 64:
             raise ConfigError(f"invalid shard plan {self}: shard size must be at least 1 and "
                               "the byte bound at least 64")
+        if self.form not in (NUMBERS, RANGES):
+            raise ConfigError(f"invalid shard plan {self}: form must be {NUMBERS!r} or "
+                              f"{RANGES!r}")
 
-    def to_dict(self) -> dict[str, int]:
-        return {"shard_size": self.shard_size, "max_bytes": self.max_bytes}
+    @property
+    def task_name(self) -> str:
+        return RANGE_TASK if self.form == RANGES else TASK_NAME
+
+    @property
+    def range_bytes(self) -> int:
+        """Bytes of input a range shard holds at most (a longer line goes alone)."""
+        return max(64, min(self.max_bytes, self.shard_size * _TYPICAL_NUMBER_BYTES))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shard_size": self.shard_size, "max_bytes": self.max_bytes, "form": self.form}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ShardPlan":
-        return cls(shard_size=int(d["shard_size"]), max_bytes=int(d["max_bytes"]))
+        return cls(shard_size=int(d["shard_size"]), max_bytes=int(d["max_bytes"]),
+                   form=str(d.get("form", NUMBERS)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,12 +98,29 @@ class Shard:
     wire: list[Union[int, str]]
     cost: int
 
+    @property
+    def count(self) -> int | None:
+        """How many numbers it holds (known before it runs)."""
+        return len(self.numbers)
+
 
 def live_nodes(nodes: Iterable[dict]) -> list[dict]:
     return [n for n in nodes if n.get("status") in LIVE_STATES]
 
 
-def plan_shards(nodes: Sequence[dict], *, shard_size: int | None = None) -> ShardPlan:
+def shard_form(nodes: Iterable[dict]) -> str:
+    """RANGES when every live node that tests primes also parses ranges (CPython nodes of
+    this release), else NUMBERS, so that every node (a board, an older node) can take
+    shards. A node that lists no tasks is not counted on for ranges."""
+    testers = [n for n in live_nodes(nodes)
+               if not n.get("tasks") or TASK_NAME in n["tasks"] or RANGE_TASK in n["tasks"]]
+    if testers and all(RANGE_TASK in (n.get("tasks") or ()) for n in testers):
+        return RANGES
+    return NUMBERS
+
+
+def plan_shards(nodes: Sequence[dict], *, shard_size: int | None = None,
+                form: str = NUMBERS) -> ShardPlan:
     """The plan for the live nodes in `nodes` (as `FabricClient.nodes()` lists them).
 
     A node that states a `max_payload` (an ESP32) must be able to take a shard in one
@@ -106,7 +146,7 @@ def plan_shards(nodes: Sequence[dict], *, shard_size: int | None = None) -> Shar
             budgets.append(max(64, BROKER_SAFE_BYTES // slots - TASK_OVERHEAD_BYTES))
     max_bytes = min(budgets)
     count = shard_size or max(1, min(DEFAULT_SHARD_SIZE, max_bytes // _TYPICAL_NUMBER_BYTES))
-    return ShardPlan(shard_size=count, max_bytes=max_bytes)
+    return ShardPlan(shard_size=count, max_bytes=max_bytes, form=form)
 
 
 def window_for(nodes: Sequence[dict]) -> int:

@@ -23,8 +23,9 @@ __all__ = ["JobProgress", "render_progress", "ProgressBar", "PROGRESS_TYPE", "JO
 
 PROGRESS_TYPE = "job_progress"
 # running: under way; done: every number tested; incomplete: ended with failed shards;
+# cancelled: ended with shards someone cancelled (`master-node cancel`), the rest finished;
 # failed: an error stopped it (see `reason`); interrupted: stopped by a signal.
-JOB_STATES = ("running", "done", "incomplete", "failed", "interrupted")
+JOB_STATES = ("running", "done", "incomplete", "failed", "interrupted", "cancelled")
 FINAL_STATES = frozenset(JOB_STATES[1:])
 
 

@@ -9,7 +9,12 @@ tasks: finished shards are skipped from the checkpoint, and a shard the master a
 finished is taken from its stored outcome; a rerun cut in other shards shares no id with an
 earlier run, so it never reuses an outcome computed for other numbers.
 
+Shards travel as numbers (task `primes`, which every node runs) or, when every live node
+that tests primes parses ranges (CPython nodes), as line-aligned bytes of the files (task
+`primes_range`): then the nodes parse, and the client only cuts the files at line ends.
+
 The job's retained progress says how it ended: `done`, `incomplete` (some shards failed),
+`cancelled` (some shards were cancelled, with `master-node cancel`; the others finished),
 `failed` (an error stopped it, with the reason) or `interrupted` (SIGINT, or SIGTERM through
 `master-node primes`).
 """
@@ -35,16 +40,16 @@ from master.primes_job.checkpoint import Checkpoint
 from master.primes_job.feeder import Feeder, StaleCheckpoint, Submitted, Window
 from master.primes_job.numbers import BadLine, read_numbers
 from master.primes_job.output import write_primes
-from master.primes_job.plan import (Shard, ShardPlan, iter_shards, job_id_for, live_nodes,
-                                    plan_shards, window_for)
+from master.primes_job.plan import (RANGES, TASK_NAME, Shard, ShardPlan, iter_shards,
+                                    job_id_for, live_nodes, plan_shards, shard_form, window_for)
 from master.primes_job.progress import JobProgress
+from master.primes_job.ranges import RangeShard, iter_range_shards, range_result
 
 __all__ = ["PrimesJobOptions", "JobSummary", "PrimesJob", "run_primes_job", "check_files",
            "TASK_NAME"]
 
 log = logging.getLogger(__name__)
 
-TASK_NAME = "primes"
 _POLL = 0.25                 # longest wait for a result before the loop looks around
 _OUTCOME_POLL = 5.0          # ask the master directly about shards in flight this long
 _NODES_REFRESH = 5.0         # look for new nodes (a bigger window) this often
@@ -153,6 +158,8 @@ class PrimesJob:
         self.bytes_total = 0
         self.bytes_read = 0
         self.numbers_tested = 0
+        self.numbers_parsed = 0       # read by nodes from range shards finished in this run
+        self.shards_cancelled = 0
         self.bad_lines = 0
         self.bad_samples: list[str] = []
         self.primes = 0
@@ -199,13 +206,18 @@ class PrimesJob:
         complete = False
         try:
             plan, resumed = self._resume_or_begin(checkpoint, nodes)
-            shards = iter_shards(read_numbers(self.files, on_bytes=self._count_bytes), plan,
-                                 self._bad_line)
+            if plan.form == RANGES:
+                shards: Any = iter_range_shards(self.files, plan, self._bad_line,
+                                                on_bytes=self._count_bytes)
+            else:
+                shards = iter_shards(read_numbers(self.files, on_bytes=self._count_bytes), plan,
+                                     self._bad_line)
             feeder = self._feeder = Feeder(
-                self.client, shards, job_id=self.job_id, task_name=TASK_NAME,
+                self.client, shards, job_id=self.job_id, task_name=plan.task_name,
                 priority=options.priority, window=Window(window_for(nodes)),
                 done_before=checkpoint.done_shards(), attempts=checkpoint.attempts(),
-                ack_timeout=options.timeout, clock=self._clock)
+                done_counts=checkpoint.done_counts(), ack_timeout=options.timeout,
+                clock=self._clock)
             feeder.start()
             try:
                 self._loop(checkpoint, feeder)
@@ -221,7 +233,7 @@ class PrimesJob:
             complete = not self.failed
             write_primes(checkpoint.iter_primes(), options.output)
             summary = self._summary(plan, resumed, complete)
-            state = "done" if complete else "incomplete"
+            state = "done" if complete else "cancelled" if self.shards_cancelled else "incomplete"
             self._publish(state)
             if self._on_progress is not None:
                 self._on_progress(self.progress(state))
@@ -265,7 +277,7 @@ class PrimesJob:
         if checkpoint.job_id() is not None:
             self._on_notice(f"checkpoint {checkpoint.path} belonged to job {checkpoint.job_id()} "
                             f"(other input); starting job {self.job_id} afresh")
-        plan = plan_shards(nodes, shard_size=options.shard_size)
+        plan = plan_shards(nodes, shard_size=options.shard_size, form=shard_form(nodes))
         checkpoint.begin(self.job_id, plan, files=[str(p) for p in self.files])
         return plan, False
 
@@ -345,25 +357,52 @@ class PrimesJob:
                                   error={"kind": "error", "message": str(e)})
         if outcome.state == "completed":
             try:
-                found = _primes_of(shard, outcome.value)
+                found, count, bad = self._found(shard, outcome.value)
             except ValueError as e:
                 error = {"kind": "bad_result", "message": str(e)}
             else:
                 self.primes += checkpoint.record_done(shard.index, slot.attempt, slot.digest,
-                                                      len(shard.numbers), found, outcome.node_id)
+                                                      count, found, outcome.node_id, bad=bad)
                 self.shards_done += 1
                 if slot.reused:
                     self.shards_from_master += 1
                 else:
                     node = outcome.node_id or "?"
                     self.nodes_run[node] = self.nodes_run.get(node, 0) + 1
-                    self.numbers_run += len(shard.numbers)
-                self.numbers_tested += len(shard.numbers)
+                    self.numbers_run += count
+                self.numbers_tested += count
                 feeder.settled()
                 return
+        elif outcome.state == "cancelled":
+            self._cancelled(checkpoint, feeder, slot, outcome)
+            return
         else:
             error = dict(outcome.error or {"kind": outcome.state, "message": ""})
         self._failed_attempt(checkpoint, feeder, slot, error)
+
+    def _found(self, shard: Shard | RangeShard, value: Any) -> tuple[list, int, int]:
+        """The primes a node found in `shard`, its count of numbers and of bad lines (named
+        here for a range, whose lines only the node parsed); ValueError for a bad answer."""
+        if isinstance(shard, Shard):
+            return _primes_of(shard, value), len(shard.numbers), 0
+        result = range_result(shard, value)
+        for bad in result.bad_lines:
+            self._bad_line(bad)
+        self.bad_lines += result.bad - len(result.bad_lines)  # counted, not named
+        self.numbers_parsed += result.numbers
+        return result.primes, result.numbers, result.bad
+
+    def _cancelled(self, checkpoint: Checkpoint, feeder: Feeder, slot: Submitted,
+                   outcome: TaskOutcome) -> None:
+        """Someone cancelled the shard's task: it is settled for this run, not retried (a
+        rerun submits it again, under its next attempt's id)."""
+        index = slot.shard.index
+        message = str((outcome.error or {}).get("message", "")) or "cancelled"
+        checkpoint.record_attempt(index, slot.attempt + 1, failed=True,
+                                  error=f"cancelled: {message}")
+        self.shards_cancelled += 1
+        feeder.settled()
+        self._on_notice(f"shard {index} was cancelled ({message}); not run in this run")
 
     def _failed_attempt(self, checkpoint: Checkpoint, feeder: Feeder, slot: Submitted,
                         error: dict) -> None:
@@ -403,7 +442,7 @@ class PrimesJob:
             except FabricError:
                 continue
             slot = slots.get(outcome.id)
-            if slot is not None and outcome.state in ("completed", "failed"):
+            if slot is not None and outcome.state in ("completed", "failed", "cancelled"):
                 slot.handle.resolve(outcome)
 
     def _refresh_window(self, feeder: Feeder) -> None:
@@ -429,13 +468,13 @@ class PrimesJob:
 
     def progress(self, state: str = "running", *, reason: str = "") -> JobProgress:
         feeder = self._feeder
-        numbers_read = feeder.numbers_read if feeder else 0
+        numbers_read = (feeder.numbers_read if feeder else 0) + self.numbers_parsed
         skipped = feeder.numbers_skipped if feeder else 0
         from_checkpoint = feeder.shards_skipped if feeder else 0
         shards_total = feeder.shards_seen if feeder and feeder.reader_done else None
         return JobProgress(job_id=self.job_id, state=state, numbers_read=numbers_read,
                            numbers_tested=self.numbers_tested + skipped,
-                           bad_lines=self.bad_lines,
+                           bad_lines=self.bad_lines + (feeder.bad_skipped if feeder else 0),
                            shards_done=self.shards_done + from_checkpoint,
                            shards_total=shards_total, shards_in_flight=len(self._in_flight),
                            shards_reused=self.shards_from_master + from_checkpoint,
@@ -464,8 +503,8 @@ class PrimesJob:
         return JobSummary(
             job_id=self.job_id, output=str(self.options.output),
             files=[str(p) for p in self.files], complete=complete, resumed=resumed,
-            numbers_read=feeder.numbers_read, numbers_tested=tested,
-            bad_lines=self.bad_lines, primes=self.primes, shards=feeder.shards_seen,
+            numbers_read=feeder.numbers_read + self.numbers_parsed, numbers_tested=tested,
+            bad_lines=self.bad_lines + feeder.bad_skipped, primes=self.primes, shards=feeder.shards_seen,
             shards_run=self.shards_done - self.shards_from_master,
             shards_from_checkpoint=feeder.shards_skipped,
             shards_from_master=self.shards_from_master, shards_failed=len(self.failed),
