@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Type, TypeVar
+from typing import Any, Callable, ClassVar, Iterable, Type, TypeVar
 
 from core import codec as _codec
 from core.errors import ConfigError, DecodeError
@@ -176,6 +176,11 @@ class TaskSpec:
     token: str = ""         # unguessable, one per dispatch: a result must echo it
     max_attempts: int = 0   # real runs allowed before it ends failed (0: the master's default)
     timeout: float = 0.0    # seconds one run may take on its node, ending `timeout` (0: none)
+    # master-side policy (nodes ignore it): None takes the master's default
+    backoff: float | None = None      # seconds before the first retry, doubling for each next
+    backoff_max: float | None = None  # the cap on one wait between runs
+    retry_on: tuple[str, ...] | None = None  # error kinds retried ("error": any curable one)
+    not_before: float = 0.0  # wall-clock seconds (epoch) before which it is not started
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"id": self.id, "name": self.name, "priority": self.priority}
@@ -190,6 +195,14 @@ class TaskSpec:
             d["max_attempts"] = self.max_attempts
         if self.timeout:
             d["timeout"] = self.timeout
+        if self.backoff is not None:
+            d["backoff"] = self.backoff
+        if self.backoff_max is not None:
+            d["backoff_max"] = self.backoff_max
+        if self.retry_on is not None:
+            d["retry_on"] = list(self.retry_on)
+        if self.not_before:
+            d["not_before"] = self.not_before
         return d
 
     def same_work(self, other: "TaskSpec") -> bool:
@@ -219,7 +232,10 @@ class TaskSpec:
             token = d.get("token", "")
             budget = d.get("max_attempts", 0)
             limit = d.get("timeout", 0.0)
-            if type(task_id) is str and 0 < len(task_id) <= 128 and type(name) is str \
+            if type(task_id) is str and d.get("not_before", _ABSENT) is _ABSENT \
+                    and d.get("retry_on", _ABSENT) is _ABSENT \
+                    and d.get("backoff", _ABSENT) is _ABSENT \
+                    and d.get("backoff_max", _ABSENT) is _ABSENT and 0 < len(task_id) <= 128 and type(name) is str \
                     and type(priority) is int and MIN_PRIORITY <= priority <= MAX_PRIORITY \
                     and (type(args) is list or args is _ABSENT) \
                     and (type(kwargs) is dict or kwargs is _ABSENT) \
@@ -253,11 +269,45 @@ class TaskSpec:
             token=token,
             max_attempts=_int(d, "max_attempts", "task", 0, 0, MAX_ATTEMPTS),
             timeout=_task_timeout(d),
+            backoff=_delay(d, "backoff"),
+            backoff_max=_delay(d, "backoff_max"),
+            retry_on=_retry_on(d),
+            not_before=_not_before(d),
         )
 
 
 def _timeout_ok(value: Any) -> bool:
     return type(value) in (int, float) and 0 <= value <= MAX_TIMEOUT
+
+
+MAX_DELAY = 7 * 24 * 3600.0  # a wait between runs, seconds
+_MAX_KINDS = 32
+
+
+def _delay(d: dict, key: str) -> float | None:
+    value = d.get(key)
+    if value is None:
+        return None
+    if type(value) not in (int, float) or not 0 <= value <= MAX_DELAY:
+        raise DecodeError(f"task: {key!r} must be 0-{MAX_DELAY:g} seconds, got {value!r}")
+    return float(value)
+
+
+def _retry_on(d: dict) -> tuple[str, ...] | None:
+    value = d.get("retry_on")
+    if value is None:
+        return None
+    if type(value) is not list or len(value) > _MAX_KINDS \
+            or not all(type(k) is str and 0 < len(k) <= 64 for k in value):
+        raise DecodeError(f"task: 'retry_on' must be a list of at most {_MAX_KINDS} error kinds")
+    return tuple(value)
+
+
+def _not_before(d: dict) -> float:
+    value = d.get("not_before", 0.0)
+    if type(value) not in (int, float) or not 0 <= value < 1e11:  # NaN fails too
+        raise DecodeError(f"task: 'not_before' must be epoch seconds, got {value!r}")
+    return float(value)
 
 
 def _task_timeout(d: dict) -> float:
@@ -311,7 +361,9 @@ def new_token() -> str:
 
 def make_task(name: str, args: Any = (), kwargs: dict | None = None, *,
               priority: int = DEFAULT_PRIORITY, task_id: str | None = None,
-              max_attempts: int = 0, timeout: float = 0.0) -> TaskSpec:
+              max_attempts: int = 0, timeout: float = 0.0, backoff: float | None = None,
+              backoff_max: float | None = None, retry_on: Iterable[str] | None = None,
+              not_before: float = 0.0) -> TaskSpec:
     """A new task with a fresh id, checked the way the master will check it."""
     if not isinstance(name, str) or not name:
         raise ConfigError("task name must be a non-empty string")
@@ -335,8 +387,34 @@ def make_task(name: str, args: Any = (), kwargs: dict | None = None, *,
         kwargs = dict(kwargs)
     else:
         raise ConfigError("kwargs must be a dict")
-    return _new_spec(task_id or new_task_id(), name, list(args), kwargs, priority, 0, "",
+    spec = _new_spec(task_id or new_task_id(), name, list(args), kwargs, priority, 0, "",
                      max_attempts, float(timeout))
+    if backoff is None and backoff_max is None and retry_on is None and not not_before:
+        return spec
+    return _with_policy(spec, backoff=backoff, backoff_max=backoff_max, retry_on=retry_on,
+                        not_before=not_before)
+
+
+def _with_policy(spec: TaskSpec, *, backoff: float | None, backoff_max: float | None,
+                 retry_on: Iterable[str] | None, not_before: float) -> TaskSpec:
+    """`spec` with a retry policy and start time of its own, checked as the master will."""
+    wire: dict[str, Any] = {"not_before": not_before}
+    if backoff is not None:
+        wire["backoff"] = backoff
+    if backoff_max is not None:
+        wire["backoff_max"] = backoff_max
+    if retry_on is not None:
+        wire["retry_on"] = ([k.strip() for k in retry_on.split(",") if k.strip()]
+                            if isinstance(retry_on, str) else list(retry_on))
+    try:
+        checked = (_delay(wire, "backoff"), _delay(wire, "backoff_max"), _retry_on(wire),
+                   _not_before(wire))
+    except DecodeError as e:
+        raise ConfigError(str(e).removeprefix("task: ")) from e
+    _s = _SPEC_SET
+    for setter, value in zip(_s[9:], checked):
+        setter(spec, value)
+    return spec
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,7 +515,8 @@ def _setters(cls: type, names: tuple[str, ...]) -> tuple:
 
 
 _SPEC_SET = _setters(TaskSpec, ("id", "name", "args", "kwargs", "priority", "attempt", "token",
-                                 "max_attempts", "timeout"))
+                                 "max_attempts", "timeout", "backoff", "backoff_max", "retry_on",
+                                 "not_before"))
 _RESULT_SET = _setters(TaskResult, ("id", "ok", "value", "error", "ts", "attempt", "token"))
 _OUTCOME_SET = _setters(TaskOutcome, ("id", "state", "value", "error", "node_id", "attempts"))
 
@@ -448,7 +527,8 @@ def _new_spec(task_id: str, name: str, args: list, kwargs: dict, priority: int,
     spec = _new(TaskSpec)
     _s[0](spec, task_id), _s[1](spec, name), _s[2](spec, args), _s[3](spec, kwargs)
     _s[4](spec, priority), _s[5](spec, attempt), _s[6](spec, token), _s[7](spec, max_attempts)
-    _s[8](spec, timeout)
+    _s[8](spec, timeout), _s[9](spec, None), _s[10](spec, None), _s[11](spec, None)
+    _s[12](spec, 0.0)
     return spec
 
 

@@ -24,6 +24,8 @@ from core.protocol import (DEFAULT_PRIORITY, QUEUE_FULL, MasterStatus, Message, 
 from core.topics import DEFAULT_ROOT, Topics
 from core.url import BrokerUrl, parse_broker_url
 from master.handles import TaskHandle
+from master.start_time import not_before
+
 
 __all__ = ["FabricClient"]
 
@@ -81,13 +83,20 @@ class FabricClient:
     def submit(self, name: str, args: Iterable[Any] = (), kwargs: dict | None = None, *,
                priority: int = DEFAULT_PRIORITY, task_id: str | None = None,
                max_attempts: int = 0, timeout: float = 0.0,
-               ack_timeout: float = 10.0) -> TaskHandle:
+               ack_timeout: float = 10.0, backoff: float | None = None,
+               backoff_max: float | None = None, retry_on: Iterable[str] | None = None,
+               countdown: float = 0.0, eta: Any = None) -> TaskHandle:
         """Submit one task; returns once the master has journalled it. A `task_id` of your
         own names this work: submitting it again is harmless, binding it to other work is
         refused (TaskRefused). `max_attempts`: real runs allowed (0: the master's default).
-        `timeout`: seconds one run may take on its node, else it ends `timeout` (0: none)."""
+        `timeout`: seconds one run may take on its node, else it ends `timeout` (0: none).
+        `backoff`, `backoff_max`, `retry_on`: its retry policy (master.retry_policy; None:
+        the master's). `countdown` (seconds) or `eta` (epoch seconds, ISO 8601 or datetime):
+        it starts no earlier than that."""
         return self.submit_many([(name, list(args), dict(kwargs or {}), priority, task_id,
-                                  max_attempts, timeout)], ack_timeout=ack_timeout)[0]
+                                  max_attempts, timeout)], ack_timeout=ack_timeout,
+                                backoff=backoff, backoff_max=backoff_max, retry_on=retry_on,
+                                countdown=countdown, eta=eta)[0]
 
     def dispatch_lambda(self, lambda_data: dict, *, priority: int = DEFAULT_PRIORITY) -> TaskHandle:
         """Run a named lambda (`name`, `event`, `env`, `timeout`, `memory`) on some node."""
@@ -101,7 +110,10 @@ class FabricClient:
 
     def submit_many(self, calls: Iterable[tuple], *,
                     ack_timeout: float = 30.0,
-                    on_progress: Callable[[int], None] | None = None) -> list[TaskHandle]:
+                    on_progress: Callable[[int], None] | None = None,
+                    backoff: float | None = None, backoff_max: float | None = None,
+                    retry_on: Iterable[str] | None = None, countdown: float = 0.0,
+                    eta: Any = None) -> list[TaskHandle]:
         """Submit (name, args, kwargs, priority[, task_id[, max_attempts[, timeout]]]) calls in
         batches; each id once, journalled. A caller-chosen task id makes a resubmission after
         a crash harmless.
@@ -109,10 +121,15 @@ class FabricClient:
         Tasks the master refuses because its queue is full are resent with backoff until
         `ack_timeout` passes, then their handles fail with QueueFull; a task refused for any
         other reason fails at once with TaskRefused.
+
+        The retry policy and start time keywords (as for `submit`) apply to every call.
         """
+        start = not_before(countdown=countdown, eta=eta, now=time.time())
+        policy = {"backoff": backoff, "backoff_max": backoff_max, "retry_on": retry_on,
+                  "not_before": start}
         specs = [make_task(c[0], c[1], c[2], priority=c[3], task_id=c[4] if len(c) > 4 else None,
                            max_attempts=c[5] if len(c) > 5 else 0,
-                           timeout=c[6] if len(c) > 6 else 0.0)
+                           timeout=c[6] if len(c) > 6 else 0.0, **policy)
                  for c in calls]  # every call checked before any is sent
         deadline = time.monotonic() + ack_timeout
         chunks = self._chunks_within(specs)

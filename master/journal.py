@@ -54,7 +54,9 @@ CREATE TABLE IF NOT EXISTS tasks (
     token TEXT NOT NULL DEFAULT '',
     max_attempts INTEGER NOT NULL DEFAULT 0,
     started REAL,
-    timeout REAL NOT NULL DEFAULT 0
+    timeout REAL NOT NULL DEFAULT 0,
+    not_before REAL NOT NULL DEFAULT 0,
+    retry TEXT NOT NULL DEFAULT ''
 );
 DROP INDEX IF EXISTS tasks_active;
 CREATE INDEX IF NOT EXISTS tasks_open ON tasks(priority) WHERE finished IS NULL;
@@ -63,7 +65,9 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 # columns added since the first schema: a journal written before them gains them on open
 _ADDED_COLUMNS = {"dispatch": "INTEGER NOT NULL DEFAULT 0", "token": "TEXT NOT NULL DEFAULT ''",
                   "max_attempts": "INTEGER NOT NULL DEFAULT 0", "started": "REAL",
-                  "timeout": "REAL NOT NULL DEFAULT 0"}
+                  "timeout": "REAL NOT NULL DEFAULT 0",
+                  "not_before": "REAL NOT NULL DEFAULT 0",  # epoch seconds; 0: at once
+                  "retry": "TEXT NOT NULL DEFAULT ''"}       # the task's own retry policy, JSON
 
 
 def _pack(value: Any) -> bytes:
@@ -185,13 +189,14 @@ class Journal(BatchedWrites):
             r.row = row
             call = _pack([spec.args, spec.kwargs]) if spec.args or spec.kwargs else _NO_CALL
             rows.append((row, spec.id, spec.name, call, spec.priority, r.client, r.pinned, QUEUED,
-                         now, spec.max_attempts, spec.timeout))
+                         now, spec.max_attempts, spec.timeout, spec.not_before, _retry(spec)))
             row += 1
         self._next_row = row
         self._begin()
         return self._db.executemany(
             "INSERT OR IGNORE INTO tasks (rowid, id, name, call, priority, client, pinned, state, "
-            "submitted, max_attempts, timeout) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "submitted, max_attempts, timeout, not_before, retry) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows).rowcount
 
     def _update(self, sql: str, rows: list[tuple]) -> None:
@@ -217,6 +222,11 @@ class Journal(BatchedWrites):
         self._update(f"UPDATE tasks SET state = {QUEUED}, node = '', attempts = ?, errors = ?",
                      [(r.attempts, _errors(r.errors), r.row or r.id) for r in records])
 
+    def delayed(self, records: Iterable[tuple[TaskRecord, float]]) -> None:
+        """Record when queued tasks may start next (epoch seconds): a retry's backoff, so a
+        restarted master waits it out too."""
+        self._update("UPDATE tasks SET not_before = ?", [(at, r.row or r.id) for r, at in records])
+
     def finished(self, records: Iterable[tuple[TaskRecord, Any]], now: float | None = None) -> None:
         """Record final states; `records` pairs each task with its value (None if failed)."""
         now = time.time() if now is None else now
@@ -241,14 +251,18 @@ class Journal(BatchedWrites):
         """Tasks to restore after a restart, with whether each was in flight (goes in front)."""
         out = []
         for (row, task_id, name, call, priority, client, pinned, state, attempts,
-             errors, node, dispatch, token, max_attempts, timeout) in self._db.execute(
+             errors, node, dispatch, token, max_attempts, timeout, not_before,
+             retry) in self._db.execute(
                 "SELECT rowid, id, name, call, priority, client, pinned, state, attempts, errors, "
-                "node, dispatch, token, max_attempts, timeout "
+                "node, dispatch, token, max_attempts, timeout, not_before, retry "
                 "FROM tasks WHERE finished IS NULL ORDER BY state DESC, rowid"):
             args, kwargs = _unpack(call)
+            policy = json.loads(retry) if retry else {}
+            if "retry_on" in policy:
+                policy["retry_on"] = tuple(policy["retry_on"])
             record = TaskRecord(spec=TaskSpec(id=task_id, name=name, args=args, kwargs=kwargs,
                                               priority=priority, max_attempts=max_attempts,
-                                              timeout=timeout),
+                                              timeout=timeout, not_before=not_before, **policy),
                                 client=client, pinned=pinned, attempts=attempts,
                                 errors=json.loads(errors), row=row, dispatch=dispatch,
                                 token=token if state == RUNNING else "",
@@ -385,6 +399,20 @@ def _history(errors: list, *, state: int, node: str, dispatch: int, started: flo
                         "ended": finished if state == COMPLETED else None,
                         "outcome": outcome, "message": ""})
     return out
+
+
+def _retry(spec: TaskSpec) -> str:
+    """A task's own retry policy as JSON ('' if it has none: the master's default)."""
+    if spec.backoff is None and spec.backoff_max is None and spec.retry_on is None:
+        return ""
+    policy: dict[str, Any] = {}
+    if spec.backoff is not None:
+        policy["backoff"] = spec.backoff
+    if spec.backoff_max is not None:
+        policy["backoff_max"] = spec.backoff_max
+    if spec.retry_on is not None:
+        policy["retry_on"] = list(spec.retry_on)
+    return json.dumps(policy)
 
 
 def _errors(errors: list) -> str:

@@ -13,6 +13,10 @@
   name no node ever offered fails at once; one whose nodes are all gone waits, and says so.
 - Idle first: when a node has free slots and nothing queued for it, nodes holding prefetched
   work are asked to hand some back (`steals`).
+- Delays: a task with a start time (`due`) waits in a heap of its own until then; a failed
+  run is retried after its policy's backoff (master.retry_policy), only for the error kinds
+  it names. A rate limit per task name (master.rate_limit) parks tasks of that name while
+  its bucket is empty; `next_wake` says when either needs the next `assign`.
 - Cancel: a queued task is never dispatched; a running one ends `cancelled` at once, while its
   slot on the node stays taken until the node says it stopped (or is gone): the master never
   sends work into a slot a cancelled task still occupies.
@@ -22,13 +26,16 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import random
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 from core import codec
 from core.errors import QueueFull
 from core.protocol import NodeStatus, TaskResult, TaskSpec, new_token
 from master.liveness import heartbeat_timeout, silent_nodes
+from master.rate_limit import RateLimit, TokenBucket
+from master.retry_policy import RetryPolicy
 
 __all__ = ["Scheduler", "TaskRecord", "NodeInfo", "QUEUED", "RUNNING", "COMPLETED", "FAILED",
            "CANCELLED", "STATE_NAMES", "STATE_CODES", "FINAL_STATES", "PERMANENT_ERRORS",
@@ -74,6 +81,7 @@ class TaskRecord:
     dispatch: int = 0  # attempt number of the current (or last) dispatch
     token: str = ""    # its token ("" after a take-over that never learnt it: any from its node)
     sent_to: str = ""  # the node of that dispatch
+    due: float = 0.0   # not dispatched before this (the scheduler's clock; 0: at once)
 
     @property
     def id(self) -> str:
@@ -152,8 +160,16 @@ class Scheduler:
     """Queue, nodes and in-flight bookkeeping of the master."""
 
     def __init__(self, *, max_attempts: int = 3, max_queued: int = 1_000_000,
-                 node_timeout: float = 3.0) -> None:
+                 node_timeout: float = 3.0, retry: RetryPolicy | None = None,
+                 rate_limits: Iterable[RateLimit] = (),
+                 rand: Callable[[], float] = random.random) -> None:
         self.max_attempts = max_attempts
+        self.retry = retry or RetryPolicy()
+        self._rand = rand  # draws the jitter of backoffs
+        self._delayed: list[tuple[float, int, str]] = []  # (due, seq, id) of waiting tasks
+        self.rate_limits = {limit.name: limit.per_second for limit in rate_limits}
+        self._buckets: dict[str, TokenBucket] = {}
+        self._parked: dict[str, list[tuple[int, int, str]]] = {}  # name -> heap entries
         self.max_queued = max_queued
         self.node_timeout = node_timeout
         self.tasks: dict[str, TaskRecord] = {}      # active: queued or in flight
@@ -181,13 +197,15 @@ class Scheduler:
 
     # -- queue ---------------------------------------------------------------------------------
 
-    def submit(self, spec: TaskSpec, *, client: str = "", pinned: str = "") -> TaskRecord | None:
-        """Queue a new task; None if that id is already active. QueueFull past the bound."""
+    def submit(self, spec: TaskSpec, *, client: str = "", pinned: str = "",
+               due: float = 0.0) -> TaskRecord | None:
+        """Queue a new task (not dispatched before `due`); None if that id is already active.
+        QueueFull past the bound."""
         if spec.id in self.tasks:
             return None
         if self.queued >= self.max_queued:
             raise QueueFull(f"queue is full ({self.max_queued} tasks waiting)")
-        record = TaskRecord(spec=spec, client=client, pinned=pinned)
+        record = TaskRecord(spec=spec, client=client, pinned=pinned, due=due)
         self.tasks[spec.id] = record
         self._enqueue(record, front=False)
         return record
@@ -210,7 +228,10 @@ class Scheduler:
             record.seq = seq = next(back)
             record.state = QUEUED
             record.node = ""
-            push(heap, (-record.spec.priority, seq, record.spec.id))
+            if record.due:
+                push(self._delayed, (record.due, seq, record.spec.id))
+            else:
+                push(heap, (-record.spec.priority, seq, record.spec.id))
             count += 1
         self.queued += count
 
@@ -226,12 +247,16 @@ class Scheduler:
         record.state = QUEUED
         record.node = ""
         self.queued += 1
-        heapq.heappush(self._heap, (-record.spec.priority, record.seq, record.spec.id))
+        if record.due:
+            heapq.heappush(self._delayed, (record.due, record.seq, record.spec.id))
+        else:
+            heapq.heappush(self._heap, (-record.spec.priority, record.seq, record.spec.id))
 
-    def _requeue(self, record: TaskRecord, node: NodeInfo | None) -> None:
+    def _requeue(self, record: TaskRecord, node: NodeInfo | None, *, due: float = 0.0) -> None:
         if node is not None:
             node.in_flight.discard(record.id)
         self.requeued += 1
+        record.due = due
         self._enqueue(record, front=True)
 
     # -- nodes ---------------------------------------------------------------------------------
@@ -399,9 +424,11 @@ class Scheduler:
 
     # -- results -------------------------------------------------------------------------------
 
-    def result(self, node_id: str, result: TaskResult) -> tuple[str, TaskRecord | None]:
-        """Apply one result: 'completed', 'failed', 'retry', 'duplicate' (a late copy of an
-        answered dispatch, dropped) or 'rejected' (it answers no dispatch of that node)."""
+    def result(self, node_id: str, result: TaskResult, *, now: float = 0.0
+               ) -> tuple[str, TaskRecord | None]:
+        """Apply one result: 'completed', 'failed', 'retry' (queued again, after its backoff
+        from `now`), 'duplicate' (a late copy of an answered dispatch, dropped) or 'rejected'
+        (it answers no dispatch of that node)."""
         record = self.tasks.get(result.id)
         if record is None and self._cancelling and self._stopped(node_id, result.id):
             return "duplicate", None
@@ -432,10 +459,13 @@ class Scheduler:
         if kind in _MISSING and self._lacks(node_id, record):
             return self._retry(record)  # not a run: the node never had it
         record.attempts += 1
-        if kind in PERMANENT_ERRORS \
+        policy = self.retry.for_task(record.spec)
+        if not policy.retries(kind, PERMANENT_ERRORS) \
                 or record.attempts >= (record.spec.max_attempts or self.max_attempts):
             self._finish(record, FAILED)
             return "failed", record
+        if policy.backoff:
+            return self._retry(record, due=now + policy.delay(record.attempts, self._rand()))
         return self._retry(record)
 
     def _stopped(self, node_id: str, task_id: str) -> bool:
@@ -469,9 +499,9 @@ class Scheduler:
         self._finish(record, CANCELLED)
         return was, record
 
-    def _retry(self, record: TaskRecord) -> tuple[str, TaskRecord]:
+    def _retry(self, record: TaskRecord, *, due: float = 0.0) -> tuple[str, TaskRecord]:
         if record.state != QUEUED:  # else already requeued (its node was thought lost)
-            self._requeue(record, None)
+            self._requeue(record, None, due=due)
         return "retry", record
 
     def _lacks(self, node_id: str, record: TaskRecord) -> bool:
@@ -546,6 +576,11 @@ class Scheduler:
         in local lists for the turn: this runs for every task of a busy queue.
         """
         out = self._take_resends() if self._resend else {}
+        if self._delayed and self._delayed[0][0] <= now:
+            self._promote(now)
+        if self._parked:
+            self._unpark(now)
+        limited = self.rate_limits
         heap = self._heap
         if not heap:
             if self.waiting:
@@ -604,6 +639,8 @@ class Scheduler:
                     waiting[need] = waiting.get(need, 0) + 1
                 skipped.append(entry)
                 continue
+            if limited and record.spec.name in limited and not self._allowed(record, entry, now):
+                continue  # parked until its name's bucket has a token
             node = ready[i]
             record.state = RUNNING
             record.node = record.sent_to = node.node_id
@@ -631,6 +668,49 @@ class Scheduler:
             if batch:
                 out.setdefault(ready[i].node_id, []).extend(batch)
         return out
+
+    def _promote(self, now: float) -> None:
+        """Tasks whose start time has come join the queue, in front of their priority."""
+        delayed, heap, tasks = self._delayed, self._heap, self.tasks
+        while delayed and delayed[0][0] <= now:
+            _due, seq, task_id = heapq.heappop(delayed)
+            record = tasks.get(task_id)
+            if record is not None and record.state == QUEUED and record.seq == seq:
+                record.due = 0.0
+                record.seq = seq = next(self._front)
+                heapq.heappush(heap, (-record.spec.priority, seq, task_id))
+
+    def _allowed(self, record: TaskRecord, entry: tuple[int, int, str], now: float) -> bool:
+        """Take a start from the bucket of the task's name; park the task if there is none."""
+        name = record.spec.name
+        bucket = self._buckets.get(name)
+        if bucket is None:
+            bucket = self._buckets[name] = TokenBucket(self.rate_limits[name], now=now)
+        if bucket.take(now):
+            return True
+        heapq.heappush(self._parked.setdefault(name, []), entry)
+        return False
+
+    def _unpark(self, now: float) -> None:
+        """Parked tasks back into the queue, as many per name as its bucket allows now."""
+        for name in list(self._parked):
+            parked = self._parked[name]
+            for _ in range(min(len(parked), self._buckets[name].available(now))):
+                heapq.heappush(self._heap, heapq.heappop(parked))
+            if not parked:
+                del self._parked[name]
+
+    def next_wake(self, now: float) -> float | None:
+        """When, after `now`, a delayed task falls due or a parked one may start (None: no
+        such time): the master's loop waits no longer than that for its next `assign`. A
+        parked task whose bucket has a start already waits for a node, not for the clock."""
+        delayed = self._delayed
+        wake = delayed[0][0] if delayed and delayed[0][0] > now else None
+        for name in self._parked:
+            at = self._buckets[name].next_at(now)
+            if at > now:
+                wake = at if wake is None else min(wake, at)
+        return wake
 
     def _take_resends(self) -> dict[str, list[TaskRecord]]:
         """Stranded tasks still in flight on their (live) node."""

@@ -17,6 +17,8 @@ from core.mqtt import TlsSettings
 from core.url import BrokerUrl, parse_broker_url
 from master.claim import RootClaim, StateLock
 from master.pipelines_bridge import load_pipeline_file, serve_pipelines
+from master.rate_limit import RateLimit
+from master.retry_policy import RetryPolicy
 from master.snapshots import Snapshotter
 from master.transport import MasterNodeTransport
 
@@ -45,6 +47,8 @@ class ServeOptions:
     password_file: Path | None = None      # the --broker password, instead of in the URL
     tls: TlsSettings | None = None         # CA, client certificate and key for --broker
     claim_ttl: float = 3.0                 # plain master: its root claim is renewed every third
+    retry: RetryPolicy = RetryPolicy()     # default retry policy (a task's own wins)
+    rate_limits: tuple[RateLimit, ...] = ()  # starts per second per task name
 
 
 def check_serve_options(options: ServeOptions) -> None:
@@ -63,6 +67,12 @@ def check_serve_options(options: ServeOptions) -> None:
         raise ConfigError(f"--max-attempts {options.max_attempts}: must be at least 1")
     if options.max_queued < 1:
         raise ConfigError(f"--max-queued {options.max_queued}: must be at least 1")
+    if options.replica and (options.retry != RetryPolicy() or options.rate_limits):
+        raise ConfigError("--backoff, --backoff-max, --retry-on and --rate-limit are not taken "
+                          "with --replica yet (a task's own retry policy and start time are)")
+    names = [limit.name for limit in options.rate_limits]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--rate-limit given twice for one name: {', '.join(sorted(names))}")
 
 
 def default_config_path() -> Path | None:
@@ -130,7 +140,8 @@ def _serve_plain(options: ServeOptions, broker_url: BrokerUrl, pipeline_file: ob
     master = MasterNodeTransport(broker_url=broker_url, root=options.root,
                                  state_dir=options.state_dir, master_id=options.master_id,
                                  max_attempts=options.max_attempts, max_queued=options.max_queued,
-                                 node_timeout=options.node_timeout, tls=options.tls)
+                                 node_timeout=options.node_timeout, tls=options.tls,
+                                 retry=options.retry, rate_limits=options.rate_limits)
     pipelines = snapshotter = None
     try:
         master.start()

@@ -38,6 +38,8 @@ from core.topics import DEFAULT_ROOT, Topics, validate_id
 from core.url import BrokerUrl, parse_broker_url
 from master.handles import TaskHandle
 from master.journal import Journal
+from master.rate_limit import RateLimit
+from master.retry_policy import RetryPolicy
 from master.scheduler import (COMPLETED, FINAL_STATES, STATE_CODES, STATE_NAMES, Scheduler,
                               TaskRecord, capability)
 
@@ -62,7 +64,8 @@ class MasterNodeTransport:
                  max_attempts: int = 3, max_queued: int = 1_000_000, node_timeout: float = 3.0,
                  max_batch: int = 1000, status_interval: float = 1.0,
                  keepalive: int = 5, tls: TlsSettings | None = None,
-                 clock: Callable[[], float] = time.monotonic, keep_results: bool = False) -> None:
+                 clock: Callable[[], float] = time.monotonic, keep_results: bool = False,
+                 retry: RetryPolicy | None = None, rate_limits: Iterable[RateLimit] = ()) -> None:
         if isinstance(broker_url, str):
             broker_url = parse_broker_url(broker_url)
         self.broker = broker_url or BrokerUrl(host=broker_host, port=broker_port)
@@ -71,7 +74,8 @@ class MasterNodeTransport:
         self.master_id = validate_id(master_id, what="master id")
         self.topics = Topics(root)
         self.scheduler = Scheduler(max_attempts=max_attempts, max_queued=max_queued,
-                                   node_timeout=node_timeout)
+                                   node_timeout=node_timeout, retry=retry,
+                                   rate_limits=rate_limits)
         journal_path = Path(state_dir) / "master.sqlite3" if state_dir else ":memory:"
         self.journal = Journal(journal_path)
         self.epoch = 0
@@ -85,6 +89,7 @@ class MasterNodeTransport:
         self._pending = threading.Event()  # the loop thread has a turn to run
         self._in_turn = False
         self._next_liveness = self._next_status = 0.0
+        self._sleep_until = 0.0  # when the loop thread wakes up next by itself
         self._thread: threading.Thread | None = None
         self._handles: dict[str, TaskHandle] = {}
         # (node, result) for get_results: kept from the first call of it (or from the start
@@ -129,6 +134,7 @@ class MasterNodeTransport:
         """Restore the journal, connect, and start dispatching."""
         restored = self.journal.unfinished()
         for record, was_running in restored:
+            record.due = self._due(record.spec)
             self.scheduler.restore(record, front=was_running)
         if restored:
             log.info("restored %d unfinished tasks from the journal", len(restored))
@@ -347,7 +353,7 @@ class MasterNodeTransport:
                     handle.reject(TaskRefused(_conflict(spec.id)))
                     continue
                 try:
-                    record = self.scheduler.submit(spec, pinned=pinned)
+                    record = self.scheduler.submit(spec, pinned=pinned, due=self._due(spec))
                 except QueueFull as e:
                     handle.reject(e)
                     continue
@@ -369,6 +375,14 @@ class MasterNodeTransport:
 
     def _wake(self) -> None:
         self._turn_now()
+
+    def _due(self, spec: TaskSpec) -> float:
+        """The scheduler's time (this master's clock) for the task's wall-clock start time;
+        0 if it may start now."""
+        if not spec.not_before:
+            return 0.0
+        ahead = spec.not_before - time.time()
+        return self._clock() + ahead if ahead > 0 else 0.0
 
     # -- internals: the loop ---------------------------------------------------------------------
 
@@ -394,11 +408,17 @@ class MasterNodeTransport:
 
     def _run(self) -> None:
         pending = self._pending
+        wait = 0.1
         while not self._stop.is_set():
-            pending.wait(0.1)  # timers (liveness, status) run at least this often
+            pending.wait(wait)  # timers (liveness, status) run at least every 0.1 s
             pending.clear()
             with self._lock:
                 self._turn()
+                # and sooner when a delayed task falls due or a rate-limited one may start
+                now = self._clock()
+                wake = self.scheduler.next_wake(now)
+                wait = 0.1 if wake is None else min(0.1, max(0.001, wake - now))
+                self._sleep_until = now + wait
 
     def _turn(self) -> None:
         """Apply what arrived, assign, journal, publish. Called with the lock held."""
@@ -423,6 +443,9 @@ class MasterNodeTransport:
             gate = self.dispatch_gate
             dispatching = gate is None or gate()
             assignments = self.scheduler.assign(now=now) if dispatching else {}
+            wake = self.scheduler.next_wake(now)
+            if wake is not None and wake < self._sleep_until - 0.001:
+                self._pending.set()  # the loop thread sleeps past it: wake it to plan again
             if self.scheduler.unknown_failed:
                 self._note_failed(self.scheduler.unknown_failed)
                 self.scheduler.unknown_failed = []
@@ -508,7 +531,7 @@ class MasterNodeTransport:
         if self._keep_results:
             self._results.extend([(node_id, result) for _record, result in completed])
         for result in others:
-            verdict, record = scheduler.result(node_id, result)
+            verdict, record = scheduler.result(node_id, result, now=now)
             if verdict == "duplicate":
                 continue
             if verdict == "rejected":
@@ -580,7 +603,8 @@ class MasterNodeTransport:
                                           "tasks waiting)"))
                 continue
             seen[task_id] = spec
-            fresh.append(TaskRecord(spec=spec, client=client_id))
+            fresh.append(TaskRecord(spec=spec, client=client_id,
+                                    due=self._due(spec) if spec.not_before else 0.0))
             accepted.append(task_id)
         if not self.journal.submitted_if_new(fresh):
             # some ids are journalled already: a resend after a lost reply or a master restart
@@ -830,6 +854,11 @@ class MasterNodeTransport:
         journal = self.journal
         if self._requeued:
             self._journal_later(partial(journal.requeued, self._requeued[:]))
+            later = [r for r in self._requeued if r.due]
+            if later:  # waiting out a backoff: its wall-clock end, for a restarted master
+                now, wall = self._clock(), time.time()
+                self._journal_later(partial(journal.delayed,
+                                            [(r, wall + r.due - now) for r in later]))
             self._requeued.clear()
         if assignments:
             self._journal_later(partial(

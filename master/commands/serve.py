@@ -37,6 +37,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a node silent this long is dead (default %(default)s)")
     p.add_argument("--max-attempts", type=int, default=3, metavar="N",
                    help="a task that failed or lost its node N times ends failed (default %(default)s)")
+    p.add_argument("--backoff", type=float, default=0.0, metavar="SECONDS",
+                   help="a failed task waits this long before its first retry, doubled for "
+                        "each next one, less a random part of up to a quarter; a task's own "
+                        "--backoff wins (default %(default)s: retry at once)")
+    p.add_argument("--backoff-max", type=float, default=300.0, metavar="SECONDS",
+                   help="the longest wait between two runs of a task (default %(default)s)")
+    p.add_argument("--retry-on", default="error", metavar="KINDS",
+                   help="error kinds retried, comma-separated (e.g. error,timeout); `error` is "
+                        "every kind another run may cure (all but timeout, unknown_task, "
+                        "bad_request, ...), `none` retries nothing; a lost node is always "
+                        "retried (default %(default)s)")
+    p.add_argument("--rate-limit", action="append", default=[], metavar="NAME=N/s",
+                   help="start at most N tasks named NAME per second (or /m, /h), e.g. "
+                        "primes=100/s; repeat it for more names")
     p.add_argument("--max-queued", type=int, default=1_000_000, metavar="N",
                    help="queue bound; submitters are slowed past it (default %(default)s)")
     p.add_argument("--pipelines", type=Path, metavar="FILE",
@@ -71,7 +85,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from core.credentials import tls_from_args
     from core.runtime import tune_for_messaging
+    from master.rate_limit import parse_rate_limit
+    from master.retry_policy import RetryPolicy, parse_retry_on
     from master.service import ServeOptions, install_signal_handlers, serve
+    retry_on = parse_retry_on(args.retry_on)
+    retry = RetryPolicy(backoff=args.backoff, backoff_max=args.backoff_max,
+                        retry_on=None if retry_on == ("error",) else frozenset(retry_on))
+    rate_limits = tuple(parse_rate_limit(text) for text in args.rate_limit)
     tune_for_messaging()
     stop = threading.Event()
     install_signal_handlers(stop)
@@ -82,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
                            allow_remote_anonymous=args.allow_remote_anonymous,
                            snapshots=args.snapshots, snapshot_interval=args.snapshot_interval,
                            replica=args.replica, lease_ttl=args.lease_ttl,
-                           password_file=args.password_file, tls=tls_from_args(args))
+                           password_file=args.password_file, tls=tls_from_args(args),
+                           retry=retry, rate_limits=rate_limits)
 
     listen = None
     if args.dashboard:
