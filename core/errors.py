@@ -10,6 +10,8 @@ __all__ = [
     "BrokerUnavailable",
     "FabricTimeout",
     "TaskFailed",
+    "GroupFailed",
+    "ChainFailed",
     "QueueFull",
     "TaskRefused",
     "NodeUnavailable",
@@ -50,6 +52,47 @@ class TaskFailed(FabricError):
         kind = error.get("kind", "error") if isinstance(error, dict) else "error"
         message = error.get("message", "") if isinstance(error, dict) else str(error)
         super().__init__(f"task {task_id} failed ({kind}): {message}")
+
+
+def _reason(error: dict) -> tuple[str, str]:
+    """(kind, message) of a structured error, the exception's type named with its kind."""
+    if not isinstance(error, dict):
+        return "error", str(error)
+    kind, kind_type = str(error.get("kind", "error")), error.get("type")
+    if kind_type and kind_type.lower() != kind.replace("_", ""):
+        kind = f"{kind}, {kind_type}"
+    return kind, str(error.get("message", ""))
+
+
+class GroupFailed(TaskFailed):
+    """A member of a group failed (or was cancelled); `index` (0-based), `name` and
+    `task_id` say which, `failures` lists every (index, task_id, name, error) known so far.
+    The other members were left to run."""
+
+    def __init__(self, size: int, failures: list[tuple[int, str, str, dict]]) -> None:
+        self.index, task_id, self.name, error = failures[0]
+        self.size = size
+        self.failures = list(failures)
+        self.task_id, self.error = task_id, error
+        kind, message = _reason(error)
+        more = f"; {len(failures) - 1} more failed too" if len(failures) > 1 else ""
+        FabricError.__init__(self, f"group member {self.index + 1} of {size} ({self.name}, "
+                                   f"task {task_id}) failed ({kind}): {message}{more}")
+
+
+class ChainFailed(TaskFailed):
+    """A step of a chain failed (or was cancelled, or could not be submitted): the chain
+    stopped there. `index` (0-based), `name` and `task_id` say which step; the steps after
+    it never ran."""
+
+    def __init__(self, size: int, index: int, task_id: str, name: str, error: dict) -> None:
+        self.size, self.index, self.name = size, index, name
+        self.task_id, self.error = task_id, error
+        kind, message = _reason(error)
+        rest = size - index - 1
+        after = f"; the {rest} step{'s' if rest > 1 else ''} after it did not run" if rest else ""
+        FabricError.__init__(self, f"chain step {index + 1} of {size} ({name}, task "
+                                   f"{task_id or '-'}) failed ({kind}): {message}{after}")
 
 
 class QueueFull(FabricError):

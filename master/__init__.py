@@ -12,12 +12,16 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["MasterNodeTransport", "FabricClient", "TaskHandle"]
+__all__ = ["MasterNodeTransport", "FabricClient", "TaskHandle", "call", "Call", "group",
+           "chain", "GroupHandle", "ChainHandle"]
 
 _HOMES = {"MasterNodeTransport": "master.transport", "FabricClient": "master.client",
-          "TaskHandle": "master.handles"}
+          "TaskHandle": "master.handles", "call": "master.canvas", "Call": "master.canvas",
+          "group": "master.canvas", "chain": "master.canvas", "GroupHandle": "master.canvas",
+          "ChainHandle": "master.canvas"}
 
 if TYPE_CHECKING:
+    from master.canvas import Call, ChainHandle, GroupHandle, call, chain, group
     from master.client import FabricClient
     from master.handles import TaskHandle
     from master.transport import MasterNodeTransport

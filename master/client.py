@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from core import codec
 from core.errors import ConfigError, DecodeError, EncodeError, FabricError, FabricTimeout, QueueFull, TaskRefused
@@ -26,6 +26,8 @@ from core.url import BrokerUrl, parse_broker_url
 from master.handles import TaskHandle
 from master.start_time import not_before
 
+if TYPE_CHECKING:
+    from master.canvas import ChainHandle, GroupHandle
 
 __all__ = ["FabricClient"]
 
@@ -101,6 +103,18 @@ class FabricClient:
     def dispatch_lambda(self, lambda_data: dict, *, priority: int = DEFAULT_PRIORITY) -> TaskHandle:
         """Run a named lambda (`name`, `event`, `env`, `timeout`, `memory`) on some node."""
         return self.submit("lambda", kwargs=lambda_data, priority=priority)
+
+    def group(self, calls: Iterable[Any], *, ack_timeout: float = 30.0) -> GroupHandle:
+        """Submit `call(...)`s (or submit_many tuples) at once, to run in parallel; the
+        handle's `result(timeout)` is their values in order (master.canvas)."""
+        from master.canvas import group
+        return group(self, calls, ack_timeout=ack_timeout)
+
+    def chain(self, calls: Iterable[Any], *, ack_timeout: float = 10.0) -> ChainHandle:
+        """Run `call(...)`s one after another, each given the previous value as its first
+        argument; the handle's `result(timeout)` is the last value (master.canvas)."""
+        from master.canvas import chain
+        return chain(self, calls, ack_timeout=ack_timeout)
 
     def dispatch_pipeline(self, pipeline_data: dict, *, timeout: float = 10.0) -> str:
         """Run a pipeline given as data (`name`, `jobs`, optional `metadata` and `tasks`) once
@@ -277,9 +291,10 @@ class FabricClient:
             self._drop_handle(handle)
             raise
         outcome = TaskOutcome.from_dict(data[0])
-        if outcome.state == "unknown":
+        if outcome.state == "unknown":  # the master says why (never submitted, or expired)
             self._drop_handle(handle)
-            raise ConfigError(f"no task with id {task_id!r} is known to the master")
+            raise ConfigError(str((outcome.error or {}).get("message") or
+                                  f"no task with id {task_id!r} is known to the master"))
         self._resolve([outcome])
         return handle
 
