@@ -73,7 +73,7 @@ STORE_FILE = "pipelines.sqlite3"
 _DISPATCHED = "dispatched:"  # store key prefix of the definitions of dispatched pipelines
 _MAX_TASK_ID = 128
 _MAX_HISTORY = 1000
-_FINISHED = ("completed", "failed")
+_FINISHED = ("completed", "failed", "cancelled")  # outcomes that end a job's attempt
 
 # (task name, task id) of the job whose asyncio task is about to call run_task
 _NEXT_TASK: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
@@ -246,8 +246,9 @@ class PipelineService:
                        priority: int, timeout: float | None = None) -> Any:
         """The manager's `run_task`: submit to the master for one run (`max_attempts=1`: the
         job's retries are the executor's), await the outcome (bounded by the job's timeout).
-        A task given up on this way stays with the master, which has no way to withdraw it;
-        the next attempt is a task of its own."""
+        A task given up on this way stays with the master (it may still run to its end);
+        the next attempt is a task of its own. A task cancelled (`master-node cancel ID`)
+        fails its job at once, with no retry spent: the job ends Failed, saying cancelled."""
         noted = _NEXT_TASK.get()
         task_id = (_task_id(f"{noted[1]}:{_digest(task_name, args, kwargs)}")
                    if noted is not None and noted[0] == task_name else None)
@@ -260,7 +261,10 @@ class PipelineService:
         else:
             outcome = submitted
         if outcome.state != "completed":
-            raise task_failure(outcome)
+            failure = task_failure(outcome)
+            if outcome.state == "cancelled":  # someone stopped it: retrying would undo that
+                failure.permanent = True
+            raise failure
         return outcome.value
 
     def _submit(self, name: str, args: list[Any], kwargs: dict[str, Any], priority: int,
