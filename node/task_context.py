@@ -5,6 +5,10 @@ A thread cannot be stopped from outside, so a cancelled task on a thread worker 
 killed: a long task checks `cancelled()` now and then, or waits with `sleep`/`wait`, which
 return as soon as the task is cancelled. Whatever it does, its late result is dropped: the
 node reports the task `cancelled`, and its slot is free once the function returns.
+
+On a process-pool node (`compute-node --pool process`) a cancelled or timed-out task is
+killed with its worker process instead: there `cancelled()` stays False and `sleep` is a
+plain sleep, so the same task code works on both pools.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ __all__ = ["TaskContext", "current_task", "cancelled", "sleep", "CANCELLED_ERROR
 CANCELLED_ERROR = {"kind": "cancelled", "type": "Cancelled", "message": "cancelled"}
 
 # the task each worker thread runs now (`task`) and the node it runs for (`node`); the node
-# sets both before each task and clears `task` after it
+# sets both before each task and clears `task` after it (and `output`: what the task printed,
+# see node.task_output)
 running = threading.local()
 _local = running
 

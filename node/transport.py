@@ -33,7 +33,8 @@ from core.url import BrokerUrl, parse_broker_url
 from node import builtin_tasks as _builtin  # noqa: F401  (registers the built-in tasks)
 from node.identity import claim_node_id
 from node.lease_fence import LeaseFence
-from node import task_context
+from node import task_context, task_output
+from node.process_pool import POOLS, ProcessPool
 from node.registry import TaskRegistry, default_registry
 from node.work_queue import PrefetchGauge, PriorityTaskQueue
 
@@ -58,8 +59,8 @@ class ComputeNodeTransport:
                  codec_name: str = codec.MSGPACK, drain_timeout: float = 30.0,
                  keepalive: int = 5, tls: TlsSettings | None = None,
                  clock: Callable[[], float] = time.time, prefetch_window: float = 0.05,
-                 max_prefetch: int = 1000, lambdas: Callable[[], Iterable[str]] | None = None
-                 ) -> None:
+                 max_prefetch: int = 1000, lambdas: Callable[[], Iterable[str]] | None = None,
+                 pool: str = "thread") -> None:
         if isinstance(broker_url, str):
             broker_url = parse_broker_url(broker_url)
         self.broker = broker_url or BrokerUrl(host=broker_host, port=broker_port)
@@ -73,6 +74,10 @@ class ComputeNodeTransport:
             raise ConfigError(f"prefetch must be 0 or more, got {prefetch!r}")
         if not prefetch_window > 0:
             raise ConfigError(f"prefetch_window must be positive, got {prefetch_window!r}")
+        if pool not in POOLS:
+            raise ConfigError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+        self.pool = pool
+        self._pool: ProcessPool | None = None  # the worker processes, once started
         self.capacity = capacity
         self.prefetch = capacity if prefetch is None else prefetch
         # None: a fixed prefetch was asked for; else the prefetch follows task durations
@@ -130,6 +135,12 @@ class ComputeNodeTransport:
 
     def start(self, *, timeout: float = 10.0, workers: bool = True) -> None:
         """Connect, publish the birth status, start heartbeats (and workers unless told not to)."""
+        if workers and self.pool == "process":  # forked before the node's own threads start
+            self._pool = ProcessPool(size=self.capacity, call=self._call_in_worker,
+                                     node_id=self.node_id, clock=self._clock)
+            self._pool.start()
+        elif workers:
+            task_output.install(task_context.running)
         self._session.start(timeout=timeout)
         self._spawn(self._heartbeat_loop, "heartbeat")
         self._spawn(self._result_sender, "results")
@@ -251,6 +262,8 @@ class ComputeNodeTransport:
         self._queue.close()
         with self._outbox_cond:
             self._outbox_cond.notify_all()
+        if self._pool is not None:  # kills what still runs, so its worker thread returns
+            self._pool.close()
         if self._watchdog is not None:
             self._watchdog.join(timeout=2.0)
         for thread in self._threads:
@@ -281,11 +294,39 @@ class ComputeNodeTransport:
         if self._cancelled and task.id in self._cancelled:  # cancelled before it started
             return result_for(task, False, error=dict(task_context.CANCELLED_ERROR),
                               ts=self._clock())
+        if self._pool is not None:  # in a worker process: killed at its limit or on a cancel
+            result, output = self._pool.run(task, cancelled=self.is_cancelled)
+            return task_output.settle(result, output, task.name)
         current = task_context.running  # what the task's context reads, on this thread
         current.task = task
         current.node = self
         if task.timeout:
             self._start_clock(task)
+        try:
+            result = self._call(fn, task)
+        finally:
+            current.task = None
+            if task.timeout:
+                with self._lock:
+                    self._deadlines.pop(task.id, None)
+        output = getattr(current, "output", None)  # what it printed (node.task_output)
+        if output is not None:
+            current.output = None
+            result = task_output.settle(result, output, task.name)
+        return result
+
+    def _call_in_worker(self, task: TaskSpec) -> TaskResult:
+        """`_call` in a pool's worker process (the name was checked before it was sent)."""
+        fn = self.registry.get(task.name)
+        if fn is None:  # registered after the worker was forked
+            return result_for(task, False, error={
+                "kind": "unknown_task", "type": "UnknownTask",
+                "message": f"task {task.name!r} was registered after node {self.node_id}'s "
+                           "worker processes started"}, ts=self._clock())
+        return self._call(fn, task)
+
+    def _call(self, fn: Callable[..., Any], task: TaskSpec) -> TaskResult:
+        """Call `fn` for `task` on this thread (or in a pool's worker process)."""
         try:
             value = fn(*task.args, **task.kwargs)
             if self.codec == codec.MSGPACK and type(value) not in _PLAIN \
@@ -305,11 +346,6 @@ class ComputeNodeTransport:
             return result_for(task, False, error={
                 "kind": kind, "type": type(e).__name__, "message": str(e),
                 "traceback": traceback.format_exc(limit=8)}, ts=self._clock())
-        finally:
-            current.task = None
-            if task.timeout:
-                with self._lock:
-                    self._deadlines.pop(task.id, None)
 
     # -- cancellation ------------------------------------------------------------------------------
 
@@ -330,7 +366,7 @@ class ComputeNodeTransport:
     def cancel(self, task_ids: Iterable[str]) -> tuple[int, int]:
         """Stop tasks the master cancelled: a queued one is dropped and reported `cancelled`
         at once; a running one is told (its context) and reported `cancelled` when its
-        function returns, whatever it returned. Ids not held here are ignored (finished
+        function returns, whatever it returned (on a process pool its worker is killed). Ids not held here are ignored (finished
         already). How many were (dropped, told)."""
         wanted = {t for t in task_ids if t in self._held}
         if not wanted:
@@ -352,6 +388,8 @@ class ComputeNodeTransport:
             if gone:
                 self._outbox.extend(gone)
                 self._outbox_cond.notify()
+        if self._pool is not None and wanted:  # a worker process is killed, not told
+            self._pool.cancel(wanted)
         return len(dropped), len(wanted)
 
     # -- time limits -------------------------------------------------------------------------------
@@ -554,8 +592,8 @@ class ComputeNodeTransport:
                 return
             dropped, told = self.cancel(ids)
             if dropped or told:
-                log.info("cancelled %d queued tasks; told %d running ones to stop", dropped,
-                         told)
+                log.info("cancelled %d queued tasks; %s %d running ones", dropped,
+                         "killed" if self._pool is not None else "told to stop", told)
         else:
             self.rejected += 1
             log.warning("unknown control command %r", control.command)

@@ -152,11 +152,17 @@ def run_child(
     parent_pid: int,
     deadline: float,
     close_fds: Iterable[int],
+    output_fd: int | None = None,
 ) -> NoReturn:
-    """Body of the forked child; never returns."""
+    """Body of the forked child; never returns. Its stdout and stderr go to `output_fd`
+    (a pipe the zygote keeps a bounded tail of), when given."""
     status = EXIT_INTERNAL
     try:
         _isolate(parent_pid, close_fds)
+        if output_fd is not None:
+            os.dup2(output_fd, 1)
+            os.dup2(output_fd, 2)
+            os.close(output_fd)
         _limit_memory(call["memory_mb"])
         # this child's copy only, gone when the call ends: the base plus the call's variables,
         # never the node's (the zygote was started with the base alone)

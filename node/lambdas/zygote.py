@@ -10,6 +10,9 @@ Protocol on the node's socket (framed msgpack, see `framing`):
                   {"op": "done", "id", "result": <packed outcome dict>} when it ends.
 The zygote enforces each timeout itself: it is the children's parent, so it can kill a child
 that has not been reaped yet without any risk of hitting a reused pid.
+What a call prints (its stdout and stderr, one pipe) is kept as a bounded tail, the last
+`OUTPUT_TAIL` bytes, written to the zygote's own stderr with the count when the call ends:
+one call never floods the node's log.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ _IDLE_WAIT_S = 1.0
 _HANDSHAKE_TIMEOUT_S = 30.0
 _SHUTDOWN_REAP_S = 5.0
 _READ_CHUNK = 1 << 16
+OUTPUT_TAIL = 4096
 
 
 def load_table(hello: dict[str, Any]) -> dict[str, Handler]:
@@ -84,6 +88,9 @@ class _Child:
     memory_mb: int
     output: bytearray = field(default_factory=bytearray)
     timed_out: bool = False
+    printed: int | None = None  # the read end of its stdout/stderr pipe
+    tail: bytearray = field(default_factory=bytearray)
+    printed_bytes: int = 0
 
 
 class _Zygote:
@@ -125,7 +132,8 @@ class _Zygote:
             self._done(call_id, _outcome(UNKNOWN_LAMBDA, "UnknownLambda", f"no lambda named {name!r}"))
             return
         read_fd, write_fd = os.pipe()
-        inherited = [self._ctl.fileno(), read_fd, *self._by_fd]
+        printed_fd, output_fd = os.pipe()
+        inherited = [self._ctl.fileno(), read_fd, printed_fd, *self._by_fd]
         started = time.monotonic()
         deadline = started + timeout_s
         for stream in (sys.stdout, sys.stderr):
@@ -133,8 +141,8 @@ class _Zygote:
         try:
             pid = os.fork()
         except OSError as e:
-            os.close(read_fd)
-            os.close(write_fd)
+            for fd in (read_fd, write_fd, printed_fd, output_fd):
+                os.close(fd)
             self._done(call_id, _outcome(CRASHED, "ForkFailed", f"could not start a process: {e}"))
             return
         if pid == 0:
@@ -145,8 +153,11 @@ class _Zygote:
                 parent_pid=self._pid,
                 deadline=deadline,
                 close_fds=inherited,
+                output_fd=output_fd,
             )
         os.close(write_fd)
+        os.close(output_fd)
+        os.set_blocking(printed_fd, False)
         try:
             os.setpgid(pid, pid)  # also done by the child; whichever runs first wins the race
         except OSError:
@@ -155,7 +166,9 @@ class _Zygote:
         pidfd = os.pidfd_open(pid)
         child = _Child(call_id, name, pid, pidfd, read_fd, started, deadline, timeout_s, memory_mb)
         self._children[pid] = child
+        child.printed = printed_fd
         self._by_fd[read_fd] = (child, "pipe")
+        self._by_fd[printed_fd] = (child, "printed")
         self._by_fd[pidfd] = (child, "exit")
         self._send({"op": "started", "id": call_id, "pid": pid})
 
@@ -174,6 +187,44 @@ class _Zygote:
                 return
             child.output += chunk
 
+    def _read_printed(self, child: _Child) -> None:
+        """Keep the tail of what the child printed; close the pipe at EOF."""
+        assert child.printed is not None
+        while True:
+            try:
+                chunk = os.read(child.printed, _READ_CHUNK)
+            except BlockingIOError:
+                return
+            if not chunk:
+                self._close_printed(child)
+                return
+            child.printed_bytes += len(chunk)
+            child.tail += chunk
+            if len(child.tail) > 2 * OUTPUT_TAIL:
+                del child.tail[:-OUTPUT_TAIL]
+
+    def _close_printed(self, child: _Child) -> None:
+        if child.printed is not None:
+            del self._by_fd[child.printed]
+            os.close(child.printed)
+            child.printed = None
+
+    def _report_printed(self, child: _Child) -> None:
+        """What the call printed, bounded, on the zygote's stderr (the node's, or its
+        process-pool worker's, where the task's own output goes)."""
+        if not child.printed_bytes:
+            return
+        kept = min(child.printed_bytes, OUTPUT_TAIL)
+        header = f"lambda {child.name!r} printed {child.printed_bytes} bytes"
+        header += f"; the last {kept} follow:\n" if kept < child.printed_bytes else ":\n"
+        tail = bytes(child.tail[-OUTPUT_TAIL:])
+        view = memoryview(header.encode() + tail + (b"" if tail.endswith(b"\n") else b"\n"))
+        try:
+            while view:
+                view = view[os.write(2, view) :]
+        except OSError:
+            pass
+
     def _reap(self, child: _Child) -> None:
         try:
             os.killpg(child.pid, signal.SIGKILL)  # leftovers the handler started; leader is a zombie
@@ -186,9 +237,13 @@ class _Zygote:
             del self._by_fd[child.pipe]
             os.close(child.pipe)
             child.pipe = None
+        if child.printed is not None:
+            self._read_printed(child)
+        self._close_printed(child)  # a leftover grandchild may hold it open: stop listening
         del self._by_fd[child.pidfd]
         os.close(child.pidfd)
         del self._children[child.pid]
+        self._report_printed(child)
         self._done(child.call_id, self._result(child, status))
 
     def _result(self, child: _Child, status: int) -> bytes:
@@ -263,6 +318,8 @@ class _Zygote:
                 child, what = entry
                 if what == "pipe":
                     self._read_output(child)
+                elif what == "printed":
+                    self._read_printed(child)
                 else:
                     self._reap(child)
 
@@ -286,6 +343,8 @@ class _Zygote:
                 os.close(child.pidfd)
                 if child.pipe is not None:
                     os.close(child.pipe)
+                if child.printed is not None:
+                    os.close(child.printed)
                 del self._children[child.pid]
 
 
