@@ -874,6 +874,10 @@ class MasterStatus(Message):
     ts: float = 0.0
     waiting: int = 0       # queued tasks no live node can run now
     waiting_for: str = ""  # why: the task (or lambda:NAME) names no live node offers
+    cancelled: int = 0     # counters from here on survive a restart of the master
+    expired: int = 0       # finished tasks deleted after the result TTL
+    uptime: float = 0.0    # seconds served, over every run on this journal
+    throughput: float = 0.0  # tasks ended per second over the last minute
 
     def to_dict(self) -> dict[str, Any]:
         return {"master_id": self.master_id, "status": self.status, "epoch": self.epoch,
@@ -881,7 +885,9 @@ class MasterStatus(Message):
                 "completed": self.completed, "failed": self.failed,
                 "duplicates": self.duplicates, "rejected": self.rejected,
                 "nodes_ready": self.nodes_ready, "nodes_total": self.nodes_total, "ts": self.ts,
-                "waiting": self.waiting, "waiting_for": self.waiting_for}
+                "waiting": self.waiting, "waiting_for": self.waiting_for,
+                "cancelled": self.cancelled, "expired": self.expired, "uptime": self.uptime,
+                "throughput": self.throughput}
 
     def encode(self, codec: str = _codec.JSON) -> bytes:
         return _codec.encode(self.wire(), codec)
@@ -892,5 +898,7 @@ class MasterStatus(Message):
         return cls(master_id=_get(d, "master_id", str, w), status=_get(d, "status", str, w),
                    **{k: _int(d, k, w, 0, 0) for k in (
                        "epoch", "queued", "in_flight", "completed", "failed", "duplicates",
-                       "rejected", "nodes_ready", "nodes_total", "waiting")},
-                   ts=_num(d, "ts", w, 0.0), waiting_for=_get(d, "waiting_for", str, w, ""))
+                       "rejected", "nodes_ready", "nodes_total", "waiting", "cancelled",
+                       "expired")},
+                   ts=_num(d, "ts", w, 0.0), waiting_for=_get(d, "waiting_for", str, w, ""),
+                   uptime=_num(d, "uptime", w, 0.0), throughput=_num(d, "throughput", w, 0.0))

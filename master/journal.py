@@ -24,6 +24,7 @@ import msgpack
 from core.protocol import TaskOutcome, TaskSpec
 from master.scheduler import (CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, STATE_CODES,
                               STATE_NAMES, TaskRecord)
+from master.retention import vacuum_pages
 from master.sqlite_batch import BatchedWrites
 
 __all__ = ["Journal"]
@@ -34,6 +35,10 @@ _NIL = msgpack.packb(None)
 _NO_CALL = msgpack.packb([[], {}], use_bin_type=True)
 _CHECKPOINT_INTERVAL = 0.5    # seconds between background checkpoints
 _AUTOCHECKPOINT_PAGES = 20_000  # the loop checkpoints itself only if the thread falls behind
+_WAL_SIZE_LIMIT = 32 * 1024 * 1024  # bytes the log file is cut back to after a checkpoint
+# finished tasks by when they ended: expiry finds the oldest without reading the table
+_FINISHED_INDEX = ("CREATE INDEX IF NOT EXISTS tasks_finished ON tasks(finished) "
+                   "WHERE finished IS NOT NULL")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -97,6 +102,7 @@ class Journal(BatchedWrites):
         if not in_memory:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect on a new file only
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # a process crash loses nothing in WAL
         self._db.execute("PRAGMA cache_size=-32768")   # 32 MiB: the active tasks' pages stay hot
@@ -105,6 +111,8 @@ class Journal(BatchedWrites):
         for column, kind in _ADDED_COLUMNS.items():
             if column not in present:
                 self._db.execute(f"ALTER TABLE tasks ADD COLUMN {column} {kind}")
+        self._db.execute(_FINISHED_INDEX)
+        self._incremental = self._vacuumable(in_memory)
         self._in_tx = False
         self._next_row = self._db.execute(
             "SELECT IFNULL(MAX(rowid), 0) + 1 FROM tasks").fetchone()[0]
@@ -112,9 +120,26 @@ class Journal(BatchedWrites):
         self._checkpointer: threading.Thread | None = None
         if not in_memory:
             self._db.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_PAGES}")
+            self._db.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
             self._checkpointer = threading.Thread(target=self._checkpoint_loop,
                                                   name="journal-checkpoint", daemon=True)
             self._checkpointer.start()
+
+    def _vacuumable(self, in_memory: bool) -> bool:
+        """Can free pages be handed back bit by bit (incremental auto-vacuum)? A journal made
+        before it is converted once, by a VACUUM (if no other process holds it open)."""
+        if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2 or in_memory:
+            return not in_memory
+        started = time.monotonic()
+        try:
+            self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            self._db.execute("VACUUM")
+        except sqlite3.Error as e:  # busy: deleted rows' pages are still reused by inserts
+            log.warning("journal %s not converted to incremental vacuum: %s", self.path, e)
+            return False
+        log.info("journal %s converted to incremental vacuum in %.1f s", self.path,
+                 time.monotonic() - started)
+        return self._db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
 
     def _checkpoint_loop(self) -> None:
         """Copy the log into the database now and then, off the master's loop."""
@@ -236,6 +261,40 @@ class Journal(BatchedWrites):
                        (_NIL if value is None else _pack(value)) if r.state == COMPLETED
                        else None, now, r.row or r.spec.id)
                       for r, value in records])
+
+    def expire(self, cutoff: float, *, limit: int) -> int:
+        """Delete finished tasks that ended before `cutoff` (wall clock), oldest first, at
+        most `limit` of them (a bounded pause for the loop); how many went."""
+        self._begin()
+        return self._db.execute(
+            "DELETE FROM tasks WHERE rowid IN (SELECT rowid FROM tasks WHERE finished < ? "
+            "ORDER BY finished LIMIT ?)", (cutoff, int(limit))).rowcount
+
+    def reclaim(self, *, step: int = 512) -> int:
+        """Hand free pages (left by deleted rows) back to the file system, at most `step`
+        this call, when they are a large part of the file; how many."""
+        if not self._incremental:
+            return 0
+        free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+        pages = vacuum_pages(free, self._db.execute("PRAGMA page_count").fetchone()[0],
+                             step=step) if free else 0
+        if pages:
+            self._begin()
+            vacuum = self._db.execute
+            for _ in range(pages):  # each statement frees one page through this driver
+                vacuum("PRAGMA incremental_vacuum(1)")
+        return pages
+
+    def sizes(self) -> dict[str, int]:
+        """The journal's size: bytes of the database and of its log, pages in use and free,
+        rows (tasks) held."""
+        page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
+        pages = self._db.execute("PRAGMA page_count").fetchone()[0]
+        free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+        wal = Path(f"{self.path}-wal")
+        return {"db_bytes": pages * page_size, "free_bytes": free * page_size,
+                "wal_bytes": wal.stat().st_size if wal.exists() else 0,
+                "rows": self._db.execute("SELECT COUNT(*) FROM tasks").fetchone()[0]}
 
     def set_meta(self, key: str, value: str) -> None:
         self._begin()

@@ -19,6 +19,7 @@ from master.claim import RootClaim, StateLock
 from master.pipelines_bridge import load_pipeline_file, serve_pipelines
 from master.rate_limit import RateLimit
 from master.retry_policy import RetryPolicy
+from master.retention import DEFAULT_FORGET_NODES_AFTER, DEFAULT_RESULT_TTL, format_duration
 from master.snapshots import Snapshotter
 from master.transport import MasterNodeTransport
 
@@ -49,6 +50,8 @@ class ServeOptions:
     claim_ttl: float = 3.0                 # plain master: its root claim is renewed every third
     retry: RetryPolicy = RetryPolicy()     # default retry policy (a task's own wins)
     rate_limits: tuple[RateLimit, ...] = ()  # starts per second per task name
+    result_ttl: float = DEFAULT_RESULT_TTL  # finished tasks are deleted this long after (0: never)
+    forget_nodes_after: float = DEFAULT_FORGET_NODES_AFTER  # nodes gone this long (0: never)
 
 
 def check_serve_options(options: ServeOptions) -> None:
@@ -73,6 +76,14 @@ def check_serve_options(options: ServeOptions) -> None:
     names = [limit.name for limit in options.rate_limits]
     if len(set(names)) != len(names):
         raise ConfigError(f"--rate-limit given twice for one name: {', '.join(sorted(names))}")
+    for name, value, default in (
+            ("--result-ttl", options.result_ttl, DEFAULT_RESULT_TTL),
+            ("--forget-nodes-after", options.forget_nodes_after, DEFAULT_FORGET_NODES_AFTER)):
+        if not value >= 0:
+            raise ConfigError(f"{name} {value!r}: must be 0 (never) or more seconds")
+        if options.replica and value != default:  # replicated masters keep the defaults
+            raise ConfigError(f"{name} is not taken with --replica yet: replicated masters "
+                              f"use the default ({format_duration(default)})")
 
 
 def default_config_path() -> Path | None:
@@ -141,7 +152,9 @@ def _serve_plain(options: ServeOptions, broker_url: BrokerUrl, pipeline_file: ob
                                  state_dir=options.state_dir, master_id=options.master_id,
                                  max_attempts=options.max_attempts, max_queued=options.max_queued,
                                  node_timeout=options.node_timeout, tls=options.tls,
-                                 retry=options.retry, rate_limits=options.rate_limits)
+                                 retry=options.retry, rate_limits=options.rate_limits,
+                                 result_ttl=options.result_ttl,
+                                 forget_nodes_after=options.forget_nodes_after)
     pipelines = snapshotter = None
     try:
         master.start()

@@ -17,6 +17,7 @@ after its standbys have the turn's changes.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -40,6 +41,9 @@ from master.handles import TaskHandle
 from master.journal import Journal
 from master.rate_limit import RateLimit
 from master.retry_policy import RetryPolicy
+from master.rates import RateWindow
+from master.retention import (DEFAULT_FORGET_NODES_AFTER, DEFAULT_RESULT_TTL, expiry_cutoff,
+                              format_duration, gone_marks, nodes_to_forget, sweep_interval)
 from master.scheduler import (COMPLETED, FINAL_STATES, STATE_CODES, STATE_NAMES, Scheduler,
                               TaskRecord, capability)
 
@@ -52,6 +56,10 @@ _INLINE_TURN_TASKS = 64  # below this many active tasks a message is handled whe
 _JOURNAL_DELAY = 0.05    # seconds journal writes may wait for a turn that commits anyway
 _MAX_WATCHED = 100_000   # tasks other clients wait on (past it they find out by asking again)
 _MAX_LISTED = 10_000     # tasks one `tasks` query lists at most
+_EXPIRE_BATCH = 2000     # expired tasks deleted per turn at most (more: the next turn goes on)
+_COUNTERS_EVERY = 5.0    # seconds between saves of the counters when only the uptime moved
+_COUNTERS = ("completed", "failed", "cancelled", "duplicates", "rejected", "rejected_messages",
+             "requeued", "expired")  # what a restart keeps (meta key "counters")
 
 
 class MasterNodeTransport:
@@ -65,7 +73,9 @@ class MasterNodeTransport:
                  max_batch: int = 1000, status_interval: float = 1.0,
                  keepalive: int = 5, tls: TlsSettings | None = None,
                  clock: Callable[[], float] = time.monotonic, keep_results: bool = False,
-                 retry: RetryPolicy | None = None, rate_limits: Iterable[RateLimit] = ()) -> None:
+                 retry: RetryPolicy | None = None, rate_limits: Iterable[RateLimit] = (),
+                 result_ttl: float = DEFAULT_RESULT_TTL,
+                 forget_nodes_after: float = DEFAULT_FORGET_NODES_AFTER) -> None:
         if isinstance(broker_url, str):
             broker_url = parse_broker_url(broker_url)
         self.broker = broker_url or BrokerUrl(host=broker_host, port=broker_port)
@@ -83,6 +93,19 @@ class MasterNodeTransport:
         self.status_interval = status_interval
         self.rejected = 0
         self._clock = clock
+        # bounded state (master.retention): finished tasks expire `result_ttl` seconds after
+        # they end, nodes gone `forget_nodes_after` seconds are forgotten; 0 keeps them
+        self.result_ttl = result_ttl
+        self.forget_nodes_after = forget_nodes_after
+        self.expired = 0
+        self._next_sweep = self._next_forget = 0.0
+        self._gone: dict[str, float] = {}  # node id -> since when it is gone (master clock)
+        self._ended_rate = RateWindow(window=60.0)
+        self._uptime_base = 0.0            # seconds served by earlier runs on this journal
+        self._run_started = clock()
+        self._first_started = time.time()
+        self._saved_counts: tuple = ()
+        self._next_counters_save = 0.0
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -132,6 +155,7 @@ class MasterNodeTransport:
 
     def start(self, *, timeout: float = 10.0) -> None:
         """Restore the journal, connect, and start dispatching."""
+        self._restore_counters()
         restored = self.journal.unfinished()
         for record, was_running in restored:
             record.due = self._due(record.spec)
@@ -152,6 +176,8 @@ class MasterNodeTransport:
         if self._thread is not None:
             self._thread.join(timeout)
         with self._lock:
+            if not quiet:  # a master replaced by another leaves the journal to the new one
+                self._save_counters(self._clock(), force=True)
             self._commit()
             try:
                 if not quiet:
@@ -440,6 +466,8 @@ class MasterNodeTransport:
             if liveness:
                 self._check_liveness(now)
                 self._next_liveness = now + 0.1
+            if now >= self._next_sweep:
+                self._retain(now)
             gate = self.dispatch_gate
             dispatching = gate is None or gate()
             assignments = self.scheduler.assign(now=now) if dispatching else {}
@@ -689,8 +717,17 @@ class MasterNodeTransport:
             self._commit()
             found = self.journal.outcomes(missing)
             for task_id in missing:
-                out[task_id] = found.get(task_id) or TaskOutcome(id=task_id, state="unknown")
+                out[task_id] = found.get(task_id) or self._unknown(task_id)
         return out
+
+    def _unknown(self, task_id: str) -> TaskOutcome:
+        """The outcome of an id the journal does not hold, saying why that can be."""
+        kept = ("" if self.result_ttl <= 0 else
+                f", or it ended more than {format_duration(self.result_ttl)} ago and expired "
+                "(finished tasks are kept for the master's --result-ttl)")
+        return TaskOutcome(id=task_id, state="unknown", error={
+            "kind": "unknown", "message": f"no task with id {task_id!r} is known to the master: "
+                                          f"it was never submitted{kept}"})
 
     def _watch(self, client_id: str, outcomes: dict[str, TaskOutcome]) -> None:
         """Push the outcome of each still-pending task to `client_id` too when it ends."""
@@ -833,6 +870,83 @@ class MasterNodeTransport:
             if record.sent > 0 and "node_id" in error:
                 error["started"] = round(wall - max(0.0, now - record.sent), 3)
 
+    # -- internals: bounded state (master.retention) ----------------------------------------------
+
+    def _retain(self, now: float) -> None:
+        """Delete tasks that ended more than the TTL ago (a bounded batch per turn), hand the
+        pages they held back now and then, and forget nodes gone for too long."""
+        self._next_sweep = now + sweep_interval(self.result_ttl or 10.0)
+        cutoff = expiry_cutoff(time.time(), self.result_ttl)
+        if cutoff is not None:
+            self._write_backlog()  # in order: a task reopened since is not deleted
+            gone = self.journal.expire(cutoff, limit=_EXPIRE_BATCH)
+            if gone:
+                self.expired += gone
+                if gone >= _EXPIRE_BATCH:
+                    self._next_sweep = now  # more to go: the next turn goes on
+            self.journal.reclaim()
+        if self.forget_nodes_after > 0 and now >= self._next_forget:
+            self._next_forget = now + sweep_interval(self.forget_nodes_after)
+            self._forget_gone(now)
+
+    def _forget_gone(self, now: float) -> None:
+        """Forget nodes dead or offline for `forget_nodes_after` and clear their retained
+        status, so viewers stop showing them. A node that offers what queued tasks wait for
+        is kept: they run when it comes back."""
+        scheduler = self.scheduler
+        nodes = scheduler.nodes
+        self._gone = gone_marks(self._gone, ((i, n.alive) for i, n in nodes.items()), now)
+        for node_id in nodes_to_forget(self._gone, now, self.forget_nodes_after):
+            node = nodes[node_id]
+            if any(node.offers(need) for need in scheduler.waiting):
+                continue
+            requeued = scheduler.forget(node_id)
+            self._requeued.extend(scheduler.tasks[t] for t in requeued if t in scheduler.tasks)
+            del self._gone[node_id]
+            if node_id in self._dead:
+                self._dead.remove(node_id)
+            self._outgoing.append((self.topics.node_status(node_id), b"", True))
+            log.info("forgot node %s: %s for more than %s", node_id, node.status,
+                     format_duration(self.forget_nodes_after))
+
+    def _uptime(self, now: float) -> float:
+        """Seconds this journal's master has served, over every run."""
+        return self._uptime_base + max(0.0, now - self._run_started)
+
+    def _restore_counters(self) -> None:
+        """Counters and uptime as the last run left them (meta key "counters")."""
+        self._run_started = self._clock()
+        text = self.journal.meta("counters")
+        if text is None:
+            return
+        try:
+            saved = json.loads(text)
+            counts = [int(saved.get(name, 0)) for name in _COUNTERS]
+            uptime = float(saved.get("uptime", 0.0))
+            started = float(saved.get("started", self._first_started))
+        except (ValueError, TypeError, AttributeError):
+            log.warning("journal counters unreadable, starting from zero: %r", text[:200])
+            return
+        s = self.scheduler
+        (s.completed, s.failed, s.cancelled, s.duplicates, s.rejected, self.rejected,
+         s.requeued, self.expired) = counts
+        self._uptime_base, self._first_started = uptime, started
+        self._saved_counts = tuple(counts)
+
+    def _save_counters(self, now: float, *, force: bool = False) -> None:
+        """Journal the counters (with the turn's other writes, so a restart finds them as the
+        tasks they count) when they changed, and every few seconds for the uptime."""
+        s = self.scheduler
+        counts = (s.completed, s.failed, s.cancelled, s.duplicates, s.rejected, self.rejected,
+                  s.requeued, self.expired)
+        if counts == self._saved_counts and now < self._next_counters_save and not force:
+            return
+        self._saved_counts = counts
+        self._next_counters_save = now + _COUNTERS_EVERY
+        saved = dict(zip(_COUNTERS, counts), uptime=round(self._uptime(now), 3),
+                     started=self._first_started)
+        self._journal_later(partial(self.journal.set_meta, "counters", json.dumps(saved)))
+
     # -- internals: journal and publication ------------------------------------------------------
 
     def _journal_later(self, write: Callable[[], Any]) -> None:
@@ -866,6 +980,7 @@ class MasterNodeTransport:
                 time.time()))
         if self._finished:
             self._journal_later(partial(journal.finished, self._finished[:], time.time()))
+        self._save_counters(self._clock())
 
     def _task_batches(self, assignments: dict[str, list[TaskRecord]]
                       ) -> list[tuple[str, bytes, bool]]:
@@ -952,6 +1067,7 @@ class MasterNodeTransport:
 
     def _master_status(self, status: str) -> MasterStatus:
         s = self.scheduler
+        now = self._clock()
         live = [n for n in s.nodes.values() if n.alive]
         return MasterStatus(
             master_id=self.master_id, status=status, epoch=self.epoch, queued=s.queued,
@@ -959,7 +1075,9 @@ class MasterNodeTransport:
             duplicates=s.duplicates, rejected=self.rejected + s.rejected,
             nodes_ready=sum(1 for n in live if n.status == "ready"), nodes_total=len(live),
             ts=round(time.time(), 3), waiting=sum(s.waiting.values()),
-            waiting_for=",".join(sorted(s.waiting)))
+            waiting_for=",".join(sorted(s.waiting)), cancelled=s.cancelled, expired=self.expired,
+            uptime=round(self._uptime(now), 1), throughput=round(self._ended_rate.rate(
+                now, s.completed + s.failed + s.cancelled), 1))
 
 
 def _task_id(value: Any) -> str:

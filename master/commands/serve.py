@@ -79,12 +79,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --replica: the active master renews its lease every third of "
                         "this; a standby takes over when the lease lapses or its holder's "
                         "connection drops (default %(default)s; the same on every master)")
+    p.add_argument("--result-ttl", default="24h", metavar="DURATION",
+                   help="keep a finished task (its record and result, for `master-node result` "
+                        "and `task`) this long after it ends, then delete it from memory and "
+                        "the journal, whose size then stays bounded: 30s, 5m, 24h, 7d, or "
+                        "seconds; 0 or never keeps every task forever (default %(default)s)")
+    p.add_argument("--forget-nodes-after", default="1h", metavar="DURATION",
+                   help="forget a node dead or offline this long and clear its retained status "
+                        "on the broker, so viewers stop showing it (kept while queued tasks "
+                        "wait for what only it runs); 0 or never keeps them (default "
+                        "%(default)s)")
     add_security_options(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from core.credentials import tls_from_args
     from core.runtime import tune_for_messaging
+    from master.retention import parse_duration
     from master.rate_limit import parse_rate_limit
     from master.retry_policy import RetryPolicy, parse_retry_on
     from master.service import ServeOptions, install_signal_handlers, serve
@@ -92,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
     retry = RetryPolicy(backoff=args.backoff, backoff_max=args.backoff_max,
                         retry_on=None if retry_on == ("error",) else frozenset(retry_on))
     rate_limits = tuple(parse_rate_limit(text) for text in args.rate_limit)
+    result_ttl = parse_duration(args.result_ttl, option="--result-ttl")
+    forget_nodes_after = parse_duration(args.forget_nodes_after, option="--forget-nodes-after")
     tune_for_messaging()
     stop = threading.Event()
     install_signal_handlers(stop)
@@ -103,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
                            snapshots=args.snapshots, snapshot_interval=args.snapshot_interval,
                            replica=args.replica, lease_ttl=args.lease_ttl,
                            password_file=args.password_file, tls=tls_from_args(args),
-                           retry=retry, rate_limits=rate_limits)
+                           retry=retry, rate_limits=rate_limits,
+                           result_ttl=result_ttl, forget_nodes_after=forget_nodes_after)
 
     listen = None
     if args.dashboard:
