@@ -300,6 +300,7 @@ class ComputeNodeTransport:
         current = task_context.running  # what the task's context reads, on this thread
         current.task = task
         current.node = self
+        current.output = None  # what it prints, once it does (node.task_output)
         if task.timeout:
             self._start_clock(task)
         try:
@@ -309,7 +310,7 @@ class ComputeNodeTransport:
             if task.timeout:
                 with self._lock:
                     self._deadlines.pop(task.id, None)
-        output = getattr(current, "output", None)  # what it printed (node.task_output)
+        output = current.output
         if output is not None:
             current.output = None
             result = task_output.settle(result, output, task.name)
