@@ -135,10 +135,26 @@ class ComputeNode(Link):
     def execute(self, task):
         """Run a task from get_task(); its result is queued for sending and returned."""
         result, cache = tasks.run(task, {"node_id": self.node_id, "task_id": task["id"],
-                                         "instance": self.instance})
+                                         "instance": self.instance, "poll": self.poll})
         self.queue.finish(result, cache, task)
         self.sample_heap()
         return result
+
+    def poll(self, wait_ms):
+        """For a task that waits (`sleep`, a lambda): read messages for up to wait_ms and
+        send what is due, so a `cancel` reaches it; True once the running task is cancelled.
+        A link that fails here is left for the main loop to reconnect."""
+        try:
+            if self.broken:
+                time.sleep_ms(wait_ms)
+            else:
+                self.check_messages(wait_ms)  # OSError when not connected
+                self.flush()
+        except Exception as e:
+            self.broken = True
+            log("link lost during a task:", repr(e))
+        q = self.queue
+        return q.cancelled is not None and q.cancelled == q.running
 
     # -- sending -----------------------------------------------------------------------------
 

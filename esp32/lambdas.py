@@ -2,7 +2,9 @@
 (or a task named after the function, with the event in kwargs["event"] or args[0]).
 
 Each takes (event, context) and returns a value JSON can carry. `context` holds node_id,
-task_id and instance. Keep them small: they run on the node's only thread of work.
+task_id, instance and poll: a lambda that waits calls poll(ms) (wait up to ms reading
+messages; True once the task is cancelled). Keep them small: they run on the node's only
+thread of work.
 """
 
 import gc

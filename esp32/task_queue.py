@@ -8,6 +8,10 @@ handed back (`released`) so the master can give it to another node; so are the t
 a batch the heap cannot decode, their ids read from the raw JSON, and those a `release`
 control asks for.
 
+A `cancel` control ({"ids": [...]}) drops a queued task, answered `cancelled` (it never
+starts), and flags the running one: a board task cannot be interrupted, so its result is
+replaced by `cancelled` when it ends (`sleep` ends early: it reads messages while it waits).
+
 Each dispatch carries an `attempt` and a `token` that its result echoes. Results are
 remembered by (id, attempt): the same attempt again is answered from memory, a newer one
 runs again (or, while the task is still held, replaces the held copy's attempt and token).
@@ -28,6 +32,8 @@ MAX_PRIORITY = 10
 DEFAULT_PRIORITY = 5
 MAX_ID = 128   # longest task id, as on the master
 RECENT = 16    # completed (id, attempt) pairs remembered to drop duplicates
+# the error of a cancelled task, as a CPython node says it
+CANCELLED = {"kind": "cancelled", "type": "Cancelled", "message": "cancelled"}
 
 # MicroPython ports other than unix count time from 2000-01-01; the wire wants unix time.
 EPOCH = 946684800 if time.gmtime(0)[0] == 2000 else 0
@@ -49,6 +55,7 @@ class TaskQueue:
         self.fence = LeaseFence()
         self.running = None   # id of the task being run
         self.run_task = None  # ... and the task itself (a newer attempt updates it)
+        self.cancelled = None  # id of the running task the master cancelled
         self.recent = []      # [id, attempt, result or None], newest last
         self.outbox = []      # results not yet acknowledged by the broker
         self.outbox_since = 0
@@ -109,8 +116,24 @@ class TaskQueue:
         elif command == "release" and type(params) is dict \
                 and type(params.get("count")) is int and params["count"] > 0:
             self.release(params["count"])
+        elif command == "cancel" and type(params) is dict and type(params.get("ids")) is list:
+            self.cancel(params["ids"])
         else:
             self.rejected += 1
+
+    def cancel(self, ids):
+        """Drop the queued tasks among `ids`, answered `cancelled`; flag the running one.
+        Other ids are done already (the master drops a result it cancelled)."""
+        for tid in ids:
+            if type(tid) is not str:
+                self.rejected += 1
+            elif tid == self.running:
+                self.cancelled = tid
+            else:
+                i = self.find(tid)
+                if i >= 0:
+                    self.finish({"id": tid, "ok": False, "error": CANCELLED}, True,
+                                self.items.pop(i)[2])
 
     def accept(self, t, size=0):
         """Queue one task of a batch; `size` is its share of the message, in bytes."""
@@ -249,13 +272,16 @@ class TaskQueue:
         queue it for sending."""
         if result["id"] == self.running:
             self.running = self.run_task = None
+            if self.cancelled == result["id"]:  # its late result is replaced
+                self.cancelled = None
+                result = {"id": result["id"], "ok": False, "error": CANCELLED}
         d = task or {}
         result["attempt"] = d.get("attempt", 0)
         result["token"] = d.get("token", "")
         result["ts"] = now()
         if result["ok"]:
             self.tasks_done += 1
-        else:
+        elif result["error"] is not CANCELLED:  # a cancelled one counts in neither
             self.tasks_failed += 1
         self.recent.append([result["id"], result["attempt"], result if cache else None])
         if len(self.recent) > RECENT:

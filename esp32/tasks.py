@@ -2,7 +2,8 @@
 
 run() turns one task into its wire result and never raises: a failure becomes an error
 with a kind the master can act on (bad_request, unknown_task, unknown_lambda, memory,
-exception).
+exception). A task's context may hold `poll(ms)`: wait up to ms reading messages, True once
+the task is cancelled (`sleep` waits with it and ends; a firmware lambda may too).
 """
 
 import gc
@@ -23,6 +24,7 @@ except Exception as e:  # a broken lambdas.py must not keep the node offline
 BUILTIN = ("noop", "echo", "sleep", "primes", "lambda")
 CACHE_LIMIT = 256  # a result whose value encodes to at most this is kept for resending
 MAX_SLEEP_S = 3600
+POLL_MS = 200  # longest wait between two looks at the messages while `sleep` runs
 
 
 class TaskError(Exception):
@@ -81,7 +83,15 @@ def _call(name, args, kwargs, context):
         s = args[0] if args else 0
         if type(s) not in (int, float) or not 0 <= s <= MAX_SLEEP_S:
             raise TaskError("bad_request", "sleep takes 0-%d seconds" % MAX_SLEEP_S)
-        time.sleep(s)
+        poll = context.get("poll")
+        if poll is None:
+            time.sleep(s)
+            return s
+        end = time.ticks_add(time.ticks_ms(), int(s * 1000))
+        left = int(s * 1000)
+        # reading messages meanwhile: a cancel ends it early (its result says `cancelled`)
+        while left > 0 and not poll(min(left, POLL_MS)):
+            left = time.ticks_diff(end, time.ticks_ms())
         return s
     if name == "primes":
         if not args:
