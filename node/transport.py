@@ -4,8 +4,9 @@ It takes task batches from its own task topic into a local priority queue, runs 
 `capacity` worker threads (with `pool="process"`, each thread hands its tasks to a worker
 process that a time limit or a cancel kills: node.process_pool), or hands them to a caller
 through `get_task`; it sends results back in batches, heartbeats its workload on a retained
-status topic, and leaves a will `dead`. On SIGINT/SIGTERM it hands back the tasks it has not started, finishes (bounded) the ones it
-has, and says `offline`: nothing held is lost, nothing is reported twice.
+status topic, and leaves a will `dead`. On SIGINT/SIGTERM it hands back the tasks it has not
+started, finishes (bounded) the ones it has, and says `offline`: nothing held is lost,
+nothing is reported twice.
 
 Results are never held back to fill a batch: the sender takes whatever finished while the
 previous batch was going out (at most 2,000), so a lone result leaves at once and a stream
