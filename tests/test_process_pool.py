@@ -4,6 +4,7 @@ free at once), and task output that never floods the node's log."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -27,6 +28,14 @@ def ready(client, node_id: str) -> None:
 
 def pids(path: Path) -> list[int]:
     return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
 
 
 @pytest.mark.parametrize("pool", ["thread", "process"])
@@ -66,6 +75,8 @@ def test_output_is_bounded_and_a_time_limit_ends_a_runaway_task(
             assert "worker process was killed" in outcome.error["message"]
             assert client.submit("chatty", [0]).result(timeout=5) == 0
             assert time.monotonic() - started < 6
+            killed, = pids(tmp_path / "runaway")
+            assert gone(killed)
 
 
 def test_the_process_pool_kills_a_cancelled_task_and_runs_lambdas(
@@ -90,6 +101,7 @@ def test_the_process_pool_kills_a_cancelled_task_and_runs_lambdas(
         assert freed < 1.5, f"the slot was free {freed:.2f}s after the cancel"
         assert running.outcome(timeout=5).state == "cancelled"
         assert replacement != first and pids(log) == [first]  # killed, and replaced
+        assert gone(first)
         assert client.task(running.id)["state"] == "cancelled"
 
         # lambdas run in the worker processes too, under their own limits
