@@ -77,8 +77,9 @@ def test_a_rate_limit_holds_within_ten_percent(fabric: Fabric, tmp_path: Path) -
         for handle in handles:
             handle.result(timeout=30)
         assert client.submit("echo", ["free"]).result(timeout=10) == "free"  # others pass
-    times = sorted(starts(path))
-    assert len(times) == 60
+        # when the master started each (a busy node may run what it holds in a bunch)
+        times = sorted(client.task(h.id)["started"] for h in handles)
+    assert len(starts(path)) == 60
     rate = (len(times) - 1) / (times[-1] - times[0])
     assert 18.0 <= rate <= 22.0, rate
     assert max(sum(1 for t in times if begin <= t < begin + 1.0) for begin in times) <= 22
