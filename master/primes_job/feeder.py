@@ -2,7 +2,8 @@
 
 Submitting waits for the master's acknowledgement (the task is journalled), and reading a
 shard takes a few milliseconds; both overlap with collecting results on the job's own
-thread. The window bounds the shards in flight, so memory stays bounded whatever the
+thread, and with each other: a few groups of shards are asked about and submitted at once
+(SUBMITTERS threads), so the client's round trips to the master do not pace the nodes. The window bounds the shards in flight, so memory stays bounded whatever the
 input's size, and scales with the nodes' slots.
 
 Before it submits, the feeder asks the master what it knows of the shards' task ids: a shard
@@ -21,6 +22,8 @@ import queue
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -40,6 +43,8 @@ SUBMIT_BYTES = 512 * 1024
 # Ids of one shard the master may hold as failed from earlier runs before the next one is
 # submitted all the same (its stored failure then counts as this run's).
 MAX_KNOWN_FAILURES = 16
+# Groups of shards being asked about and submitted at once.
+SUBMITTERS = 3
 _QUERY_IDS = 500
 _WAIT = 0.2
 
@@ -135,6 +140,9 @@ class Feeder:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="primes-feeder", daemon=True)
+        self._pool = ThreadPoolExecutor(max_workers=SUBMITTERS,
+                                        thread_name_prefix="primes-submit")
+        self._sending: set[Future] = set()
 
     # -- driven by the job's thread ----------------------------------------------------------
 
@@ -142,9 +150,14 @@ class Feeder:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop reading; wait (bounded) for the submissions under way."""
         self._stop.set()
         self.window.resize(self.window.size)  # wake a wait for a slot
         self._thread.join(timeout)
+        with self._lock:
+            sending = list(self._sending)
+        wait_futures(sending, timeout=timeout)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def retry(self, shard: Shard, digest: str, attempt: int, delay: float) -> None:
         """Submit `shard` again as `attempt` after `delay` seconds (its slot was released)."""
@@ -186,7 +199,7 @@ class Feeder:
                     if size >= SUBMIT_BYTES or not self.window.try_acquire():
                         break
                 if group:
-                    self._submit(group)
+                    self._send(group)
                 elif self.reader_done:
                     self._stop.wait(_WAIT / 4)  # only retries can come: look again shortly
         except OSError as e:  # an input file vanished or became unreadable mid-job
@@ -227,6 +240,25 @@ class Feeder:
             return shard, digest, self._attempts.get(shard.index, 0)
         return None
 
+    def _send(self, group: list[tuple[Shard | RangeShard, str, int]]) -> None:
+        """Ask about and submit `group` on a submitter thread; at most SUBMITTERS at once."""
+        while True:
+            with self._lock:
+                self._sending = {f for f in self._sending if not f.done()}
+                busy = list(self._sending)
+            if len(busy) < SUBMITTERS:
+                break
+            wait_futures(busy, timeout=_WAIT, return_when="FIRST_COMPLETED")
+        future = self._pool.submit(self._submit_safely, group)
+        with self._lock:
+            self._sending.add(future)
+
+    def _submit_safely(self, group: list[tuple[Shard | RangeShard, str, int]]) -> None:
+        try:
+            self._submit(group)
+        except BaseException as e:  # handed to the job's thread, which reports it
+            self.error = e
+
     def _submit(self, group: list[tuple[Shard, str, int]]) -> None:
         """Take what the master finished already; submit the rest."""
         fresh = []
@@ -244,7 +276,8 @@ class Feeder:
                                                  reused=True))
                 elif outcome is not None and outcome.state in ("failed", "cancelled") \
                         and _round < MAX_KNOWN_FAILURES:
-                    self.known_failures += 1
+                    with self._lock:
+                        self.known_failures += 1
                     group.append((shard, digest, attempt + 1))
                 else:
                     fresh.append((shard, digest, attempt))

@@ -54,6 +54,9 @@ _POLL = 0.25                 # longest wait for a result before the loop looks a
 _OUTCOME_POLL = 5.0          # ask the master directly about shards in flight this long
 _NODES_REFRESH = 5.0         # look for new nodes (a bigger window) this often
 _PUBLISH_EVERY = 1.0
+# Finished shards are committed to the checkpoint this often: a crash loses at most this much
+# bookkeeping, and those shards come back from the master's outcomes on the rerun.
+_COMMIT_EVERY = 0.2
 _RETRY_DELAY = 1.0
 _NO_NODE_RETRY_DELAY = 5.0   # no live node runs `primes` right now: give one time to come
 _BAD_SAMPLES = 20
@@ -290,10 +293,11 @@ class PrimesJob:
         next_publish = now
         next_flush = now + options.flush_interval
         written_primes = self.primes
+        committed = now
         while True:
             if feeder.error is not None:
                 raise feeder.error
-            self._take_submitted(feeder, block=not self._in_flight)
+            self._take_submitted(feeder, block=not self._in_flight and not feeder.finished)
             if not self._in_flight and feeder.finished:
                 return
             done: set = set()
@@ -304,7 +308,9 @@ class PrimesJob:
             for future in done:
                 self._finish(checkpoint, feeder, self._in_flight.pop(future))
             if done:
-                checkpoint.commit()
+                if now - committed >= _COMMIT_EVERY:
+                    checkpoint.commit()
+                    committed = now
                 last_finish = now
             elif not self._in_flight:
                 last_finish = now  # waiting on reading or retries, not on nodes
