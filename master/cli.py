@@ -7,12 +7,34 @@ import sys
 
 from core.errors import FabricError
 from core.logs import configure_logging
-from master.commands import COMMANDS
+from master.commands import NAMES, load
 
 __all__ = ["main", "build_parser"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Top-level options that take a value: what to step over when looking for the command's name.
+_VALUED = ("--log-level", "--broker")
+
+
+def command_in(argv: list[str]) -> str | None:
+    """The command `argv` runs, when it names one plainly (None for help, or anything odd:
+    then every command is loaded, for the full help or argparse's own error)."""
+    items = iter(argv)
+    for item in items:
+        if item in _VALUED:
+            next(items, None)  # its value
+        elif item.startswith("-"):
+            if item.partition("=")[0] not in _VALUED:
+                return None  # help, or an option argparse must judge
+        else:
+            return item if item in NAMES else None
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for `argv`: with only the named command's options when it names one (its
+    module alone is imported), else with every command's."""
+    only = command_in(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="master-node",
         description="Coordinate prioritised tasks over MQTT. `serve` runs the master (with an "
@@ -23,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="broker as mqtt://[user:password@]host:port, for the commands that "
                              "take one (the same as giving it after the command)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in COMMANDS:
+    for command in (load(name) for name in ((only,) if only else NAMES)):
         p = sub.add_parser(command.NAME, help=command.HELP, description=command.DESCRIPTION)
         command.add_arguments(p)
         p.set_defaults(run=command.run)
@@ -42,7 +64,7 @@ def _log_level_everywhere(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if args.top_broker is not None:
         if not hasattr(args, "broker"):
