@@ -3,16 +3,22 @@
 In one run, on the same N random 64-bit numbers (uniform below 2**64):
 
 1. the prime routine alone, in one process (``measure_routine`` of bench_primes.py):
-   ``is_prime_pure``, ``is_prime`` (gmpy2 where installed) and ``sympy.isprime``;
+   ``is_prime_pure``, ``is_prime`` (gmpy2 where installed) and ``sympy.isprime``, and
+   ``filter_primes`` over the whole list (the batch form the nodes run);
 2. the job's work without the fabric: the numbers read from a file and tested in one process;
 3. the whole job through the fabric, as a user runs it: ``master-node primes`` against
    ``master-node serve`` (embedded broker), with 1 and then 2 compute nodes.
 
-It prints numbers/s of each, the ratio of each fabric run to the routine alone, and the CPU
-seconds each process spent (client, master, broker, nodes): where the time goes.
+It prints numbers/s of each, the ratio of each fabric run to the routine alone (the faster
+of ``is_prime`` and ``filter_primes``, measured in the same run), the target (2 nodes at
+1.7 x the routine alone) with its figure, reference and ratio, and the CPU seconds each
+process spent (client, master, broker, nodes): where the time goes.
+
+``--without-gmpy2`` runs everything (this process, the master, the nodes, the client) with
+gmpy2 unimportable, so the nodes and the routine alone both take the pure-Python path.
 
     python scripts/bench_prime_job.py [--count 1000000] [--nodes 1,2] [--capacity 1]
-        [--shard-size N] [--seed 1] [--broker URL] [--json]
+        [--shard-size N] [--seed 1] [--broker URL] [--without-gmpy2] [--json]
 """
 
 from __future__ import annotations
@@ -36,11 +42,36 @@ for _path in (str(_ROOT), str(_ROOT / "scripts")):
         sys.path.insert(0, _path)
 
 from bench_primes import environment, measure_routine  # noqa: E402
-from core.primality import HAS_GMPY2, is_prime  # noqa: E402
+from core.primality import HAS_GMPY2, filter_primes, is_prime  # noqa: E402
 from master.primes_job.numbers import read_numbers  # noqa: E402
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 _READY_S = 60.0
+TARGET_FACTOR = 1.7  # the job on 2 nodes against the routine alone, in one process
+_NO_GMPY2_ENV = "BENCH_PRIME_JOB_NO_GMPY2"
+BATCH = "filter_primes (batch)"
+
+
+def _without_gmpy2(argv: Sequence[str]) -> int:
+    """Run this script again with gmpy2 unimportable in it and in every child it starts."""
+    with tempfile.TemporaryDirectory(prefix="bench-no-gmpy2-") as shim:
+        package = Path(shim) / "gmpy2"
+        package.mkdir()
+        (package / "__init__.py").write_text(
+            "raise ImportError('gmpy2 hidden by bench_prime_job.py --without-gmpy2')\n")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [shim, env.get("PYTHONPATH")]))
+        env[_NO_GMPY2_ENV] = "1"
+        return subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv],
+                              env=env).returncode
+
+
+def measure_batch(numbers: Sequence[int]) -> Dict[str, float]:
+    """``filter_primes`` over the whole list in one call: the routine as the nodes run it."""
+    start = time.perf_counter()
+    found = filter_primes(list(numbers))
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "per_second": len(numbers) / seconds, "primes": len(found)}
 
 
 def _env() -> Dict[str, str]:
@@ -194,21 +225,38 @@ def run(count: int, seed: int, node_counts: Sequence[int], capacity: int,
         path = Path(tmp) / "numbers.txt"
         path.write_text("\n".join(map(str, numbers)) + "\n")
         routine = measure_routine(numbers, repeat=1)
+        routine["routines"][BATCH] = measure_batch(numbers)
         unique_primes = len({n for n in numbers if is_prime(n)})
         local = single_process(path)
         jobs = [fabric_job(path, Path(tmp) / f"fabric-{k}", nodes=k, capacity=capacity,
                            shard_size=shard_size, broker=broker) for k in node_counts]
-    fast = "is_prime (gmpy2)" if HAS_GMPY2 else "is_prime (pure)"
+    single = "is_prime (gmpy2)" if HAS_GMPY2 else "is_prime (pure)"
+    fast = max((single, BATCH), key=lambda name: routine["routines"][name]["per_second"])
     reference = routine["routines"][fast]["per_second"]
     pure = routine["routines"]["is_prime_pure"]["per_second"]
     for job in jobs:
         job["ratio_vs_routine"] = job["per_second"] / reference
         job["ratio_vs_pure_routine"] = job["per_second"] / pure
+        job["ratio_vs_is_prime"] = job["per_second"] / routine["routines"][single]["per_second"]
         job["correct"] = job["primes"] == unique_primes
     return {"count": count, "seed": seed, "broker": broker or "embedded",
             "environment": environment(),
             "load_average": os.getloadavg(), "routine": routine, "reference": fast,
-            "single_process_file": local, "jobs": jobs}
+            "single_process_file": local, "jobs": jobs, "targets": targets(jobs, reference,
+                                                                           fast)}
+
+
+def targets(jobs: List[Dict[str, Any]], reference: float, name: str) -> List[Dict[str, Any]]:
+    """Each target with its figure, its reference from the same run, the ratio, and whether
+    it was met."""
+    out = []
+    for job in jobs:
+        if job["nodes"] == 2:
+            out.append({"what": f"fabric job, 2 nodes, vs {name} alone",
+                        "figure": round(job["per_second"], 1), "reference": round(reference, 1),
+                        "ratio": round(job["ratio_vs_routine"], 3), "target": TARGET_FACTOR,
+                        "met": job["ratio_vs_routine"] >= TARGET_FACTOR and job["correct"]})
+    return out
 
 
 def format_table(report: Dict[str, Any]) -> str:
@@ -231,6 +279,11 @@ def format_table(report: Dict[str, Any]) -> str:
         lines.append(f"{label:<44} {job['per_second']:>12,.0f} {job['seconds']:>9.2f} "
                      f"{job['ratio_vs_routine']:>21.2f}x" + ("" if job["correct"] else
                                                               "  !! wrong prime count"))
+    lines.append("")
+    for t in report.get("targets", []):
+        lines.append(f"target: {t['what']} >= {t['target']:g} x: {t['figure']:,.0f} numbers/s "
+                     f"vs {t['reference']:,.0f} in this run = {t['ratio']:.2f} x: "
+                     f"{'met' if t['met'] else 'NOT met'}")
     lines += ["", "CPU seconds per process during each fabric job (shards of "
               f"{report['jobs'][0]['shard_size'] if report['jobs'] else '-'} numbers):"]
     for job in report["jobs"]:
@@ -251,8 +304,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--broker", metavar="URL",
                         help="run the fabric on this broker (e.g. a mosquitto) instead of the "
                              "master's embedded one")
+    parser.add_argument("--without-gmpy2", action="store_true",
+                        help="hide gmpy2 from this run and every process it starts: the nodes "
+                             "and the routine alone both run the pure-Python test")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
+    if args.without_gmpy2 and not os.environ.get(_NO_GMPY2_ENV):
+        return _without_gmpy2(list(sys.argv[1:] if argv is None else argv))
     try:
         node_counts = [int(n) for n in args.nodes.split(",") if n.strip()]
     except ValueError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -37,3 +38,17 @@ def test_the_command_is_found_past_top_level_options_and_odd_input_loads_all() -
     assert set(full._subparsers._group_actions[0].choices) == set(NAMES)  # type: ignore[union-attr]
     args = build_parser(["submit", "echo", "5"]).parse_args(["submit", "echo", "5"])
     assert args.command == "submit" and args.args == ["5"]
+
+
+def test_cli_benchmark_short_run() -> None:
+    """scripts/bench_cli.py end to end on a few runs (the long run is by hand)."""
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_cli.py"), "--count", "2",
+                          "--json"], capture_output=True, text=True, cwd=REPO, env=child_env(),
+                         timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    assert report["submit"]["count"] == report["bare"]["count"] == 2
+    target = report["target"]
+    assert target["target"] == 100.0 and target["figure"] == report["submit"]["p50_ms"] > 0
+    assert target["reference_bare_interpreter_p50_ms"] == report["bare"]["p50_ms"]
+    assert report["imports_ms"]

@@ -207,3 +207,21 @@ def test_a_cancelled_shard_ends_the_job_cancelled_and_a_rerun_completes(
     assert output.read_text().split() == expected_primes(truth["numbers"])
     assert summary["numbers_tested"] == summary["numbers_read"] == len(truth["numbers"])
     assert summary["bad_lines"] == len(truth["bad"])  # the checkpoint's shards count theirs
+
+
+def test_prime_job_benchmark_without_gmpy2_short_run(tmp_path: Path) -> None:
+    """scripts/bench_prime_job.py --without-gmpy2: every process on the pure routine, and the
+    target printed with its figure and the reference from the same run."""
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_prime_job.py"),
+                          "--count", "2000", "--nodes", "2", "--without-gmpy2", "--json"],
+                         capture_output=True, text=True, env=child_env(), cwd=tmp_path,
+                         timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    assert not report["environment"]["gmpy2"] and report["reference"] in (
+        "is_prime (pure)", "filter_primes (batch)")
+    (target,) = report["targets"]
+    job = report["jobs"][0]
+    assert job["correct"] and job["nodes"] == 2
+    assert target["figure"] == round(job["per_second"], 1)
+    assert target["ratio"] == round(job["ratio_vs_routine"], 3) and target["target"] == 1.7
