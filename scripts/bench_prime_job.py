@@ -18,7 +18,7 @@ process spent (client, master, broker, nodes): where the time goes.
 gmpy2 unimportable, so the nodes and the routine alone both take the pure-Python path.
 
     python scripts/bench_prime_job.py [--count 1000000] [--nodes 1,2] [--capacity 1]
-        [--shard-size N] [--seed 1] [--broker URL] [--without-gmpy2] [--json]
+        [--shard-size N] [--seed 1] [--broker URL] [--repeat 3] [--without-gmpy2] [--json]
 """
 
 from __future__ import annotations
@@ -66,12 +66,16 @@ def _without_gmpy2(argv: Sequence[str]) -> int:
                               env=env).returncode
 
 
-def measure_batch(numbers: Sequence[int]) -> Dict[str, float]:
-    """``filter_primes`` over the whole list in one call: the routine as the nodes run it."""
-    start = time.perf_counter()
-    found = filter_primes(list(numbers))
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "per_second": len(numbers) / seconds, "primes": len(found)}
+def measure_batch(numbers: Sequence[int], repeat: int = 1) -> Dict[str, float]:
+    """``filter_primes`` over the whole list in one call (best of `repeat` passes): the
+    routine as the nodes run it."""
+    items = list(numbers)
+    best, found = float("inf"), []
+    for _ in range(max(1, repeat)):
+        start = time.perf_counter()
+        found = filter_primes(items)
+        best = min(best, time.perf_counter() - start)
+    return {"seconds": best, "per_second": len(items) / best, "primes": len(found)}
 
 
 def _env() -> Dict[str, str]:
@@ -218,14 +222,15 @@ def _reaped_cpu_seconds() -> float:
 
 
 def run(count: int, seed: int, node_counts: Sequence[int], capacity: int,
-        shard_size: Optional[int], broker: Optional[str] = None) -> Dict[str, Any]:
+        shard_size: Optional[int], broker: Optional[str] = None, repeat: int = 3
+        ) -> Dict[str, Any]:
     rng = random.Random(seed)
     numbers = [rng.getrandbits(64) for _ in range(count)]
     with tempfile.TemporaryDirectory(prefix="bench-prime-job-") as tmp:
         path = Path(tmp) / "numbers.txt"
         path.write_text("\n".join(map(str, numbers)) + "\n")
-        routine = measure_routine(numbers, repeat=1)
-        routine["routines"][BATCH] = measure_batch(numbers)
+        routine = measure_routine(numbers, repeat=repeat)
+        routine["routines"][BATCH] = measure_batch(numbers, repeat)
         unique_primes = len({n for n in numbers if is_prime(n)})
         local = single_process(path)
         jobs = [fabric_job(path, Path(tmp) / f"fabric-{k}", nodes=k, capacity=capacity,
@@ -304,6 +309,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--broker", metavar="URL",
                         help="run the fabric on this broker (e.g. a mosquitto) instead of the "
                              "master's embedded one")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="passes of each routine alone; the best counts, so a slow spell "
+                             "of a shared machine does not flatter the job (default 3)")
     parser.add_argument("--without-gmpy2", action="store_true",
                         help="hide gmpy2 from this run and every process it starts: the nodes "
                              "and the routine alone both run the pure-Python test")
@@ -319,7 +327,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--count, --capacity and every node count must be at least 1")
     try:
         report = run(args.count, args.seed, node_counts, args.capacity, args.shard_size,
-                     args.broker)
+                     args.broker, args.repeat)
     except RuntimeError as e:
         print(f"bench_prime_job: error: {e}", file=sys.stderr)
         return 2

@@ -50,10 +50,11 @@ class RangeShard:
         return None
 
 
-def _json_cost(raw: bytes) -> int:
-    """JSON bytes of `raw` as a Latin-1 string, with its quotes and a separator."""
+def _json_cost(raw: bytes, lines: int) -> int:
+    """JSON bytes of `raw` (holding `lines` newlines) as a Latin-1 string, with its quotes
+    and a separator."""
     if not raw.translate(None, _PLAIN):
-        return len(raw) + raw.count(b"\n") + 3
+        return len(raw) + lines + 3
     return len(json.dumps(raw.decode("latin-1"))) + 1
 
 
@@ -112,23 +113,23 @@ def iter_range_shards(paths: Iterable[Path], plan: ShardPlan, on_bad: Callable[[
                             if not eof:
                                 continue  # read the rest of the line
                             cut = len(buf)
-                for raw in _pieces(buf[pos:cut], plan.max_bytes):
-                    lines = raw.count(b"\n")
-                    yield RangeShard(index, name, line_no, lines, raw.decode("latin-1"),
-                                     _json_cost(raw))
+                for raw, lines, cost in _pieces(buf[pos:cut], plan.max_bytes):
+                    yield RangeShard(index, name, line_no, lines, raw.decode("latin-1"), cost)
                     index += 1
                     line_no += lines
                 pos = cut
 
 
-def _pieces(raw: bytes, max_bytes: int) -> list[bytes]:
-    """`raw`, or halves of it at line ends while its JSON exceeds `max_bytes` (text that
-    needs escaping: control characters, bytes above 127)."""
-    if _json_cost(raw) <= max_bytes:
-        return [raw]
+def _pieces(raw: bytes, max_bytes: int) -> list[tuple[bytes, int, int]]:
+    """`raw` with its newlines and JSON cost, or halves of it at line ends while its JSON
+    exceeds `max_bytes` (text that needs escaping: control characters, bytes above 127)."""
+    lines = raw.count(b"\n")
+    cost = _json_cost(raw, lines)
+    if cost <= max_bytes:
+        return [(raw, lines, cost)]
     middle = raw.rfind(b"\n", 0, len(raw) // 2) + 1 or raw.find(b"\n") + 1
     if not 0 < middle < len(raw):
-        return [raw]  # one line: as it is (at most MAX_LINE_BYTES, escaped)
+        return [(raw, lines, cost)]  # one line: as it is (at most MAX_LINE_BYTES, escaped)
     return _pieces(raw[:middle], max_bytes) + _pieces(raw[middle:], max_bytes)
 
 
