@@ -114,6 +114,10 @@ class ComputeNode(Link):
             elif topic == self.lease_key:
                 self.queue.fence.observe(msg)
             else:
+                if len(msg) > 1024:
+                    # decoding a big batch needs large free runs: merge the garbage's holes
+                    # first (a collection on a failed allocation comes too late to help)
+                    gc.collect()
                 self.queue.handle(msg, self.rx)
                 self.sample_heap()  # the message and what it decoded to are still allocated
                 if len(msg) > 1024:

@@ -13,6 +13,13 @@ import config
 gc.collect()
 RX = bytearray(getattr(config, "MAX_PAYLOAD", 8192))
 
+# The node's modules are compiled one at a time, collecting after each: a compile's garbage
+# is freed before the next one's bytecode is placed, so the heap keeps large free runs, which
+# the lists of a big decoded batch need (measured on the unix port: 12 KB instead of 4.5 KB).
+for _name in ("mqtt_client", "lease", "tasks", "task_queue", "node_info", "link", "wifi"):
+    __import__(_name)
+    gc.collect()
+
 import random  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
