@@ -10,6 +10,10 @@ on the embedded broker and on mosquitto side by side, a real `master-node serve`
 3. tasks: no-op tasks submitted through FabricClient, spread over all the nodes; tasks/s and
    the master's CPU share meanwhile.
 
+Last comes the target line, from this one run: the embedded broker's tasks/s at least 0.8 x
+mosquitto's, no task answered twice (the master's duplicates), the idle master under half a
+core.
+
     python scripts/simulate_nodes.py [--nodes 1000] [--idle 10] [--tasks 20000]
         [--heartbeat 1.0] [--brokers embedded,mosquitto] [--json]
 """
@@ -37,6 +41,7 @@ from bench.procs import Children, cpu_seconds, rss_bytes, wait_for  # noqa: E402
 from bench.stats import Progress, machine, stop_on_sigterm  # noqa: E402
 
 HALF_A_CORE = 0.5
+THROUGHPUT_RATIO = 0.8  # the embedded broker's swarm throughput against mosquitto's, at least
 
 
 # -- the swarm (a child process) -------------------------------------------------------------
@@ -243,11 +248,55 @@ def format_table(report: dict[str, Any]) -> str:
     row("tasks/s over the swarm", lambda b: b["tasks"]["tasks_per_s"])
     row("  master CPU cores meanwhile", lambda b: b["tasks"]["cores"]["master"])
     row("  broker CPU cores meanwhile", lambda b: b["tasks"]["cores"]["broker"])
+    row("tasks answered twice (master's duplicates)",
+        lambda b: b["master_status"]["duplicates"])
     row("master under half a core when idle", lambda b: "met" if b["target_met"] else "NOT met")
     for kind in kinds:
         if "error" in report["brokers"][kind]:
             lines.append(f"  {kind}: {report['brokers'][kind]['error']}")
+    if "targets" in report:
+        lines += ["", target_line(report)]
     return "\n".join(lines)
+
+
+def targets(brokers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The embedded broker's targets, judged from one run against both brokers: its swarm
+    throughput at least `THROUGHPUT_RATIO` of mosquitto's, no task answered twice, and an
+    idle master under half a core. A figure a broker did not produce is None, never met."""
+    def pick(kind: str, *path: str) -> Any:
+        value: Any = brokers.get(kind)
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        return value
+
+    embedded, mosquitto = (pick(k, "tasks", "tasks_per_s") for k in ("embedded", "mosquitto"))
+    ratio = round(embedded / mosquitto, 2) if embedded and mosquitto else None
+    duplicates = {k: pick(k, "master_status", "duplicates") for k in brokers}
+    idle = {k: pick(k, "idle", "cores", "master") for k in brokers}
+    return {"throughput_ratio": ratio,
+            "throughput_met": ratio is not None and ratio >= THROUGHPUT_RATIO,
+            "duplicates": duplicates,
+            "duplicates_met": bool(duplicates) and all(v == 0 for v in duplicates.values()),
+            "idle_master_cores": idle,
+            "idle_met": bool(idle) and all(v is not None and v < HALF_A_CORE
+                                           for v in idle.values())}
+
+
+def target_line(report: dict[str, Any]) -> str:
+    """One line: embedded/mosquitto throughput, duplicates, idle master CPU, each judged."""
+    t = report["targets"]
+
+    def verdict(met: bool) -> str:
+        return "met" if met else "NOT met"
+
+    ratio = "-" if t["throughput_ratio"] is None else f"{t['throughput_ratio']:.2f}"
+    dups = ", ".join(f"{k} {v if v is not None else '-'}" for k, v in t["duplicates"].items())
+    idle = ", ".join(f"{k} {v if v is not None else '-'}"
+                     for k, v in t["idle_master_cores"].items())
+    return (f"target: embedded/mosquitto tasks/s {ratio} (>= {THROUGHPUT_RATIO}: "
+            f"{verdict(t['throughput_met'])}); duplicates {dups or '-'} (0: "
+            f"{verdict(t['duplicates_met'])}); idle master cores {idle or '-'} "
+            f"(< {HALF_A_CORE}: {verdict(t['idle_met'])})")
 
 
 def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
@@ -257,6 +306,7 @@ def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     report["brokers"] = each_broker(
         args.brokers, lambda kind, work: measure(kind, args, work, progress),
         prefix="simulate-nodes-", progress=progress)
+    report["targets"] = targets(report["brokers"])
     report["load_average_end"] = machine()["load_average"]
     return report
 
@@ -276,7 +326,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--tasks", type=int, default=20_000, help="no-op tasks (0 to skip)")
     p.add_argument("--brokers", default="embedded,mosquitto",
                    help="comma-separated: embedded, mosquitto")
-    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table (the "
+                   "target line then goes to stderr)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
     if args.mode != "swarm":
@@ -295,7 +346,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop_on_sigterm()
     progress = Progress("simulate", quiet=args.quiet)
     report = run(args, progress)
-    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        print(target_line(report), file=sys.stderr)  # stdout stays one JSON document
+    else:
+        print(format_table(report))
     return 1 if any("error" in b for b in report["brokers"].values()) else 0
 
 

@@ -110,6 +110,38 @@ def test_simulate_nodes_short_run_counts_every_node() -> None:
         assert figures["master_status"]["completed"] >= 500
         assert figures["master_status"]["duplicates"] == 0
         assert isinstance(figures["target_met"], bool)
+    targets = report["targets"]
+    assert targets["duplicates"] == {kind: 0 for kind in report["brokers"]}
+    assert targets["duplicates_met"] is True
+    assert set(targets["idle_master_cores"]) == set(report["brokers"])
+    assert "target: embedded/mosquitto tasks/s" in progress
+    if "mosquitto" in report["brokers"]:
+        assert targets["throughput_ratio"] > 0
+        assert isinstance(targets["throughput_met"], bool)
+
+
+def test_simulate_nodes_target_line_judges_one_run() -> None:
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from simulate_nodes import target_line, targets
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+
+    def broker(tasks_per_s: float, duplicates: int, idle: float) -> dict[str, Any]:
+        return {"tasks": {"tasks_per_s": tasks_per_s}, "master_status": {
+            "duplicates": duplicates}, "idle": {"cores": {"master": idle}}}
+
+    met = targets({"embedded": broker(900, 0, 0.2), "mosquitto": broker(1000, 0, 0.1)})
+    assert met["throughput_ratio"] == 0.9 and met["throughput_met"] and met["duplicates_met"]
+    assert met["idle_met"]
+    line = target_line({"targets": met})
+    assert "tasks/s 0.90 (>= 0.8: met)" in line and "NOT" not in line
+    missed = targets({"embedded": broker(700, 3, 0.6), "mosquitto": broker(1000, 0, 0.1)})
+    assert not (missed["throughput_met"] or missed["duplicates_met"] or missed["idle_met"])
+    assert target_line({"targets": missed}).count("NOT met") == 3
+    failed = targets({"embedded": {"error": "no"}, "mosquitto": broker(1000, 0, 0.1)})
+    assert failed["throughput_ratio"] is None and not failed["throughput_met"]
+    assert not failed["duplicates_met"] and not failed["idle_met"]
 
 
 @pytest.mark.parametrize("script", ["scripts/bench_fabric.py", "scripts/simulate_nodes.py"])

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from core.runtime import tune_for_messaging
 from master.broker.conf import BrokerConfig, load_config, parse_config
 from master.broker.embedded import run_broker
 from master.broker.errors import BrokerError
@@ -178,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokerError as e:
         return _fail(str(e), status=2, parent=args.parent_pid is not None)
     configure_logging(config)
+    tune_for_messaging()  # a broker allocates per packet what the collector would walk
     pid_file = config.pid_file
     try:
         if pid_file is not None:

@@ -26,14 +26,24 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, runtime_checkable
 
-from amqtt.mqtt.constants import QOS_1, QOS_2
+from amqtt.adapters import BufferReader
+from amqtt.errors import MQTTError
+from amqtt.events import MQTTEvents
+from amqtt.mqtt import packet_class
+from amqtt.mqtt.connect import ConnectPacket
+from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
+from amqtt.mqtt.packet import (CONNECT, DISCONNECT, PINGREQ, PINGRESP, PUBACK, PUBCOMP, PUBLISH,
+                               PUBREC, PUBREL, RESERVED_0, RESERVED_15, SUBACK, SUBSCRIBE,
+                               UNSUBACK, UNSUBSCRIBE, MQTTFixedHeader)
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.puback import PubackPacket
+from amqtt.mqtt.publish import PublishPacket, PublishPayload, PublishVariableHeader
 from amqtt.mqtt.pubrel import PubrelPacket
 from amqtt.session import OUTGOING, IncomingApplicationMessage, OutgoingApplicationMessage, Session
 
-__all__ = ["DeliveryHandler", "MAX_INFLIGHT", "RETRY_QOS2_TIMEOUT"]
+__all__ = ["DeliveryHandler", "MAX_INFLIGHT", "RETRY_QOS2_TIMEOUT", "decode_publish"]
 
 log = logging.getLogger("master.broker")
 
@@ -44,6 +54,44 @@ MAX_INFLIGHT = 65_000
 RETRY_QOS2_TIMEOUT = 10.0
 
 Undelivered = Callable[[Session, "DeliveryHandler", OutgoingApplicationMessage], None]
+
+_HANDLERS = {SUBSCRIBE: "handle_subscribe", UNSUBSCRIBE: "handle_unsubscribe",
+             SUBACK: "handle_suback", UNSUBACK: "handle_unsuback", PUBACK: "handle_puback",
+             PUBREC: "handle_pubrec", PUBREL: "handle_pubrel", PUBCOMP: "handle_pubcomp",
+             PINGREQ: "handle_pingreq", PINGRESP: "handle_pingresp", PUBLISH: "handle_publish",
+             DISCONNECT: "handle_disconnect"}
+
+
+@runtime_checkable
+class _Congestible(Protocol):
+    """A writer that says when the socket under it is over its high-water mark."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def congested(self) -> bool: ...
+
+
+def decode_publish(first: int, body: bytes) -> PublishPacket:
+    """A PUBLISH packet from its first byte and body, decoded as amqtt decodes it (a topic
+    that is not UTF-8 becomes the text of its bytes; one with a wildcard is an MQTTError)."""
+    flags = first & 0x0F
+    length = int.from_bytes(body[:2], "big")
+    if len(body) < 2 + length:
+        raise MQTTError("PUBLISH shorter than its topic")
+    raw = body[2:2 + length]
+    try:
+        topic = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        topic = str(raw)
+    start = 2 + length
+    packet_id = None
+    if (flags >> 1) & 0x03:
+        if len(body) < start + 2:
+            raise MQTTError("PUBLISH without its packet id")
+        packet_id = int.from_bytes(body[start:start + 2], "big")
+        start += 2
+    return PublishPacket(MQTTFixedHeader(PUBLISH, flags, len(body)),
+                         PublishVariableHeader(topic, packet_id), PublishPayload(body[start:]))
 
 
 class DeliveryHandler(BrokerProtocolHandler):
@@ -61,11 +109,133 @@ class DeliveryHandler(BrokerProtocolHandler):
         self._delivering: set[int] = set()  # packet ids with a flow running on this connection
         self._id_waiters: deque[asyncio.Future[None]] = deque()
         self._dropped = 0
+        self._quiet = False  # no plugin hears of single packets: the fast paths may be taken
+        self._posted: dict[int, OutgoingApplicationMessage] = {}  # by `post`, until PUBACK
+        self._behind = 0  # publishes handed to `publish_behind` that have not started yet
+
+    # -- reading: a packet at a time, acknowledgements without a task each ------------------
+
+    async def _reader_loop(self) -> None:
+        """amqtt's loop over the client's packets, reading each packet whole
+        (`ConnectionReader.read_packet`) instead of a field at a time, and taking a PUBACK
+        or a QoS 0/1 PUBLISH in place instead of starting a task for each. Packets are
+        handled as amqtt handles them otherwise; QoS 2 flows still get their own task (they
+        wait for packets this loop reads)."""
+        read_packet = getattr(self.reader, "read_packet", None)
+        session = self.session
+        if read_packet is None or session is None or self._reader_ready is None or \
+                (session.keep_alive or 0) > 0:
+            await super()._reader_loop()  # no watchdog on this reader: amqtt's own timeouts
+            return
+        callbacks = getattr(self.plugins_manager, "_event_plugin_callbacks", None)
+        quiet = callbacks is not None and MQTTEvents.PACKET_RECEIVED not in callbacks and \
+            MQTTEvents.PACKET_SENT not in callbacks
+        self._quiet = quiet
+        running: deque[asyncio.Task[None]] = deque()
+        try:
+            while True:
+                self._reader_ready.set()
+                while running and running[0].done():
+                    running.popleft()
+                try:
+                    packet = await read_packet()
+                    if packet is None:
+                        break  # end of stream
+                    first, body = packet
+                    kind = first >> 4
+                    if quiet and kind == PUBACK and len(body) == 2:
+                        self._acknowledged(int.from_bytes(body, "big"))
+                    elif kind == PUBLISH:
+                        publish = decode_publish(first, body)
+                        if not quiet:
+                            await self.plugins_manager.fire_event(
+                                MQTTEvents.PACKET_RECEIVED, packet=publish, session=session)
+                        if quiet and publish.qos in (QOS_0, QOS_1):
+                            self._received(session, publish)
+                        else:
+                            running.append(asyncio.create_task(self.handle_publish(publish)))
+                    else:
+                        task = await self._dispatch(session, first, body)
+                        if task is not None:
+                            running.append(task)
+                except MQTTError:
+                    log.debug("%s: message discarded", session.client_id)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    break
+        except asyncio.CancelledError:
+            pass
+        except Exception as e:  # as amqtt: a packet it cannot handle ends the connection
+            log.warning("%s: unhandled exception reading from %s: %r", type(self).__name__,
+                        session.client_id, e)
+        while running:
+            running.popleft().cancel()
+        await self.handle_connection_closed()
+        self._reader_stopped.set()
+        await self.stop()
+
+    def _acknowledged(self, packet_id: int) -> None:
+        posted = self._posted.pop(packet_id, None)
+        if posted is not None:
+            self._delivering.discard(packet_id)
+            session = self.session
+            if session is not None and session.inflight_out.get(packet_id) is posted:
+                del session.inflight_out[packet_id]
+                self._release_packet_id()
+            return
+        waiter = self._puback_waiters.get(packet_id)
+        if waiter is None or waiter.done():
+            log.warning("PUBACK for unknown pending message id %d", packet_id)
+            return
+        waiter.set_result(PubackPacket.build(packet_id))
+
+    def _received(self, session: Session, publish: PublishPacket) -> None:
+        """A QoS 0 or 1 message from the client, as amqtt's flow takes it: queued for the
+        broker's loop of this client, then (QoS 1) acknowledged."""
+        header = publish.variable_header
+        payload = publish.payload
+        if header is None or payload is None or payload.data is None:
+            return
+        message = IncomingApplicationMessage(header.packet_id, header.topic_name, publish.qos,
+                                             payload.data, publish.retain_flag)
+        message.publish_packet = publish
+        session.delivered_message_queue.put_nowait(message)
+        if publish.qos == QOS_1 and header.packet_id is not None and self.writer is not None:
+            # written at once, not after the writes waiting for the socket to drain: reading
+            # this client's packets never waits on what is being sent to it
+            self.writer.write(b"\x40\x02" + header.packet_id.to_bytes(2, "big"))
+
+    async def _dispatch(self, session: Session, first: int, body: bytes
+                        ) -> asyncio.Task[None] | None:
+        """Any other packet, decoded and handled by amqtt's own code, as its loop does."""
+        kind, flags = first >> 4, first & 0x0F
+        if kind in (RESERVED_0, RESERVED_15):
+            log.warning("%s sent a reserved packet type: closing the connection",
+                        session.client_id)
+            await self.handle_connection_closed()
+            return None
+        fixed = MQTTFixedHeader(kind, flags, len(body))
+        packet = await packet_class(fixed).from_stream(BufferReader(body), fixed_header=fixed)
+        await self.plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=packet,
+                                              session=session)
+        if kind == CONNECT and isinstance(packet, ConnectPacket):
+            await self.handle_connect(packet)
+            return None
+        name = _HANDLERS.get(kind)
+        if name is None:
+            log.warning("%s: unhandled packet type %d", session.client_id, kind)
+            return None
+        return asyncio.create_task(getattr(self, name)(packet))
 
     async def stop(self) -> None:
         # set before amqtt cancels the PUBACK waiters (synchronously, in the same step), so a
         # flow either has its waiter cancelled or sees the handler stopped: none waits forever
         self._stopped = True
+        session = self.session
+        posted, self._posted = self._posted, {}
+        for packet_id, message in posted.items():  # kept in flight, as `_deliver_qos1` does
+            self._delivering.discard(packet_id)
+            if session is not None:
+                self._undelivered(session, message)
         for waiter in self._id_waiters:  # they hand their message on (`on_undelivered`)
             if not waiter.done():
                 waiter.set_result(None)
@@ -118,6 +288,48 @@ class DeliveryHandler(BrokerProtocolHandler):
                 if not waiter.done():
                     waiter.set_result(None)
                     return
+
+    # -- delivery without a task: written now, in flight until its PUBACK --------------------
+
+    def post(self, topic: str, data: bytes | bytearray, qos: int) -> bool:
+        """Deliver a QoS 0 or 1 message (retain=0) by writing it now, without the task and
+        the PUBACK future amqtt's flow costs per delivery. False when it cannot go out now
+        without overtaking an earlier delivery to this client (one waiting for the socket,
+        the write lock or a packet id, or handed to `publish_behind`): deliver it with
+        `publish_behind` then, which keeps the order."""
+        session = self.session
+        writer = self.writer
+        lock = self._write_lock
+        if not self._quiet or session is None or self._stopped or qos not in (QOS_0, QOS_1) \
+                or self._behind or self._id_waiters or lock.locked() or \
+                getattr(lock, "_waiters", None) or self._keepalive_task is not None or \
+                not isinstance(writer, _Congestible) or writer.congested():
+            return False
+        if qos == QOS_0:
+            writer.write(PublishPacket.build(topic, bytes(data), None, False, QOS_0,
+                                             False).to_bytes())
+            return True
+        if len(session.inflight_out) >= MAX_INFLIGHT:
+            return False
+        message = OutgoingApplicationMessage(session.next_packet_id, topic, qos, data, False)
+        packet_id = message.packet_id
+        session.inflight_out[packet_id] = message
+        self._posted[packet_id] = message
+        self._delivering.add(packet_id)
+        packet = message.build_publish_packet()
+        message.publish_packet = packet
+        writer.write(packet.to_bytes())
+        return True
+
+    def publish_behind(self, topic: str, data: bytes | bytearray, qos: int) -> Any:
+        """`mqtt_publish` (retain=0) for a message `post` refused: later posts wait until
+        it has started, so it cannot be overtaken. Returns the coroutine to run."""
+        self._behind += 1
+        return self._publish_behind(topic, data, qos)
+
+    async def _publish_behind(self, topic: str, data: bytes | bytearray, qos: int) -> None:
+        self._behind -= 1  # from here on it holds its place (lock, packet id) by itself
+        await self.mqtt_publish(topic, data, qos, retain=False)
 
     # -- QoS 1 to the client: keep it until acknowledged -------------------------------------
 

@@ -1,0 +1,103 @@
+"""The embedded broker's subscription index matches topics by MQTT 3.1.1's rules, the same as
+amqtt's filter-by-filter comparison it replaces, and a broker with many subscribers delivers
+each message to exactly the clients whose filters match."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from master.broker.index import FilterIndex  # noqa: E402
+from support.brokers import Probe, broker_params, start_broker  # noqa: E402
+
+
+@pytest.mark.parametrize("topic_filter, topic, matches", [
+    ("a/b", "a/b", True), ("a/b", "a/c", False), ("a/b", "a/b/c", False),
+    ("a/+", "a/b", True), ("a/+", "a/", True), ("a/+", "a", False), ("a/+", "a/b/c", False),
+    ("+/+", "/", True), ("+", "", True), ("+/b", "x/b", True),
+    ("a/#", "a", True), ("a/#", "a/b/c", True), ("a/#", "ab", False), ("#", "a/b", True),
+    ("#", "/", True), ("a/+/#", "a/b", True), ("a/+/#", "a", False),
+    # MQTT-4.7.2-1: a `$` topic is not matched by a filter starting with a wildcard
+    ("#", "$SYS/x", False), ("+/x", "$SYS/x", False), ("$SYS/#", "$SYS/x", True),
+    ("$SYS/+", "$SYS/x", True), ("$SYS/#", "$SYS", True), ("a/$x", "a/$x", True),
+    ("+/$x", "a/$x", True),
+    # malformed filters (amqtt refuses them at SUBSCRIBE) match nothing
+    ("a/b#", "a/b#", False), ("a+/b", "a+/b", False), ("a/#/b", "a/x/b", False),
+])
+def test_matching_follows_mqtt(topic_filter: str, topic: str, matches: bool) -> None:
+    assert (topic_filter in FilterIndex([topic_filter]).match(topic)) is matches
+
+
+def test_index_equals_amqtt_matching_on_random_filters() -> None:
+    from amqtt.broker import Broker
+
+    class _Quiet:
+        logger = __import__("logging").getLogger("test")
+
+    rng = random.Random(7)
+    levels = ["a", "b", "", "$SYS", "+", "#", "c+", "$x"]
+    names = ["a", "b", "", "$SYS", "$x", "c"]
+    for _ in range(200):
+        filters = {"/".join(rng.choice(levels) for _ in range(rng.randint(1, 4)))
+                   for _ in range(rng.randint(1, 30))}
+        index = FilterIndex(filters)
+        for gone in list(filters)[:len(filters) // 3]:  # removal prunes, keeps the rest
+            index.discard(gone)
+            filters.discard(gone)
+        assert sorted(index) == sorted(filters) and len(index) == len(filters)
+        for _ in range(30):
+            topic = "/".join(rng.choice(names) for _ in range(rng.randint(1, 4)))
+            expected = sorted(f for f in filters if Broker._matches(_Quiet, topic, f))
+            found = index.match(topic)
+            assert sorted(found) == expected, (topic, filters)
+            assert len(found) == len(set(found))  # each filter once
+
+
+def test_add_is_idempotent_and_discard_of_unknown_is_harmless() -> None:
+    index = FilterIndex()
+    index.add("a/+")
+    index.add("a/+")
+    index.discard("b/#")
+    index.discard("x")
+    assert index.match("a/b") == ["a/+"] and len(index) == 1
+    index.discard("a/+")
+    assert index.match("a/b") == [] and len(index) == 0 and "a/+" not in index
+
+
+@pytest.mark.parametrize("broker_kind", broker_params())
+def test_many_subscribers_each_get_only_their_own(broker_kind: str, tmp_path: Path) -> None:
+    """60 clients on their own topics and one on a wildcard: each publish reaches its own
+    client and the wildcard subscriber, once each, and no other client."""
+    count = 60
+    with start_broker(broker_kind, directory=tmp_path) as broker:
+        watcher = Probe(broker.host, broker.port, "watcher")
+        clients: list[Probe] = []
+        publisher: Probe | None = None
+        try:
+            watcher.subscribe("fleet/+/tasks", qos=1)
+            for i in range(count):
+                clients.append(Probe(broker.host, broker.port, f"n{i}"))
+                clients[-1].subscribe(f"fleet/n{i}/tasks", qos=1)
+            publisher = Probe(broker.host, broker.port, "publisher")
+            for i in range(0, count, 7):
+                publisher.publish(f"fleet/n{i}/tasks", f"task {i}", qos=1)
+            for i in range(count):  # last on each topic: what came before it has arrived
+                publisher.publish(f"fleet/n{i}/tasks", b"end", qos=1)
+            for i, client in enumerate(clients):
+                assert client.wait_for(lambda m: any(r.payload == b"end" for r in m), 10), i
+                expected = ([f"task {i}".encode()] if i % 7 == 0 else []) + [b"end"]
+                assert [(r.topic, r.payload) for r in client.messages] == \
+                    [(f"fleet/n{i}/tasks", p) for p in expected]
+            expected_total = count + len(range(0, count, 7))
+            assert watcher.wait_for(lambda m: len(m) >= expected_total, 10)
+            assert sorted((r.topic, r.payload) for r in watcher.messages) == sorted(
+                [(f"fleet/n{i}/tasks", b"end") for i in range(count)]
+                + [(f"fleet/n{i}/tasks", f"task {i}".encode()) for i in range(0, count, 7)])
+        finally:
+            for probe in [watcher, *clients, *([publisher] if publisher else [])]:
+                probe.close()
