@@ -286,8 +286,8 @@ class Journal(BatchedWrites):
         return pages
 
     def sizes(self) -> dict[str, int]:
-        """The journal's size: bytes of the database and of its log, pages in use and free,
-        rows (tasks) held."""
+        """The journal's size: bytes of the database (and of its free pages) and of its log,
+        and the rows (tasks) it holds, counted by a scan: for tests and soaks, not the loop."""
         page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
         pages = self._db.execute("PRAGMA page_count").fetchone()[0]
         free = self._db.execute("PRAGMA freelist_count").fetchone()[0]

@@ -242,3 +242,42 @@ def test_a_node_gone_too_long_is_forgotten_and_its_retained_status_cleared(
         assert late.node_status("ghost") is None
     finally:
         late.close()
+
+
+def test_expired_tasks_leave_a_standby_copy_of_the_journal_too(tmp_path: Path) -> None:
+    from core.protocol import decode_message
+    from core.replication import JournalDelta
+    from master.journal_replication import APPLY, ChangeCapture, JournalReplica
+
+    active_path, standby_path = tmp_path / "a" / "master.sqlite3", tmp_path / "b" / "master.sqlite3"
+    journal = Journal(active_path)
+    capture = ChangeCapture(active_path, epoch=1)
+    replica = JournalReplica(standby_path)
+
+    def ship() -> None:
+        for prev, new, ops in capture.drain(epoch=1):
+            delta = JournalDelta(master="m1", epoch=1, seq=new[1], prev_seq=prev[1],
+                                 prev_epoch=prev[0], ops=tuple(ops))
+            assert replica.apply(decode_message(delta.encode())) == APPLY
+    try:
+        _finished(journal, [f"t-{i}" for i in range(2000)], [100.0 + i for i in range(2000)])
+        journal.set_meta("counters", json.dumps({"completed": 2000}))
+        journal.commit()
+        ship()
+        assert replica.counts() == {COMPLETED: 2000}
+        while journal.expire(100.0 + 1500, limit=500):  # the sweep, turn after turn
+            journal.reclaim()
+            journal.commit()
+            ship()
+        journal.commit()  # the last, empty sweep's transaction
+        assert replica.counts() == {COMPLETED: 500}  # the standby deleted the same rows
+        standby = Journal(standby_path)  # what a standby that takes over opens
+        try:
+            assert set(standby.outcomes(["t-0", "t-1499", "t-1500"])) == {"t-1500"}
+            assert json.loads(standby.meta("counters")) == {"completed": 2000}
+        finally:
+            standby.close()
+    finally:
+        replica.close()
+        capture.close()
+        journal.close()
