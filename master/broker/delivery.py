@@ -19,6 +19,11 @@ Publishing waits, in order, for a free packet id instead of failing. The one bou
 mosquitto: once `MAX_INFLIGHT` messages to a client are unacknowledged, at most `max_queued`
 more wait for an id; beyond that they are dropped with a warning rather than held in memory
 without end.
+
+Per packet this handler does less than amqtt's: a packet is read whole, a PUBACK and a QoS 0
+or 1 PUBLISH from the client are taken in place rather than in a task each, and a broadcast
+to this client is written at once (`post`) unless that would overtake an earlier delivery
+still waiting for the socket, the write lock or a packet id.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable
 
 from amqtt.adapters import BufferReader
 from amqtt.errors import MQTTError
@@ -60,15 +65,6 @@ _HANDLERS = {SUBSCRIBE: "handle_subscribe", UNSUBSCRIBE: "handle_unsubscribe",
              PUBREC: "handle_pubrec", PUBREL: "handle_pubrel", PUBCOMP: "handle_pubcomp",
              PINGREQ: "handle_pingreq", PINGRESP: "handle_pingresp", PUBLISH: "handle_publish",
              DISCONNECT: "handle_disconnect"}
-
-
-@runtime_checkable
-class _Congestible(Protocol):
-    """A writer that says when the socket under it is over its high-water mark."""
-
-    def write(self, data: bytes) -> None: ...
-
-    def congested(self) -> bool: ...
 
 
 def decode_publish(first: int, body: bytes) -> PublishPacket:
@@ -302,8 +298,10 @@ class DeliveryHandler(BrokerProtocolHandler):
         lock = self._write_lock
         if not self._quiet or session is None or self._stopped or qos not in (QOS_0, QOS_1) \
                 or self._behind or self._id_waiters or lock.locked() or \
-                getattr(lock, "_waiters", None) or self._keepalive_task is not None or \
-                not isinstance(writer, _Congestible) or writer.congested():
+                getattr(lock, "_waiters", None) or self._keepalive_task is not None:
+            return False
+        congested = getattr(writer, "congested", None)  # a `ConnectionWriter`'s
+        if writer is None or congested is None or congested():
             return False
         if qos == QOS_0:
             writer.write(PublishPacket.build(topic, bytes(data), None, False, QOS_0,
