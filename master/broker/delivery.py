@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from amqtt.adapters import BufferReader
 from amqtt.errors import MQTTError
@@ -98,6 +98,8 @@ class DeliveryHandler(BrokerProtocolHandler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.on_undelivered: Undelivered | None = None
+        # the broker's handling of a message from this client, in place of its queue
+        self.on_message: Callable[[IncomingApplicationMessage], Awaitable[Any]] | None = None
         self.max_queued = 0  # messages waiting for a packet id, beyond which they are dropped
         self._stopped = False
         self._resumed = False  # messages in flight from an earlier connection were resent
@@ -147,7 +149,7 @@ class DeliveryHandler(BrokerProtocolHandler):
                             await self.plugins_manager.fire_event(
                                 MQTTEvents.PACKET_RECEIVED, packet=publish, session=session)
                         if quiet and publish.qos in (QOS_0, QOS_1):
-                            self._received(session, publish)
+                            await self._received(session, publish)
                         else:
                             running.append(asyncio.create_task(self.handle_publish(publish)))
                     else:
@@ -184,17 +186,24 @@ class DeliveryHandler(BrokerProtocolHandler):
             return
         waiter.set_result(PubackPacket.build(packet_id))
 
-    def _received(self, session: Session, publish: PublishPacket) -> None:
-        """A QoS 0 or 1 message from the client, as amqtt's flow takes it: queued for the
-        broker's loop of this client, then (QoS 1) acknowledged."""
+    async def _received(self, session: Session, publish: PublishPacket) -> None:
+        """A QoS 0 or 1 message from the client: handed to the broker at once (`on_message`)
+        when nothing of this client's is queued before it, else queued for the broker's loop
+        of this client as amqtt queues it; then (QoS 1) acknowledged. A topic the broker
+        refuses always takes the queue, where refusing it ends the session as in amqtt."""
         header = publish.variable_header
         payload = publish.payload
         if header is None or payload is None or payload.data is None:
             return
-        message = IncomingApplicationMessage(header.packet_id, header.topic_name, publish.qos,
+        topic = header.topic_name
+        message = IncomingApplicationMessage(header.packet_id, topic, publish.qos,
                                              payload.data, publish.retain_flag)
         message.publish_packet = publish
-        session.delivered_message_queue.put_nowait(message)
+        queue = session.delivered_message_queue
+        if self.on_message is None or not queue.empty() or not topic or topic[0] == "$":
+            queue.put_nowait(message)
+        else:
+            await self.on_message(message)
         if publish.qos == QOS_1 and header.packet_id is not None and self.writer is not None:
             # written at once, not after the writes waiting for the socket to drain: reading
             # this client's packets never waits on what is being sent to it

@@ -366,6 +366,7 @@ class FabricBroker(Broker):
         self._match_cache: dict[str, tuple[str, ...]] = {}
         self._match_version = -1
         self._deliveries: set[asyncio.Task[Any]] = set()
+        self._broadcasting = 0  # broadcasts under way (loop or in place): others queue
         self._topic_plugins: tuple[BaseTopicPlugin, ...] = tuple(
             p for p in self.plugins_manager.plugins if isinstance(p, BaseTopicPlugin))
 
@@ -457,6 +458,7 @@ class FabricBroker(Broker):
             reader.watch_idle(keepalive * KEEPALIVE_FACTOR)
             session.keep_alive = 0  # the watchdog enforces it; amqtt's per-read timeout did not
         session.attributes[_VERIFIED] = True
+        handler.on_message = partial(self._message_in_place, session, handler)
         if self._connection_messages:
             log.info("client %s connected from %s:%s (c%d, k%d%s)", session.client_id,
                      remote_address, remote_port, int(bool(incoming.clean_session)), keepalive,
@@ -606,6 +608,14 @@ class FabricBroker(Broker):
                 return False
         return True
 
+    async def _message_in_place(self, session: Session, handler: BrokerProtocolHandler,
+                                message: Any) -> None:
+        """A message its client's reader hands over directly: handled as the client's loop
+        handles one, without the queue between them and the wake-up of that loop."""
+        taken: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        taken.set_result(message)
+        await self._handle_message_delivery(session, handler, taken)
+
     async def _handle_disconnect(self, client_session: Session, handler: BrokerProtocolHandler,
                                  disconnect_waiter: asyncio.Future[Any]) -> None:
         """Broadcast what the client published and was acknowledged but not yet broadcast
@@ -698,8 +708,25 @@ class FabricBroker(Broker):
     async def _broadcast_message(self, session: Session | None, topic: str | None,
                                  data: bytes | bytearray | None,
                                  force_qos: int | None = None) -> None:
+        """Deliver at once when nothing is queued or being broadcast, which saves the message
+        a wait for the broadcast loop's turn (one per message, twice per task round trip);
+        otherwise queue it behind the others, so a publisher's messages keep their order."""
         qos = force_qos if force_qos is not None else _PUBLISH_QOS.get()
-        await super()._broadcast_message(session, topic, data, qos)
+        task = self._broadcast_task
+        if self._broadcasting or not self._broadcast_queue.empty() or task is None or \
+                task.done():
+            await super()._broadcast_message(session, topic, data, qos)
+            return
+        broadcast: dict[str, Any] = {"session": session, "topic": topic, "data": data}
+        if qos is not None:
+            broadcast["qos"] = qos
+        self._broadcasting += 1
+        try:
+            await self._deliver_broadcast(broadcast)
+        except Exception as e:  # one message's failure must not end its publisher's session
+            log.warning("broadcast of a message on %s failed: %r", topic, e)
+        finally:
+            self._broadcasting -= 1
 
     async def _broadcast_loop(self) -> None:
         """Take broadcasts straight off the queue; amqtt wraps each one in a task of its own
@@ -725,6 +752,13 @@ class FabricBroker(Broker):
         matching filters are cached per topic, ACL checks are direct calls. Each delivery is
         a task of its own (`_spawn`); `running_tasks` (amqtt's list of them) is not used."""
         broadcast = await self._broadcast_queue.get()
+        self._broadcasting += 1
+        try:
+            await self._deliver_broadcast(broadcast)
+        finally:
+            self._broadcasting -= 1
+
+    async def _deliver_broadcast(self, broadcast: dict[str, Any]) -> None:
         topic: str = broadcast["topic"]
         publish_qos: int | None = broadcast.get("qos")
         data = broadcast["data"]
