@@ -27,8 +27,9 @@ DESCRIPTION = (
     "same command again and it resumes. Shards the master finished for an earlier run of the "
     "same files, with the very same numbers, are reused; the summary tells them from shards run "
     "now. Progress goes to stderr and, retained, to <root>/jobs/<job id>/progress (its state "
-    "ends as done, incomplete, failed or interrupted); a summary to stdout. Exit 0 when every "
-    "number was tested, 1 when some shards failed (run again to retry them), 2 on a usage or "
+    "ends as done, incomplete, failed, cancelled or interrupted); a summary to stdout. Exit 0 "
+    "when every number was tested, 1 when some shards failed or were cancelled (run again to "
+    "retry them), 2 on a usage or "
     "connection error, 130/143 when interrupted by SIGINT/SIGTERM (run again to resume).")
 
 _MAX_BAD_SHOWN = 100
