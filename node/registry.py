@@ -15,26 +15,50 @@ TaskFunction = Callable[..., Any]
 
 
 class TaskRegistry:
-    """Maps task names to plain functions called as `fn(*args, **kwargs)`."""
+    """Maps task names to plain functions called as `fn(*args, **kwargs)`, each with an
+    optional default time limit for calls that were submitted without one."""
 
     def __init__(self) -> None:
         self._tasks: dict[str, TaskFunction] = {}
+        self._timeouts: dict[str, float] = {}
 
-    def register(self, name: str | None = None) -> Callable[[TaskFunction], TaskFunction]:
+    def register(self, name: str | None = None, *, timeout: float = 0.0
+                 ) -> Callable[[TaskFunction], TaskFunction]:
+        """Decorator; `timeout` is the task's default time limit (see `add`), also kept on the
+        function as `task_timeout`, so `--task module:function` finds it."""
         def decorator(fn: TaskFunction) -> TaskFunction:
-            self.add(name or fn.__name__, fn)
+            if timeout:
+                fn.task_timeout = timeout  # type: ignore[attr-defined]
+            self.add(name or fn.__name__, fn, timeout=timeout)
             return fn
         return decorator
 
-    def add(self, name: str, fn: TaskFunction) -> None:
+    def add(self, name: str, fn: TaskFunction, *, timeout: float | None = None) -> None:
+        """Register `fn` as `name`. `timeout` (seconds, 0: none; default: the function's
+        `task_timeout` if it has one) applies to calls submitted without a time limit of
+        their own: a submitted limit always wins."""
         if not isinstance(name, str) or not name or "," in name:
             raise ConfigError(f"invalid task name {name!r}")
         if not callable(fn):
             raise ConfigError(f"task {name!r} is not callable")
+        if timeout is None:
+            timeout = getattr(fn, "task_timeout", 0.0)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+                or not 0 <= timeout < float("inf"):
+            raise ConfigError(f"task {name!r}: timeout must be a number of seconds >= 0, "
+                              f"not {timeout!r}")
         self._tasks[name] = fn
+        if timeout:
+            self._timeouts[name] = float(timeout)
+        else:
+            self._timeouts.pop(name, None)
 
     def get(self, name: str) -> TaskFunction | None:
         return self._tasks.get(name)
+
+    def timeout(self, name: str) -> float:
+        """The default time limit of task `name` (0: none)."""
+        return self._timeouts.get(name, 0.0)
 
     def names(self) -> list[str]:
         return sorted(self._tasks)
@@ -45,6 +69,7 @@ class TaskRegistry:
     def copy(self) -> "TaskRegistry":
         other = TaskRegistry()
         other._tasks = dict(self._tasks)
+        other._timeouts = dict(self._timeouts)
         return other
 
 

@@ -16,6 +16,7 @@ much queued work as its workers finish in `prefetch_window` seconds (see node.wo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -296,6 +297,10 @@ class ComputeNodeTransport:
         if self._cancelled and task.id in self._cancelled:  # cancelled before it started
             return result_for(task, False, error=dict(task_context.CANCELLED_ERROR),
                               ts=self._clock())
+        if not task.timeout:
+            limit = self.registry.timeout(task.name)  # the task's default at registration
+            if limit:
+                task = dataclasses.replace(task, timeout=limit)
         if self._pool is not None:  # in a worker process: killed at its limit or on a cancel
             result, output = self._pool.run(task, cancelled=self.is_cancelled)
             return task_output.settle(result, output, task.name)

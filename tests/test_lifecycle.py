@@ -209,7 +209,8 @@ def test_a_cancelled_task_that_ignores_it_keeps_its_slot_and_its_result_is_dropp
 
 def test_a_time_limit_ends_a_run_with_timeout_on_its_node(fabric: Fabric, tmp_path: Path) -> None:
     fabric.master()
-    fabric.node("n1", "--capacity", "2", "--task", f"{LIFE}:patient", "--task", f"{LIFE}:stubborn")
+    fabric.node("n1", "--capacity", "2", "--task", f"{LIFE}:patient", "--task", f"{LIFE}:stubborn",
+                "--task", f"{LIFE}:bounded")
     with fabric.client() as client:
         ready(client, "n1")
         assert client.submit("echo", ["quick"], timeout=5).result(timeout=30) == "quick"
@@ -236,6 +237,13 @@ def test_a_time_limit_ends_a_run_with_timeout_on_its_node(fabric: Fabric, tmp_pa
         assert [h["outcome"] for h in info["history"]] == ["timeout"]
         status = client.status()
         assert (status["completed"], status["failed"]) == (2, 2)
+
+        # a limit set where the task was registered holds for calls submitted without one;
+        # a limit given at submit time wins over it
+        outcome = client.submit("bounded", [30]).outcome(timeout=30)
+        assert outcome.state == "failed" and outcome.error["kind"] == "timeout"
+        assert "1s limit on node n1" in outcome.error["message"]
+        assert client.submit("bounded", [1.5], timeout=10).result(timeout=30) == "slept"
 
     limited = cli(fabric, "submit", "sleep", "5", "--time-limit", "1")
     assert limited.returncode == 1 and json.loads(limited.stderr)["error"]["kind"] == "timeout"

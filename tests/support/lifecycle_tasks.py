@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from node import task_context
+from node.registry import task
 
 
 def _note(path: str, word: str) -> None:
@@ -33,3 +34,15 @@ def stubborn(path: str, seconds: float) -> str:
     time.sleep(seconds)
     _note(path, "finished")
     return "finished"
+
+
+@task(timeout=1)
+def bounded(seconds: float) -> str:
+    """Sleeps `seconds` in steps it can be told to stop at; registered with a default time
+    limit of 1 s, which applies to calls submitted without one."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if task_context.cancelled():
+            return "stopped"
+        time.sleep(0.01)
+    return "slept"

@@ -1,0 +1,31 @@
+"""The node's task registry: names, and the default time limit a task is registered with."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.errors import ConfigError
+from node.registry import TaskRegistry
+
+
+def test_a_default_time_limit_is_kept_per_name_and_found_on_a_decorated_function() -> None:
+    registry = TaskRegistry()
+
+    @registry.register(timeout=2.5)
+    def slow() -> None: ...
+
+    registry.add("plain", lambda: None)
+    assert (registry.timeout("slow"), registry.timeout("plain"), registry.timeout("nope")) == \
+        (2.5, 0.0, 0.0)
+    other = TaskRegistry()
+    other.add("slow", slow)  # as `--task module:slow` registers it
+    assert other.timeout("slow") == 2.5
+    other.add("slow", slow, timeout=0)  # an explicit 0 takes the default away
+    assert other.timeout("slow") == 0.0
+    assert registry.copy().timeout("slow") == 2.5
+
+
+@pytest.mark.parametrize("bad", [-1, float("inf"), float("nan"), "5", True])
+def test_a_bad_default_time_limit_is_refused_by_name(bad: object) -> None:
+    with pytest.raises(ConfigError, match="task 'slow': timeout must be"):
+        TaskRegistry().add("slow", lambda: None, timeout=bad)  # type: ignore[arg-type]
