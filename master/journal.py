@@ -88,7 +88,7 @@ def _pack(value: Any) -> bytes:
 def _unpack(blob: bytes | None) -> Any:
     if blob is None:
         return None
-    if blob[:1] == b"\0":
+    if blob[:1] == b"\0" and len(blob) > 1:  # b"\0" alone is msgpack's 0
         return json.loads(blob[1:])
     return msgpack.unpackb(blob, raw=False, strict_map_key=False)
 

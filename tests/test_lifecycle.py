@@ -54,6 +54,12 @@ def test_a_result_is_read_by_id_after_its_submitter_exited(fabric: Fabric) -> No
     with fabric.client() as other:  # another process's client: by id, value and handle
         assert other.result(task_id, timeout=10) == {"answer": 42}
         assert other.handle(task_id).outcome(timeout=10).state == "completed"
+        # small values read back exactly, 0 among them (a single byte in the journal)
+        for value in (0, 1, -1, False, "", 2**70):
+            small = other.submit("echo", [value])
+            assert small.result(timeout=30) == value
+            assert other.result(small.id, timeout=10) == value
+            assert other.task(small.id)["value"] == value
         # a task still running: the master pushes its outcome to whoever waits on it
         slow = other.submit("sleep", [1.0]).id
         with fabric.client() as third:
