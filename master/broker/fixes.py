@@ -55,8 +55,10 @@ What a message costs does not grow with the number of clients: matching filters 
 `master.broker.index.FilterIndex` (amqtt compared every publish with every filter, which
 made a thousand nodes' heartbeats a thousand comparisons each), and the retained message of
 a filter without wildcards is one lookup. Per packet, packets are read whole, acknowledged
-and delivered without a task each where order allows (`DeliveryHandler`), and what one turn
-of the event loop writes to a connection goes out in one send (`ConnectionWriter`).
+and delivered without a task each where order allows (`DeliveryHandler`); a message nothing
+is queued before is broadcast by its publisher's reader itself, not after turns of the
+client's loop and the broadcast loop; and what one turn of the event loop writes to a
+connection goes out in one send (`ConnectionWriter`).
 """
 
 from __future__ import annotations
