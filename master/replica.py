@@ -46,6 +46,9 @@ from core.topics import DEFAULT_ROOT, Topics, validate_id
 from core.url import BrokerUrl
 from master.journal_replication import (APPLY, DUPLICATE, ChangeCapture, JournalReplica,
                                         JournalSnapshot, ReplicationError, journal_path)
+from master.rate_limit import RateLimit
+from master.retention import DEFAULT_FORGET_NODES_AFTER, DEFAULT_RESULT_TTL
+from master.retry_policy import RetryPolicy
 from master.lease import (LOST, WON, LeaseTiming, LeaseView, Position, claim_epoch,
                           clock_jumped, holder_valid, live_candidates, outranks, settle_verdict)
 from master.transport import MasterNodeTransport
@@ -75,6 +78,10 @@ class ReplicaOptions:
     keepalive: int = 5
     reconcile_timeout: float = 1.5   # for nodes to say what they hold after a take-over
     tls: TlsSettings | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)  # the default for tasks
+    rate_limits: tuple[RateLimit, ...] = ()
+    result_ttl: float = DEFAULT_RESULT_TTL
+    forget_nodes_after: float = DEFAULT_FORGET_NODES_AFTER
 
 
 class ReplicatedMaster:
@@ -607,7 +614,9 @@ class ReplicatedMaster:
                 broker_url=options.broker_url, root=options.root, state_dir=options.state_dir,
                 master_id=self.master_id, max_attempts=options.max_attempts,
                 max_queued=options.max_queued, node_timeout=options.node_timeout,
-                keepalive=options.keepalive, tls=options.tls)
+                keepalive=options.keepalive, tls=options.tls, retry=options.retry,
+                rate_limits=options.rate_limits, result_ttl=options.result_ttl,
+                forget_nodes_after=options.forget_nodes_after)
             transport.epoch = epoch
             transport.dispatch_gate = self._may_dispatch
             transport.publish_gate = self._turn_done

@@ -19,7 +19,7 @@ from master.claim import RootClaim, StateLock
 from master.pipelines_bridge import load_pipeline_file, serve_pipelines
 from master.rate_limit import RateLimit
 from master.retry_policy import RetryPolicy
-from master.retention import DEFAULT_FORGET_NODES_AFTER, DEFAULT_RESULT_TTL, format_duration
+from master.retention import DEFAULT_FORGET_NODES_AFTER, DEFAULT_RESULT_TTL
 from master.snapshots import Snapshotter
 from master.transport import MasterNodeTransport
 
@@ -70,20 +70,13 @@ def check_serve_options(options: ServeOptions) -> None:
         raise ConfigError(f"--max-attempts {options.max_attempts}: must be at least 1")
     if options.max_queued < 1:
         raise ConfigError(f"--max-queued {options.max_queued}: must be at least 1")
-    if options.replica and (options.retry != RetryPolicy() or options.rate_limits):
-        raise ConfigError("--backoff, --backoff-max, --retry-on and --rate-limit are not taken "
-                          "with --replica yet (a task's own retry policy and start time are)")
     names = [limit.name for limit in options.rate_limits]
     if len(set(names)) != len(names):
         raise ConfigError(f"--rate-limit given twice for one name: {', '.join(sorted(names))}")
-    for name, value, default in (
-            ("--result-ttl", options.result_ttl, DEFAULT_RESULT_TTL),
-            ("--forget-nodes-after", options.forget_nodes_after, DEFAULT_FORGET_NODES_AFTER)):
+    for name, value in (("--result-ttl", options.result_ttl),
+                        ("--forget-nodes-after", options.forget_nodes_after)):
         if not value >= 0:
             raise ConfigError(f"{name} {value!r}: must be 0 (never) or more seconds")
-        if options.replica and value != default:  # replicated masters keep the defaults
-            raise ConfigError(f"{name} is not taken with --replica yet: replicated masters "
-                              f"use the default ({format_duration(default)})")
 
 
 def default_config_path() -> Path | None:
@@ -214,7 +207,9 @@ def _serve_replica(options: ServeOptions, *, stop: threading.Event,
                        master_id=options.master_id, root=options.root,
                        timing=LeaseTiming(ttl=options.lease_ttl),
                        node_timeout=options.node_timeout, max_attempts=options.max_attempts,
-                       max_queued=options.max_queued, tls=options.tls),
+                       max_queued=options.max_queued, tls=options.tls, retry=options.retry,
+                       rate_limits=options.rate_limits, result_ttl=options.result_ttl,
+                       forget_nodes_after=options.forget_nodes_after),
         on_active=active, on_inactive=inactive, on_standby=standby)
     replica.start()
     try:

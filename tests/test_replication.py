@@ -145,3 +145,25 @@ def test_replicas_refuse_an_embedded_broker_and_pipelines(tmp_path: Path) -> Non
         assert proc.popen.wait(30) == 2
         assert message in proc.output()
         proc.cleanup()
+
+
+def test_replicated_masters_take_the_retention_retry_and_rate_options(fabric: Fabric,
+                                                                      watch: ReplicaWatch) -> None:
+    from core.errors import ConfigError
+    start_masters(fabric, 2, "--result-ttl", "8s", "--forget-nodes-after", "1m",
+                  "--backoff", "0.1", "--rate-limit", "echo=20/s")
+    watch.wait_active(20)
+    fabric.node("n1", "--capacity", "4")
+    with fabric.client() as client:
+        handles = client.submit_many([("echo", [i], {}, 5) for i in range(30)])
+        assert [h.result(timeout=60) for h in handles] == list(range(30))
+        starts = sorted(client.task(h.id)["started"] for h in handles)
+        assert starts[-1] - starts[0] >= 29 / 20 * 0.9  # 20 starts a second at most
+
+        def expired() -> bool:
+            try:
+                client.result(handles[0].id, timeout=5)
+            except ConfigError as e:
+                return "no task with id" in str(e)
+            return False
+        wait_until(expired, 30, message="the active master to expire a result after 8 s")
