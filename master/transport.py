@@ -516,6 +516,9 @@ class MasterNodeTransport:
         except FabricError as e:  # malformed, or nothing that can be answered: this one only
             self.rejected += 1
             log.warning("rejected message on %s: %s", topic, e)
+        except Exception:  # a bug in one message's handling costs that message, not the turn
+            self.rejected += 1
+            log.exception("message on %s could not be handled", topic)
 
     def _on_status(self, topic: str, payload: bytes, now: float) -> None:
         if not payload:
@@ -677,6 +680,11 @@ class MasterNodeTransport:
             payload = QueryReply(request_id=message.request_id, ok=True, data=data).encode()
         except FabricError as e:  # also an answer that cannot be encoded
             payload = QueryReply(request_id=message.request_id, ok=False, error=str(e)).encode()
+        except Exception as e:  # a bug: the asker hears of it at once instead of timing out
+            log.exception("query %r failed", message.what)
+            payload = QueryReply(request_id=message.request_id, ok=False,
+                                 error=f"the master failed to answer {message.what!r}: "
+                                       f"{type(e).__name__}: {e}").encode()
         self._outgoing.append((self.topics.client(client_id), payload, False))
 
     def _answer(self, query: Query) -> Any:

@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
 from core.codec import CODECS
-from core.errors import DecodeError
+from core.errors import DecodeError, FabricError
 from core.protocol import (NODE_STATES, Control, MasterStatus, NodeReport, NodeStatus,
                            OutcomeBatch, Query, QueryReply, ResultBatch, Submission,
                            SubmitReply, TaskBatch, decode_message)
@@ -690,3 +690,31 @@ def test_a_result_over_the_broker_packet_limit_fails_that_task_not_the_node(solo
         assert outcome.state == "failed"
         assert client.submit("echo", ["next"]).result(timeout=10) == "next"
         assert {n["node_id"]: n["status"] for n in client.nodes()}[NODE] in ("ready", "busy")
+
+
+def test_a_bug_in_one_messages_handling_costs_that_message_not_the_turn(solo: tuple) -> None:
+    """Whatever one message's handling raises (here a query whose answer hits a bug), the
+    asker is told at once, and the submissions and results handled in the same turn go on."""
+    from master.client import FabricClient
+    from master.transport import MasterNodeTransport
+    fabric, _observer = solo
+    master = MasterNodeTransport(broker_url=fabric.broker_url, root=fabric.root,
+                                 state_dir=fabric.tmp / "inproc-state")
+    master.start()
+    fabric.node(NODE)
+
+    def broken(params: dict) -> dict:
+        raise ZeroDivisionError("a bug")
+    master._task_info = broken  # type: ignore[method-assign]
+    try:
+        with FabricClient(broker_url=fabric.broker_url, root=fabric.root).start() as client:
+            wait_until(lambda: NODE in {n["node_id"] for n in client.nodes()}, 20,
+                       message="the node ready")
+            handles = client.submit_many([("echo", [i], {}, 5) for i in range(50)])
+            started = time.monotonic()
+            with pytest.raises(FabricError, match="failed to answer 'task'.*a bug"):
+                client.task(handles[0].id, timeout=8)
+            assert time.monotonic() - started < 5  # told, not left to time out
+            assert [h.result(timeout=20) for h in handles] == list(range(50))
+    finally:
+        master.stop()
