@@ -101,3 +101,31 @@ def test_many_subscribers_each_get_only_their_own(broker_kind: str, tmp_path: Pa
         finally:
             for probe in [watcher, *clients, *([publisher] if publisher else [])]:
                 probe.close()
+
+
+@pytest.mark.parametrize("broker_kind", broker_params())
+def test_an_ended_session_takes_its_filters_and_leaves_the_others(broker_kind: str,
+                                                                  tmp_path: Path) -> None:
+    """A clean session that ends loses its subscriptions; another client's identical filter
+    still receives, and the client id connecting again gets nothing it did not subscribe to."""
+    with start_broker(broker_kind, directory=tmp_path) as broker:
+        stays = Probe(broker.host, broker.port, "stays")
+        leaves = Probe(broker.host, broker.port, "leaves")
+        stays.subscribe("x/+", qos=1)
+        leaves.subscribe("x/+", qos=1)
+        leaves.subscribe("y/#", qos=1)
+        leaves.close()
+        back = Probe(broker.host, broker.port, "leaves")
+        publisher = Probe(broker.host, broker.port, "publisher")
+        try:
+            back.subscribe("z/end", qos=1)
+            publisher.publish("x/1", b"one", qos=1)
+            publisher.publish("y/2", b"two", qos=1)
+            publisher.publish("z/end", b"end", qos=1)  # after the others: they came first
+            assert back.wait_message("z/end", timeout=10) is not None
+            assert [(m.topic, m.payload) for m in back.messages] == [("z/end", b"end")]
+            assert stays.wait_message("x/1", timeout=10) is not None
+            assert [(m.topic, m.payload) for m in stays.messages] == [("x/1", b"one")]
+        finally:
+            for probe in (stays, back, publisher):
+                probe.close()

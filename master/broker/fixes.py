@@ -369,6 +369,7 @@ class FabricBroker(Broker):
         self._match_version = -1
         self._deliveries: set[asyncio.Task[Any]] = set()
         self._broadcasting = 0  # broadcasts under way (loop or in place): others queue
+        self._filters_of: dict[str, set[str]] = {}  # client id -> its subscription filters
         self._topic_plugins: tuple[BaseTopicPlugin, ...] = tuple(
             p for p in self.plugins_manager.plugins if isinstance(p, BaseTopicPlugin))
 
@@ -634,6 +635,31 @@ class FabricBroker(Broker):
             taken: asyncio.Future[Any] = loop.create_future()
             taken.set_result(queue.get_nowait())
             await self._handle_message_delivery(session, handler, taken)
+
+    # -- subscriptions by client: ending a session costs its own filters, not all of them
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        granted = await super().add_subscription(subscription, session)
+        if granted != 0x80 and session.client_id:
+            self._filters_of.setdefault(session.client_id, set()).add(subscription[0])
+        return granted
+
+    def _del_subscription(self, a_filter: str, session: Session) -> int:
+        deleted = super()._del_subscription(a_filter, session)
+        filters = self._filters_of.get(session.client_id or "")
+        if filters is not None:
+            filters.discard(a_filter)
+            if not filters:
+                del self._filters_of[session.client_id or ""]
+        return deleted
+
+    async def _del_all_subscriptions(self, session: Session) -> None:
+        """amqtt's, over this client's filters only: amqtt went through every filter of
+        every client for each session that ended."""
+        table = self._subscriptions
+        for topic_filter in self._filters_of.pop(session.client_id or "", ()):
+            if super()._del_subscription(topic_filter, session) and not table.get(topic_filter):
+                table.pop(topic_filter, None)
 
     async def _delete_session(self, client_id: str) -> None:
         """amqtt's, except that the messages the old connection acknowledged stay queued for
