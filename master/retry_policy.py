@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from core.errors import ConfigError
-from core.protocol import MAX_DELAY, TaskSpec
+from core.protocol import MAX_ATTEMPTS, MAX_DELAY, TaskSpec
 
 __all__ = ["RetryPolicy", "backoff_delay", "parse_retry_on", "check_delay", "ANY_ERROR",
-           "DEFAULT_BACKOFF_MAX", "DEFAULT_JITTER"]
+           "DEFAULT_BACKOFF_MAX", "DEFAULT_JITTER", "registered_policy"]
 
 ANY_ERROR = "error"          # in retry_on: every kind another run may cure
 DEFAULT_BACKOFF_MAX = 300.0  # seconds: the longest wait between two runs, unless told
@@ -77,6 +77,30 @@ class RetryPolicy:
             backoff_max=self.backoff_max if spec.backoff_max is None else spec.backoff_max,
             retry_on=self.retry_on if spec.retry_on is None else frozenset(spec.retry_on),
             jitter=self.jitter)
+
+
+def registered_policy(hint: object, default: RetryPolicy) -> tuple[RetryPolicy, int]:
+    """The retry policy a task was registered with on its node, which the node sends with
+    each failed run (`error["retry"]`: any of max_attempts, backoff, backoff_max, retry_on),
+    over `default`; and its attempts (0: not said). ConfigError for a hint that is not one."""
+    if not isinstance(hint, dict) or not hint or \
+            set(hint) - {"max_attempts", "backoff", "backoff_max", "retry_on"}:
+        raise ConfigError(f"retry hint {hint!r}: not a map of max_attempts, backoff, "
+                          "backoff_max, retry_on")
+    attempts = hint.get("max_attempts", 0)
+    if type(attempts) is not int or not 0 <= attempts <= MAX_ATTEMPTS:
+        raise ConfigError(f"retry hint max_attempts {attempts!r}: must be 0-{MAX_ATTEMPTS}")
+    retry_on = hint.get("retry_on")
+    if retry_on is not None and (not isinstance(retry_on, list)
+                                 or not all(isinstance(k, str) for k in retry_on)):
+        raise ConfigError(f"retry hint retry_on {retry_on!r}: must be a list of error kinds")
+    policy = RetryPolicy(
+        backoff=check_delay("backoff", hint.get("backoff", default.backoff)),
+        backoff_max=check_delay("backoff max", hint.get("backoff_max", default.backoff_max)),
+        retry_on=default.retry_on if retry_on is None else
+        frozenset(parse_retry_on(retry_on) if retry_on else ()),
+        jitter=default.jitter)
+    return policy, attempts
 
 
 def check_delay(what: str, value: float) -> float:

@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from core import codec
-from core.errors import QueueFull
+from core.errors import ConfigError, QueueFull
 from core.protocol import NodeStatus, TaskResult, TaskSpec, new_token
 from master.liveness import heartbeat_timeout, silent_nodes
 from master.rate_limit import RateLimit, TokenBucket
-from master.retry_policy import RetryPolicy
+from master.retry_policy import RetryPolicy, registered_policy
 
 __all__ = ["Scheduler", "TaskRecord", "NodeInfo", "QUEUED", "RUNNING", "COMPLETED", "FAILED",
            "CANCELLED", "STATE_NAMES", "STATE_CODES", "FINAL_STATES", "PERMANENT_ERRORS",
@@ -182,6 +182,7 @@ class Scheduler:
         self.failed = 0
         self.duplicates = 0
         self.rejected = 0   # results that answer no dispatch of theirs: forged or misrouted
+        self.bad_hints = 0  # failed results whose registered retry policy was not one
         self.requeued = 0
         self.unknown_failed: list[TaskRecord] = []  # drained by the master after assign()
         self._resend: dict[str, list[TaskRecord]] = {}  # lost on the way: send again
@@ -451,6 +452,7 @@ class Scheduler:
             self._finish(record, COMPLETED)
             return "completed", record
         error = dict(result.error or {})
+        hint = error.pop("retry", None)  # the policy the task was registered with, if any
         error.setdefault("node_id", node_id)
         error.setdefault("attempt", result.attempt)
         record.errors.append(error)
@@ -459,14 +461,27 @@ class Scheduler:
         if kind in _MISSING and self._lacks(node_id, record):
             return self._retry(record)  # not a run: the node never had it
         record.attempts += 1
-        policy = self.retry.for_task(record.spec)
-        if not policy.retries(kind, PERMANENT_ERRORS) \
-                or record.attempts >= (record.spec.max_attempts or self.max_attempts):
+        policy, limit = self._policy(record.spec, hint)
+        if not policy.retries(kind, PERMANENT_ERRORS) or record.attempts >= limit:
             self._finish(record, FAILED)
             return "failed", record
         if policy.backoff:
             return self._retry(record, due=now + policy.delay(record.attempts, self._rand()))
         return self._retry(record)
+
+    def _policy(self, spec: TaskSpec, hint: object) -> tuple[RetryPolicy, int]:
+        """The retry policy and attempts of a failed run: what the submission said, else
+        what the task was registered with on its node (`hint`), else the master's default."""
+        policy, limit = self.retry, spec.max_attempts
+        if hint is not None:
+            try:
+                policy, registered = registered_policy(hint, self.retry)
+                limit = limit or registered
+            except ConfigError:  # a node's mistake: the task keeps the master's policy
+                self.bad_hints += 1
+        if spec.backoff is not None or spec.backoff_max is not None or spec.retry_on is not None:
+            policy = policy.for_task(spec)
+        return policy, limit or self.max_attempts
 
     def _stopped(self, node_id: str, task_id: str) -> bool:
         """A node's word on a task cancelled while it ran there: its slot is free again."""

@@ -21,22 +21,31 @@ class TaskRegistry:
     def __init__(self) -> None:
         self._tasks: dict[str, TaskFunction] = {}
         self._timeouts: dict[str, float] = {}
+        self._retries: dict[str, dict[str, Any]] = {}
 
-    def register(self, name: str | None = None, *, timeout: float = 0.0
+    def register(self, name: str | None = None, *, timeout: float = 0.0,
+                 retry: dict[str, Any] | None = None
                  ) -> Callable[[TaskFunction], TaskFunction]:
-        """Decorator; `timeout` is the task's default time limit (see `add`), also kept on the
-        function as `task_timeout`, so `--task module:function` finds it."""
+        """Decorator; `timeout` is the task's default time limit and `retry` its default
+        retry policy (see `add`), also kept on the function (`task_timeout`, `task_retry`),
+        so `--task module:function` finds them."""
         def decorator(fn: TaskFunction) -> TaskFunction:
             if timeout:
                 fn.task_timeout = timeout  # type: ignore[attr-defined]
-            self.add(name or fn.__name__, fn, timeout=timeout)
+            if retry:
+                fn.task_retry = retry  # type: ignore[attr-defined]
+            self.add(name or fn.__name__, fn, timeout=timeout, retry=retry)
             return fn
         return decorator
 
-    def add(self, name: str, fn: TaskFunction, *, timeout: float | None = None) -> None:
+    def add(self, name: str, fn: TaskFunction, *, timeout: float | None = None,
+            retry: dict[str, Any] | None = None) -> None:
         """Register `fn` as `name`. `timeout` (seconds, 0: none; default: the function's
         `task_timeout` if it has one) applies to calls submitted without a time limit of
-        their own: a submitted limit always wins."""
+        their own: a submitted limit always wins. `retry` (default: the function's
+        `task_retry`): how the master retries its failed runs when the submission says
+        nothing, any of `max_attempts`, `backoff`, `backoff_max` (seconds) and `retry_on`
+        (error kinds); the node sends it with each failed run."""
         if not isinstance(name, str) or not name or "," in name:
             raise ConfigError(f"invalid task name {name!r}")
         if not callable(fn):
@@ -47,11 +56,18 @@ class TaskRegistry:
                 or not 0 <= timeout < float("inf"):
             raise ConfigError(f"task {name!r}: timeout must be a number of seconds >= 0, "
                               f"not {timeout!r}")
+        if retry is None:
+            retry = getattr(fn, "task_retry", None)
+        hint = _retry_hint(name, retry) if retry else None
         self._tasks[name] = fn
         if timeout:
             self._timeouts[name] = float(timeout)
         else:
             self._timeouts.pop(name, None)
+        if hint:
+            self._retries[name] = hint
+        else:
+            self._retries.pop(name, None)
 
     def get(self, name: str) -> TaskFunction | None:
         return self._tasks.get(name)
@@ -59,6 +75,10 @@ class TaskRegistry:
     def timeout(self, name: str) -> float:
         """The default time limit of task `name` (0: none)."""
         return self._timeouts.get(name, 0.0)
+
+    def retry(self, name: str) -> dict[str, Any] | None:
+        """The retry policy task `name` was registered with, as sent to the master."""
+        return self._retries.get(name)
 
     def names(self) -> list[str]:
         return sorted(self._tasks)
@@ -70,8 +90,40 @@ class TaskRegistry:
         other = TaskRegistry()
         other._tasks = dict(self._tasks)
         other._timeouts = dict(self._timeouts)
+        other._retries = dict(self._retries)
         return other
 
+
+def _retry_hint(name: str, retry: object) -> dict[str, Any]:
+    """A registered retry policy as the master reads it, checked here so that a mistake
+    shows when the node starts, not as an ignored policy later."""
+    if not isinstance(retry, dict) or set(retry) - set(_RETRY_KEYS):
+        raise ConfigError(f"task {name!r}: retry must be a dict of {', '.join(_RETRY_KEYS)}, "
+                          f"not {retry!r}")
+    hint: dict[str, Any] = {}
+    attempts = retry.get("max_attempts", 0)
+    if type(attempts) is not int or not 0 <= attempts <= 1000:
+        raise ConfigError(f"task {name!r}: max_attempts must be 0-1000, not {attempts!r}")
+    if attempts:
+        hint["max_attempts"] = attempts
+    for key in ("backoff", "backoff_max"):
+        if key in retry:
+            value = retry[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not 0 <= value <= 7 * 86400:
+                raise ConfigError(f"task {name!r}: {key} must be 0-604800 seconds, "
+                                  f"not {value!r}")
+            hint[key] = float(value)
+    if "retry_on" in retry:
+        kinds = retry["retry_on"]
+        kinds = [kinds] if isinstance(kinds, str) else kinds
+        if not isinstance(kinds, (list, tuple)) or not all(isinstance(k, str) for k in kinds):
+            raise ConfigError(f"task {name!r}: retry_on must be error kinds, not {kinds!r}")
+        hint["retry_on"] = list(kinds)
+    return hint
+
+
+_RETRY_KEYS = ("max_attempts", "backoff", "backoff_max", "retry_on")
 
 default_registry = TaskRegistry()
 task = default_registry.register

@@ -303,7 +303,8 @@ class ComputeNodeTransport:
                 task = dataclasses.replace(task, timeout=limit)
         if self._pool is not None:  # in a worker process: killed at its limit or on a cancel
             result, output = self._pool.run(task, cancelled=self.is_cancelled)
-            return task_output.settle(result, output, task.name)
+            result = task_output.settle(result, output, task.name)
+            return result if result.ok else self._with_retry_policy(result, task)
         current = task_context.running  # what the task's context reads, on this thread
         current.task = task
         current.node = self
@@ -321,7 +322,17 @@ class ComputeNodeTransport:
         if output is not None:
             current.output = None
             result = task_output.settle(result, output, task.name)
+        if not result.ok:
+            return self._with_retry_policy(result, task)
         return result
+
+    def _with_retry_policy(self, result: TaskResult, task: TaskSpec) -> TaskResult:
+        """A failed run carries the retry policy its task was registered with, if any: the
+        master applies it when the submission did not say otherwise."""
+        hint = self.registry.retry(task.name)
+        if hint is None or not isinstance(result.error, dict):
+            return result
+        return dataclasses.replace(result, error={**result.error, "retry": hint})
 
     def _call_in_worker(self, task: TaskSpec) -> TaskResult:
         """`_call` in a pool's worker process (the name was checked before it was sent)."""
@@ -438,11 +449,11 @@ class ComputeNodeTransport:
         self.tasks_failed += 1
         log.warning("task %s (%s) ran past its %gs limit: reported as timeout", task.id,
                     task.name, task.timeout)
-        self._outbox.append(result_for(newest, False, error={
+        self._outbox.append(self._with_retry_policy(result_for(newest, False, error={
             "kind": "timeout", "type": "Timeout",
             "message": f"the task ran past its {task.timeout:g}s limit on node {self.node_id} "
                        "(a thread worker was told to stop; its late result is dropped)"},
-            ts=self._clock()))
+            ts=self._clock()), task))
 
     def _cancelled_result(self, result: TaskResult) -> TaskResult:
         """The word a cancelled task's slot is free (called with the lock held)."""

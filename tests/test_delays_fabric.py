@@ -13,7 +13,8 @@ from pathlib import Path
 from support.fabric import REPO, Fabric, child_env, wait_until
 from support.retry_tasks import starts
 
-TASKS = ("--task", "support.retry_tasks:stamp", "--task", "support.retry_tasks:flaky_stamp")
+TASKS = ("--task", "support.retry_tasks:stamp", "--task", "support.retry_tasks:flaky_stamp",
+         "--task", "support.retry_tasks:registered_flaky")
 
 
 def ready(client, node_id: str, timeout: float = 30.0) -> None:
@@ -48,6 +49,24 @@ def test_a_transient_failure_is_retried_after_backoffs_that_grow(fabric: Fabric,
     done = cli(fabric, "submit", "flaky_stamp", never, "3", "--retries", "3", "--retry-on",
                "timeout", "--wait", "30")
     assert done.returncode == 1 and len(starts(never)) == 1, done.stderr
+
+
+def test_a_task_registered_with_a_retry_policy_is_retried_by_it(fabric: Fabric,
+                                                                  tmp_path: Path) -> None:
+    fabric.master()  # the master's default: 3 runs, no backoff
+    fabric.node("n1", *TASKS)
+    with fabric.client() as client:
+        ready(client, "n1")
+        path = str(tmp_path / "runs")
+        assert client.submit("registered_flaky", [path, 4]).result(timeout=30) == 5
+        runs = starts(path)
+        gaps = [b - a for a, b in zip(runs, runs[1:])]
+        assert len(gaps) == 4 and all(gap >= 0.75 * 0.2 * 2 ** n for n, gap in enumerate(gaps))
+        history = client.task(client.submit("registered_flaky", [str(tmp_path / "once"), 1],
+                                            max_attempts=1).id)
+        wait_until(lambda: client.task(history["id"])["state"] == "failed", 20,
+                   message="the submission's budget of one run to win")
+        assert len(starts(str(tmp_path / "once"))) == 1
 
 
 def test_a_delayed_task_starts_no_earlier_than_asked(fabric: Fabric, tmp_path: Path) -> None:

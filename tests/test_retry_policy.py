@@ -144,6 +144,41 @@ def test_a_failed_run_waits_its_backoff_and_the_gaps_grow() -> None:
     assert _fail(s, record, now) == "failed"
 
 
+def _fail_with(s: Scheduler, record: TaskRecord, hint: object, kind: str = "exception") -> str:
+    verdict, _ = s.result("n1", TaskResult(id=record.id, ok=False,
+                                           error={"kind": kind, "retry": hint},
+                                           attempt=record.dispatch, token=record.token), now=0.0)
+    return verdict
+
+
+def test_the_policy_a_task_was_registered_with_applies_unless_the_submission_says() -> None:
+    s = _scheduler(max_attempts=2)
+    registered = {"max_attempts": 4, "retry_on": ["exception", "timeout"]}
+    plain = s.submit(make_task("x"))
+    own = s.submit(make_task("x", max_attempts=1))  # the submission's budget wins
+    timed = s.submit(make_task("x", retry_on=("none_of_these",)))  # and its kinds
+    _assigned(s, 0.0)
+    for _ in range(3):
+        assert _fail_with(s, plain, registered) == "retry"
+        _assigned(s, 0.0)
+    assert _fail_with(s, plain, registered) == "failed" and plain.attempts == 4
+    assert "retry" not in plain.errors[-1]  # kept for the master, not in the task's history
+    assert _fail_with(s, own, registered) == "failed" and own.attempts == 1
+    assert _fail_with(s, timed, registered, "timeout") == "failed"
+
+
+@pytest.mark.parametrize("hint", ["often", {"max_attempts": -1}, {"backoff": "1s"},
+                                  {"retry_on": "timeout"}, {"surprise": 1}, {}])
+def test_a_malformed_registered_policy_is_counted_and_the_masters_applies(hint: object) -> None:
+    s = _scheduler(max_attempts=2)
+    record = s.submit(make_task("x"))
+    _assigned(s, 0.0)
+    assert _fail_with(s, record, hint) == "retry"
+    _assigned(s, 0.0)
+    assert _fail_with(s, record, hint) == "failed" and record.attempts == 2
+    assert s.bad_hints == 2
+
+
 def test_without_a_backoff_a_retry_goes_at_once_as_before() -> None:
     s = _scheduler()
     record = s.submit(make_task("x"))

@@ -29,3 +29,23 @@ def test_a_default_time_limit_is_kept_per_name_and_found_on_a_decorated_function
 def test_a_bad_default_time_limit_is_refused_by_name(bad: object) -> None:
     with pytest.raises(ConfigError, match="task 'slow': timeout must be"):
         TaskRegistry().add("slow", lambda: None, timeout=bad)  # type: ignore[arg-type]
+
+
+def test_a_registered_retry_policy_is_checked_and_kept_per_name() -> None:
+    registry = TaskRegistry()
+
+    @registry.register(retry={"max_attempts": 5, "backoff": 1, "retry_on": "timeout"})
+    def flaky() -> None: ...
+
+    assert registry.retry("flaky") == {"max_attempts": 5, "backoff": 1.0, "retry_on": ["timeout"]}
+    assert registry.retry("other") is None
+    other = TaskRegistry()
+    other.add("flaky", flaky)  # as `--task module:flaky` registers it
+    assert other.retry("flaky") == registry.retry("flaky")
+
+
+@pytest.mark.parametrize("bad", [{"max_attempts": 0.5}, {"backoff": -1}, {"retry_on": [1]},
+                                 {"attempts": 3}, "3 times"])
+def test_a_bad_retry_policy_is_refused_when_the_node_starts(bad: object) -> None:
+    with pytest.raises(ConfigError, match="task 'flaky'"):
+        TaskRegistry().add("flaky", lambda: None, retry=bad)  # type: ignore[arg-type]

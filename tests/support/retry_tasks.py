@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+from node.registry import task
+
 
 def _stamp(path: str) -> tuple[float, int]:
     now = time.time()
@@ -25,6 +27,12 @@ def flaky_stamp(path: str, failures: int) -> int:
     if runs <= failures:
         raise RuntimeError(f"transient fault on run {runs}")
     return runs
+
+
+@task(retry={"max_attempts": 5, "backoff": 0.2, "retry_on": ["exception"]})
+def registered_flaky(path: str, failures: int) -> int:
+    """`flaky_stamp` registered with its own retry policy: 5 runs, backoff from 0.2 s."""
+    return flaky_stamp(path, failures)
 
 
 def starts(path: str) -> list[float]:
