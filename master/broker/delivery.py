@@ -48,7 +48,8 @@ from amqtt.mqtt.publish import PublishPacket, PublishPayload, PublishVariableHea
 from amqtt.mqtt.pubrel import PubrelPacket
 from amqtt.session import OUTGOING, IncomingApplicationMessage, OutgoingApplicationMessage, Session
 
-__all__ = ["DeliveryHandler", "MAX_INFLIGHT", "RETRY_QOS2_TIMEOUT", "decode_publish"]
+__all__ = ["DeliveryHandler", "MAX_INFLIGHT", "RETRY_QOS2_TIMEOUT", "decode_publish",
+           "encode_publish"]
 
 log = logging.getLogger("master.broker")
 
@@ -65,6 +66,28 @@ _HANDLERS = {SUBSCRIBE: "handle_subscribe", UNSUBSCRIBE: "handle_unsubscribe",
              PUBREC: "handle_pubrec", PUBREL: "handle_pubrel", PUBCOMP: "handle_pubcomp",
              PINGREQ: "handle_pingreq", PINGRESP: "handle_pingresp", PUBLISH: "handle_publish",
              DISCONNECT: "handle_disconnect"}
+
+
+# The publish packet of a message `post` wrote: it says only that the message went out once
+# (so a resend sets DUP, MQTT-3.3.1-1); a resend builds the real packet.
+_WRITTEN = PublishPacket.build("-", b"", 1, False, QOS_1, False)
+
+
+def encode_publish(topic: str, data: bytes | bytearray, qos: int, packet_id: int | None
+                   ) -> bytes:
+    """A PUBLISH (retain=0, DUP=0) as amqtt would write it, without its packet objects."""
+    name = topic.encode("utf-8")
+    body = b"".join((len(name).to_bytes(2, "big"), name,
+                     packet_id.to_bytes(2, "big") if qos and packet_id is not None else b"",
+                     data))
+    length = len(body)
+    encoded = bytearray((0x30 | (qos << 1),))
+    while True:
+        byte, length = length & 0x7F, length >> 7
+        encoded.append(byte | 0x80 if length else byte)
+        if not length:
+            break
+    return bytes(encoded) + body
 
 
 def decode_publish(first: int, body: bytes) -> PublishPacket:
@@ -313,8 +336,7 @@ class DeliveryHandler(BrokerProtocolHandler):
         if writer is None or congested is None or congested():
             return False
         if qos == QOS_0:
-            writer.write(PublishPacket.build(topic, bytes(data), None, False, QOS_0,
-                                             False).to_bytes())
+            writer.write(encode_publish(topic, data, QOS_0, None))
             return True
         if len(session.inflight_out) >= MAX_INFLIGHT:
             return False
@@ -323,9 +345,8 @@ class DeliveryHandler(BrokerProtocolHandler):
         session.inflight_out[packet_id] = message
         self._posted[packet_id] = message
         self._delivering.add(packet_id)
-        packet = message.build_publish_packet()
-        message.publish_packet = packet
-        writer.write(packet.to_bytes())
+        message.publish_packet = _WRITTEN
+        writer.write(encode_publish(topic, data, QOS_1, packet_id))
         return True
 
     def publish_behind(self, topic: str, data: bytes | bytearray, qos: int) -> Any:

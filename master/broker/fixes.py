@@ -100,6 +100,7 @@ TAKEOVER_TIMEOUT = 5.0
 SESSION_SWEEP_INTERVAL = 1.0
 _MATCH_CACHE_SIZE = 16_384
 _DELIVERY_BURST = 64
+_READ_SIZE = 65_536
 _VERIFIED = "master.broker.verified"
 _PUBLISH_QOS: ContextVar[int | None] = ContextVar("publish_qos", default=None)
 
@@ -130,6 +131,9 @@ class ConnectionReader(StreamReaderAdapter):
         self._idle_limit = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
         self._connect_deadline: asyncio.TimerHandle | None = None
+        self._buffered = b""  # what `read_packet` has read and not yet cut into packets
+        self._position = 0
+        self._needed = 0  # the size of the packet being cut, once its header is in
         self._stage = 0  # 0: next byte starts a packet, 1: remaining length, 2: body
         self._length = self._multiplier = self._length_bytes = self._body_left = 0
 
@@ -141,35 +145,56 @@ class ConnectionReader(StreamReaderAdapter):
         return data
 
     async def read_packet(self) -> tuple[int, bytes] | None:
-        """One whole packet, its first byte and its body, in two or three reads (amqtt reads
-        a packet a field at a time, ten reads for a PUBLISH); None at the end of the stream.
-        A packet over `max_packet_size` closes the connection before its body is read."""
-        stream = self._stream
-        try:
-            head = await stream.readexactly(2)
-        except asyncio.IncompleteReadError:
+        """One whole packet, its first byte and its body, cut from reads of whatever has
+        arrived (amqtt awaits a read per field, ten for a PUBLISH); None at the end of the
+        stream. A packet over `max_packet_size` closes the connection before its body is
+        read."""
+        while True:
+            packet = self._cut_packet()
+            if packet is not None:
+                return packet
+            missing = self._needed - (len(self._buffered) - self._position)
+            try:  # the rest of a big packet in one read, not a copy of the buffer per chunk
+                chunk = await (self._stream.readexactly(missing) if missing > _READ_SIZE
+                               else self._stream.read(_READ_SIZE))
+            except asyncio.IncompleteReadError:
+                return None
+            if not chunk:
+                return None
+            self.last_activity = time.monotonic()
+            buffered, position = self._buffered, self._position
+            self._buffered = buffered[position:] + chunk if position < len(buffered) else chunk
+            self._position = 0
+
+    def _cut_packet(self) -> tuple[int, bytes] | None:
+        buffered, position = self._buffered, self._position
+        available = len(buffered) - position
+        self._needed = 0
+        if available < 2:
             return None
-        byte = head[1]
-        length, multiplier, length_bytes = byte & 0x7F, 128, 1
-        while byte & 0x80:
-            if length_bytes == 4:
-                raise MQTTError("malformed remaining length")
-            byte = (await stream.readexactly(1))[0]
+        length, multiplier, index = 0, 1, position + 1
+        while True:
+            if index >= len(buffered):
+                return None  # the remaining length is not all here yet
+            byte = buffered[index]
             length += (byte & 0x7F) * multiplier
+            index += 1
+            if not byte & 0x80:
+                break
             multiplier *= 128
-            length_bytes += 1
-        self.last_activity = time.monotonic()
-        size = 1 + length_bytes + length
+            if index - position > 4:
+                raise MQTTError("malformed remaining length")
+        size = index - position + length
         if self._limit is not None and size > self._limit:
             log.warning("closing %s: packet of %d bytes exceeds max_packet_size %d",
                         self.peer, size, self._limit)
             self.abort()
             raise ConnectionResetError("packet exceeds max_packet_size")
-        if not length:
-            return head[0], b""
-        body = await stream.readexactly(length)
-        self.last_activity = time.monotonic()
-        return head[0], body
+        if available < size:
+            self._needed = size
+            return None
+        self._position = index + length
+        return buffered[position], buffered[index:index + length]
 
     def _track_packet(self, data: bytes) -> None:
         """Follow the MQTT framing amqtt reads, to refuse a packet before buffering it."""
