@@ -382,3 +382,34 @@ def test_unacknowledged_message_is_resent_when_the_persistent_session_resumes(
     finally:
         again.close()
         Probe(broker.host, broker.port, client_id, clean_session=True).close()
+
+
+# -- packet order: a publish does not overtake the subscribe sent before it -----------------
+
+def _subscribe_packet(packet_id: int, topic: str, qos: int) -> bytes:
+    name = topic.encode()
+    body = struct.pack("!HH", packet_id, len(name)) + name + bytes([qos])
+    return bytes([0x82, len(body)]) + body
+
+
+@pytest.mark.parametrize("keepalive", [0, 30])
+def test_a_publish_right_after_a_subscribe_reaches_that_subscription(
+        broker: BrokerHandle, keepalive: int) -> None:
+    """A client that subscribes and publishes at once (as a master claiming the lease does,
+    waiting for its own claim to come back) receives its message: the broker applies the
+    SUBSCRIBE before the PUBLISH that followed it on the connection."""
+    for _ in range(20):
+        topic = f"t/order/{unique('own')}"
+        with RawClient(broker.host, broker.port, unique("order"), keepalive=keepalive) as raw:
+            raw.send(_subscribe_packet(1, topic, 0) + publish_packet(topic, b"my own claim"))
+            received = b""
+            deadline = time.monotonic() + 5.0
+            while b"my own claim" not in received and time.monotonic() < deadline:
+                try:
+                    chunk = raw._read_exactly(1, max(0.01, deadline - time.monotonic()))
+                except (TimeoutError, OSError):
+                    break
+                if not chunk:
+                    break
+                received += chunk
+            assert b"my own claim" in received, f"no copy of its own publish: {received!r}"

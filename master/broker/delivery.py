@@ -133,6 +133,9 @@ class DeliveryHandler(BrokerProtocolHandler):
         self._quiet = False  # no plugin hears of single packets: the fast paths may be taken
         self._posted: dict[int, OutgoingApplicationMessage] = {}  # by `post`, until PUBACK
         self._behind = 0  # publishes handed to `publish_behind` that have not started yet
+        # SUBSCRIBE/UNSUBSCRIBE packets read but not yet applied by the broker: a publish
+        # read after one must not overtake it (the client may be subscribed to its topic)
+        self.subscribing = 0
 
     # -- reading: a packet at a time, acknowledgements without a task each ------------------
 
@@ -223,7 +226,8 @@ class DeliveryHandler(BrokerProtocolHandler):
                                              payload.data, publish.retain_flag)
         message.publish_packet = publish
         queue = session.delivered_message_queue
-        if self.on_message is None or not queue.empty() or not topic or topic[0] == "$":
+        if self.on_message is None or not queue.empty() or self.subscribing or not topic \
+                or topic[0] == "$":
             queue.put_nowait(message)
         else:
             await self.on_message(message)
@@ -252,7 +256,23 @@ class DeliveryHandler(BrokerProtocolHandler):
         if name is None:
             log.warning("%s: unhandled packet type %d", session.client_id, kind)
             return None
+        if kind in (SUBSCRIBE, UNSUBSCRIBE):
+            self.subscribing += 1  # until the broker applied it (`subscription_applied`)
+            return asyncio.create_task(self._queue_subscription(getattr(self, name), packet))
         return asyncio.create_task(getattr(self, name)(packet))
+
+    async def _queue_subscription(self, handle: Callable[[Any], Awaitable[None]],
+                                  packet: Any) -> None:
+        try:
+            await handle(packet)
+        except BaseException:
+            self.subscription_applied()  # never queued for the broker: nothing to wait for
+            raise
+
+    def subscription_applied(self) -> None:
+        """The broker applied a SUBSCRIBE or UNSUBSCRIBE of this client's (or dropped it):
+        the client's later publishes may take the direct path again."""
+        self.subscribing = max(0, self.subscribing - 1)
 
     async def stop(self) -> None:
         # set before amqtt cancels the PUBACK waiters (synchronously, in the same step), so a

@@ -866,6 +866,24 @@ class FabricBroker(Broker):
     async def _handle_subscription(self, client_session: Session,
                                    handler: BrokerProtocolHandler,
                                    subscribe_waiter: asyncio.Future[Any]) -> None:
+        try:
+            await self._apply_subscription(client_session, handler, subscribe_waiter)
+        finally:
+            if isinstance(handler, DeliveryHandler):
+                handler.subscription_applied()
+
+    async def _handle_unsubscription(self, client_session: Session,
+                                     handler: BrokerProtocolHandler,
+                                     unsubscribe_waiter: asyncio.Future[Any]) -> None:
+        try:
+            await super()._handle_unsubscription(client_session, handler, unsubscribe_waiter)
+        finally:
+            if isinstance(handler, DeliveryHandler):
+                handler.subscription_applied()
+
+    async def _apply_subscription(self, client_session: Session,
+                                  handler: BrokerProtocolHandler,
+                                  subscribe_waiter: asyncio.Future[Any]) -> None:
         subscriptions = subscribe_waiter.result()
         granted = [await self.add_subscription(item, client_session)
                    for item in subscriptions.topics]
