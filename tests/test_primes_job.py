@@ -409,9 +409,10 @@ def test_master_killed_mid_job_and_restarted_loses_no_work(fabric: Fabric) -> No
     fabric.node("n2", *SLOW_PRIMES)
     ready_nodes(fabric, 2)
     output = fabric.tmp / "primes.txt"
-    job = primes_command(fabric, files, output, "--shard-size", "25", "--timeout", "40")
-    wait_until(lambda: completed_tasks(fabric) >= 10 or job.poll() is not None, 60,
-               message="the job under way")
+    job = primes_command(fabric, files, output, "--shard-size", "15", "--timeout", "40")
+    with fabric.client() as watcher:  # one connection, polled often: the job takes seconds
+        wait_until(lambda: watcher.status()["completed"] >= 10 or job.poll() is not None, 60,
+                   message="the job under way")
     assert job.poll() is None, "the job ended before the master could be killed"
     master.kill()
     fabric.master()
