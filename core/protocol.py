@@ -182,6 +182,17 @@ class TaskSpec:
     retry_on: tuple[str, ...] | None = None  # error kinds retried ("error": any curable one)
     not_before: float = 0.0  # wall-clock seconds (epoch) before which it is not started
 
+    def own_retry(self) -> dict[str, Any]:
+        """The retry policy fields this task sets for itself (empty: the master's default)."""
+        policy: dict[str, Any] = {}
+        if self.backoff is not None:
+            policy["backoff"] = self.backoff
+        if self.backoff_max is not None:
+            policy["backoff_max"] = self.backoff_max
+        if self.retry_on is not None:
+            policy["retry_on"] = list(self.retry_on)
+        return policy
+
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"id": self.id, "name": self.name, "priority": self.priority}
         if self.args:
@@ -195,12 +206,8 @@ class TaskSpec:
             d["max_attempts"] = self.max_attempts
         if self.timeout:
             d["timeout"] = self.timeout
-        if self.backoff is not None:
-            d["backoff"] = self.backoff
-        if self.backoff_max is not None:
-            d["backoff_max"] = self.backoff_max
-        if self.retry_on is not None:
-            d["retry_on"] = list(self.retry_on)
+        if self.backoff is not None or self.backoff_max is not None or self.retry_on is not None:
+            d.update(self.own_retry())
         if self.not_before:
             d["not_before"] = self.not_before
         return d

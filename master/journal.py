@@ -22,7 +22,7 @@ from typing import Any, Iterable
 import msgpack
 
 from core.protocol import TaskOutcome, TaskSpec
-from master.scheduler import (CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, STATE_CODES,
+from master.scheduler import (COMPLETED, FAILED, QUEUED, RUNNING, STATE_CODES,
                               STATE_NAMES, TaskRecord)
 from master.retention import vacuum_pages
 from master.sqlite_batch import BatchedWrites
@@ -462,16 +462,8 @@ def _history(errors: list, *, state: int, node: str, dispatch: int, started: flo
 
 def _retry(spec: TaskSpec) -> str:
     """A task's own retry policy as JSON ('' if it has none: the master's default)."""
-    if spec.backoff is None and spec.backoff_max is None and spec.retry_on is None:
-        return ""
-    policy: dict[str, Any] = {}
-    if spec.backoff is not None:
-        policy["backoff"] = spec.backoff
-    if spec.backoff_max is not None:
-        policy["backoff_max"] = spec.backoff_max
-    if spec.retry_on is not None:
-        policy["retry_on"] = list(spec.retry_on)
-    return json.dumps(policy)
+    policy = spec.own_retry()
+    return json.dumps(policy) if policy else ""
 
 
 def _errors(errors: list) -> str:
