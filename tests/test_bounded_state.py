@@ -20,20 +20,7 @@ from master.rates import RateWindow
 from master.retention import (NEVER, expiry_cutoff, format_duration, gone_marks,
                               nodes_to_forget, parse_duration, sweep_interval, vacuum_pages)
 from master.scheduler import COMPLETED, RUNNING, TaskRecord
-from support.fabric import REPO, Fabric, Observer, child_env, wait_until
-
-
-def cli(fabric: Fabric, *args: str) -> subprocess.CompletedProcess[str]:
-    """`master-node ARGS` against the test's broker and root."""
-    return subprocess.run([sys.executable, "-m", "master.cli", *args, "--broker", fabric.broker_url,
-                           "--root", fabric.root], capture_output=True, text=True,
-                          env=child_env(), cwd=REPO, timeout=60)
-
-
-def ready(client, *node_ids: str, timeout: float = 30.0) -> None:
-    wait_until(lambda: set(node_ids) <= {n["node_id"] for n in client.nodes()
-                                         if n["status"] in ("ready", "busy")}, timeout,
-               message=f"nodes {node_ids} ready")
+from support.fabric import REPO, Fabric, Observer, child_env, master_cli, wait_ready, wait_until
 
 
 # -- the rules, with their clock as a parameter ---------------------------------------------------
@@ -147,24 +134,24 @@ def test_a_finished_task_expires_after_the_result_ttl(fabric: Fabric) -> None:
     fabric.master("--result-ttl", "1")
     fabric.node("n1", "--capacity", "2")
     with fabric.client() as client:
-        ready(client, "n1")
+        wait_ready(client, "n1")
         # a task that runs longer than the TTL: the TTL counts from its end
         slow = client.submit("sleep", [1.5])
         assert slow.result(timeout=30) == 1.5
         assert client.result(slow.id, timeout=5) == 1.5
-        task_id = cli(fabric, "submit", "echo", "7", "--no-wait").stdout.strip()
-        done = cli(fabric, "result", task_id, "--wait", "--timeout", "30")
+        task_id = master_cli(fabric, "submit", "echo", "7", "--no-wait").stdout.strip()
+        done = master_cli(fabric, "result", task_id, "--wait", "--timeout", "30")
         assert (done.returncode, done.stdout.strip()) == (0, "7"), done.stderr
         ended = time.monotonic()
 
-        gone = wait_until(lambda: (r := cli(fabric, "result", task_id)).returncode == 2 and r,
+        gone = wait_until(lambda: (r := master_cli(fabric, "result", task_id)).returncode == 2 and r,
                           15, message="the result expired")
         assert time.monotonic() - ended >= 0.5  # not before its TTL
         assert f"no task with id {task_id!r}" in gone.stderr and "expired" in gone.stderr
         with pytest.raises(ConfigError, match="expired"):
             client.result(task_id, timeout=5)
         wait_until(lambda: client.status()["expired"] >= 2, 15, message="both counted expired")
-        assert cli(fabric, "task", task_id).returncode == 2
+        assert master_cli(fabric, "task", task_id).returncode == 2
 
 
 def test_the_journal_stays_bounded_over_a_short_soak(fabric: Fabric) -> None:
@@ -187,7 +174,7 @@ def test_counters_and_uptime_survive_a_restart_of_the_master(fabric: Fabric) -> 
     master = fabric.master()
     fabric.node("n1", "--capacity", "2")
     with fabric.client() as client:
-        ready(client, "n1")
+        wait_ready(client, "n1")
         assert [h.result(timeout=30) for h in client.submit_many(
             [("echo", [i], {}, 5) for i in range(5)])] == list(range(5))
         failed = client.submit("fail", ["on purpose"], max_attempts=1)
@@ -213,7 +200,7 @@ def test_counters_and_uptime_survive_a_restart_of_the_master(fabric: Fabric) -> 
     fabric.master()
     with fabric.client() as client:
         assert client.status()["uptime"] >= uptime  # a clean stop saved it to the second
-    shown = cli(fabric, "status")
+    shown = master_cli(fabric, "status")
     assert shown.returncode == 0 and "cancelled" in shown.stdout, shown.stderr
     assert "tasks/s (last minute)" in shown.stdout
 
@@ -225,7 +212,7 @@ def test_a_node_gone_too_long_is_forgotten_and_its_retained_status_cleared(
     fabric.node("keeper")
     topic = f"{fabric.root}/nodes/ghost/status"
     with fabric.client() as client:
-        ready(client, "ghost", "keeper")
+        wait_ready(client, "ghost", "keeper")
         ghost.kill()  # its will says dead
         wait_until(lambda: {n["node_id"]: n["status"] for n in client.nodes()}.get("ghost")
                    == "dead", 15, message="ghost found dead")

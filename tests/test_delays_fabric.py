@@ -4,28 +4,15 @@ its start time), before and after a master restart."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
-from support.fabric import REPO, Fabric, child_env, wait_until
+from support.fabric import Fabric, master_cli, wait_ready, wait_until
 from support.retry_tasks import starts
 
 TASKS = ("--task", "support.retry_tasks:stamp", "--task", "support.retry_tasks:flaky_stamp",
          "--task", "support.retry_tasks:registered_flaky")
-
-
-def ready(client, node_id: str, timeout: float = 30.0) -> None:
-    wait_until(lambda: any(n["node_id"] == node_id and n["status"] in ("ready", "busy")
-                           for n in client.nodes()), timeout, message=f"node {node_id} ready")
-
-
-def cli(fabric: Fabric, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "master.cli", *args, "--broker",
-                           fabric.broker_url, "--root", fabric.root], cwd=REPO, env=child_env(),
-                          capture_output=True, text=True, timeout=60)
 
 
 def test_a_transient_failure_is_retried_after_backoffs_that_grow(fabric: Fabric,
@@ -33,9 +20,9 @@ def test_a_transient_failure_is_retried_after_backoffs_that_grow(fabric: Fabric,
     fabric.master()
     fabric.node("n1", *TASKS)
     with fabric.client() as client:
-        ready(client, "n1")
+        wait_ready(client, "n1")
     path = str(tmp_path / "runs")
-    done = cli(fabric, "submit", "flaky_stamp", path, "3", "--retries", "3", "--backoff", "0.3",
+    done = master_cli(fabric, "submit", "flaky_stamp", path, "3", "--retries", "3", "--backoff", "0.3",
                "--wait", "30")
     assert (done.returncode, done.stdout.strip()) == (0, "4"), done.stderr
     runs = starts(path)
@@ -46,7 +33,7 @@ def test_a_transient_failure_is_retried_after_backoffs_that_grow(fabric: Fabric,
     assert gaps[0] < gaps[1] < gaps[2], gaps
 
     never = str(tmp_path / "never")  # a kind it does not retry ends it after one run
-    done = cli(fabric, "submit", "flaky_stamp", never, "3", "--retries", "3", "--retry-on",
+    done = master_cli(fabric, "submit", "flaky_stamp", never, "3", "--retries", "3", "--retry-on",
                "timeout", "--wait", "30")
     assert done.returncode == 1 and len(starts(never)) == 1, done.stderr
 
@@ -56,7 +43,7 @@ def test_a_task_registered_with_a_retry_policy_is_retried_by_it(fabric: Fabric,
     fabric.master()  # the master's default: 3 runs, no backoff
     fabric.node("n1", *TASKS)
     with fabric.client() as client:
-        ready(client, "n1")
+        wait_ready(client, "n1")
         path = str(tmp_path / "runs")
         assert client.submit("registered_flaky", [path, 4]).result(timeout=30) == 5
         runs = starts(path)
@@ -73,7 +60,7 @@ def test_a_delayed_task_starts_no_earlier_than_asked(fabric: Fabric, tmp_path: P
     fabric.master()
     fabric.node("n1", *TASKS)
     with fabric.client() as client:
-        ready(client, "n1")
+        wait_ready(client, "n1")
         asked = time.time()
         later = client.submit("stamp", [str(tmp_path / "countdown")], countdown=1.0)
         eta = client.submit("stamp", [str(tmp_path / "eta")],  # ISO 8601, local time
@@ -82,7 +69,7 @@ def test_a_delayed_task_starts_no_earlier_than_asked(fabric: Fabric, tmp_path: P
         assert now.result(timeout=30) < asked + 1.0  # an undelayed task is not held up
         assert asked + 1.0 <= later.result(timeout=30) < asked + 1.0 + 2.0
         assert asked + 2.0 <= eta.result(timeout=30) < asked + 2.0 + 2.0
-    bad = cli(fabric, "submit", "stamp", "x", "--eta", "next tuesday")
+    bad = master_cli(fabric, "submit", "stamp", "x", "--eta", "next tuesday")
     assert bad.returncode == 2 and "eta 'next tuesday'" in bad.stderr
 
 
@@ -91,7 +78,7 @@ def test_a_rate_limit_holds_within_ten_percent(fabric: Fabric, tmp_path: Path) -
     fabric.node("n1", "--capacity", "8", *TASKS)
     path = str(tmp_path / "starts")
     with fabric.client() as client:
-        ready(client, "n1")
+        wait_ready(client, "n1")
         handles = client.submit_many([("stamp", [path], {}, 5)] * 60)
         for handle in handles:
             handle.result(timeout=30)
@@ -109,7 +96,7 @@ def test_a_delay_and_a_backoff_survive_a_master_restart(fabric: Fabric, tmp_path
     fabric.node("n1", *TASKS)
     delayed, flaky = str(tmp_path / "delayed"), str(tmp_path / "flaky")
     with fabric.client() as client:
-        ready(client, "n1")
+        wait_ready(client, "n1")
         asked = time.time()
         later = client.submit("stamp", [delayed], countdown=3.0)
         retried = client.submit("flaky_stamp", [flaky, 1], backoff=2.5)

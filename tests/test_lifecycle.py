@@ -4,8 +4,6 @@ result by id from any process, inspection with every attempt, and cancellation."
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -13,22 +11,9 @@ from pathlib import Path
 import pytest
 
 from core.errors import ConfigError, FabricError, FabricTimeout, TaskFailed
-from support.fabric import REPO, Fabric, child_env, wait_until
+from support.fabric import Fabric, master_cli, wait_ready, wait_until
 
 LIFE = "support.lifecycle_tasks"
-
-
-def cli(fabric: Fabric, *args: str) -> subprocess.CompletedProcess[str]:
-    """`master-node ARGS` against the test's broker and root."""
-    return subprocess.run([sys.executable, "-m", "master.cli", *args, "--broker", fabric.broker_url,
-                           "--root", fabric.root], capture_output=True, text=True,
-                          env=child_env(), cwd=REPO, timeout=60)
-
-
-def ready(client, *node_ids: str, timeout: float = 30.0) -> None:
-    wait_until(lambda: set(node_ids) <= {n["node_id"] for n in client.nodes()
-                                         if n["status"] in ("ready", "busy")}, timeout,
-               message=f"nodes {node_ids} ready")
 
 
 def lines(path: Path) -> list[str]:
@@ -39,14 +24,14 @@ def test_a_result_is_read_by_id_after_its_submitter_exited(fabric: Fabric) -> No
     fabric.master()
     fabric.node("n1", "--capacity", "2")
     with fabric.client() as client:
-        ready(client, "n1")
-    submitted = cli(fabric, "submit", "echo", '{"answer": 42}', "--no-wait")
+        wait_ready(client, "n1")
+    submitted = master_cli(fabric, "submit", "echo", '{"answer": 42}', "--no-wait")
     assert submitted.returncode == 0, submitted.stderr
     task_id = submitted.stdout.strip()
 
-    done = cli(fabric, "result", task_id, "--wait", "--timeout", "30")
+    done = master_cli(fabric, "result", task_id, "--wait", "--timeout", "30")
     assert (done.returncode, json.loads(done.stdout)) == (0, {"answer": 42}), done.stderr
-    done = cli(fabric, "result", task_id, "--json")
+    done = master_cli(fabric, "result", task_id, "--json")
     outcome = json.loads(done.stdout)
     assert done.returncode == 0 and outcome["state"] == "completed"
     assert outcome["node_id"] == "n1" and outcome["value"] == {"answer": 42}
@@ -65,20 +50,20 @@ def test_a_result_is_read_by_id_after_its_submitter_exited(fabric: Fabric) -> No
         with fabric.client() as third:
             with pytest.raises(FabricTimeout):
                 third.outcome(slow, timeout=0.1)
-            pending = cli(fabric, "result", slow)
+            pending = master_cli(fabric, "result", slow)
             assert pending.returncode == 3 and "still" in pending.stderr
             assert third.result(slow, timeout=30) == 1.0
         failed = other.submit("fail", ["on purpose"], max_attempts=1).id
         with pytest.raises(TaskFailed, match="on purpose"):
             other.result(failed, timeout=30)
-    done = cli(fabric, "result", failed)
+    done = master_cli(fabric, "result", failed)
     assert done.returncode == 1 and json.loads(done.stderr)["state"] == "failed"
 
-    unknown = cli(fabric, "result", "no-such-task")
+    unknown = master_cli(fabric, "result", "no-such-task")
     assert unknown.returncode == 2 and "no task with id 'no-such-task'" in unknown.stderr
-    malformed = cli(fabric, "result", "x" * 200)
+    malformed = master_cli(fabric, "result", "x" * 200)
     assert malformed.returncode == 2 and "1-128 characters" in malformed.stderr
-    negative = cli(fabric, "result", task_id, "--wait", "--timeout", "-1")
+    negative = master_cli(fabric, "result", task_id, "--wait", "--timeout", "-1")
     assert negative.returncode == 2 and "--timeout must be 0 or more" in negative.stderr
 
 
@@ -87,7 +72,7 @@ def test_tasks_are_listed_and_inspected_with_every_attempt(fabric: Fabric,
     fabric.master("--max-attempts", "3")
     fabric.node("solo", "--task", "support.tasks:flaky")
     with fabric.client() as client:
-        ready(client, "solo")
+        wait_ready(client, "solo")
         runs = str(tmp_path / "runs")
         before = time.time()
         flaky = client.submit("flaky", [runs, 1])
@@ -120,17 +105,17 @@ def test_tasks_are_listed_and_inspected_with_every_attempt(fabric: Fabric,
         with pytest.raises(ConfigError, match="no task with id 'nope'"):
             client.task("nope")
 
-    table = cli(fabric, "tasks", "--name", "flaky")
+    table = master_cli(fabric, "tasks", "--name", "flaky")
     assert table.returncode == 0 and flaky.id in table.stdout and echo.id not in table.stdout
-    as_json = json.loads(cli(fabric, "tasks", "--state", "completed", "--json").stdout)
+    as_json = json.loads(master_cli(fabric, "tasks", "--state", "completed", "--json").stdout)
     assert {t["id"] for t in as_json} == {flaky.id, echo.id}
-    shown = cli(fabric, "task", flaky.id)
+    shown = master_cli(fabric, "task", flaky.id)
     assert shown.returncode == 0, shown.stderr
     assert "transient fault on run 1" in shown.stdout and "completed" in shown.stdout
-    assert json.loads(cli(fabric, "task", echo.id, "--json").stdout)["priority"] == 7
-    unknown = cli(fabric, "task", "nope")
+    assert json.loads(master_cli(fabric, "task", echo.id, "--json").stdout)["priority"] == 7
+    unknown = master_cli(fabric, "task", "nope")
     assert unknown.returncode == 2 and "no task with id 'nope'" in unknown.stderr
-    bad = cli(fabric, "tasks", "--state", "done")
+    bad = master_cli(fabric, "tasks", "--state", "done")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
 
@@ -140,7 +125,7 @@ def test_cancel_a_queued_and_a_running_task(fabric: Fabric, tmp_path: Path) -> N
     fabric.node("n1", "--capacity", "1", "--prefetch", "1", "--task", f"{LIFE}:patient",
                 "--task", "support.tasks:record")
     with fabric.client() as client:
-        ready(client, "n1")
+        wait_ready(client, "n1")
         running_log = tmp_path / "running"
         running = client.submit("patient", [str(running_log)])
         wait_until(lambda: lines(running_log) == ["started"], 30, message="the task started")
@@ -159,7 +144,7 @@ def test_cancel_a_queued_and_a_running_task(fabric: Fabric, tmp_path: Path) -> N
         assert lines(running_log) == ["started"]  # the running task goes on meanwhile
 
         started = time.monotonic()
-        done = cli(fabric, "cancel", running.id)
+        done = master_cli(fabric, "cancel", running.id)
         assert done.returncode == 0 and "cancelled (it was running on node n1)" in done.stdout
         assert running.outcome(timeout=10).state == "cancelled"
         wait_until(lambda: lines(running_log) == ["started", "stopped"], 10,
@@ -169,7 +154,7 @@ def test_cancel_a_queued_and_a_running_task(fabric: Fabric, tmp_path: Path) -> N
         assert client.submit("echo", ["next"]).result(timeout=10) == "next"
         assert not (tmp_path / "on-node").exists() and not (tmp_path / "on-master").exists()
 
-        again = cli(fabric, "cancel", running.id, "no-such-task")
+        again = master_cli(fabric, "cancel", running.id, "no-such-task")
         assert again.returncode == 1
         assert f"{running.id}: already cancelled; nothing changed" in again.stdout
         assert "no-such-task: no such task" in again.stdout
@@ -192,7 +177,7 @@ def test_a_cancelled_task_that_ignores_it_keeps_its_slot_and_its_result_is_dropp
     fabric.master()
     fabric.node("n1", "--capacity", "1", "--prefetch", "0", "--task", f"{LIFE}:stubborn")
     with fabric.client() as client:
-        ready(client, "n1")
+        wait_ready(client, "n1")
         log = tmp_path / "stubborn"
         stubborn = client.submit("stubborn", [str(log), 1.5])
         wait_until(lambda: lines(log) == ["started"], 30, message="the task started")
@@ -206,7 +191,7 @@ def test_a_cancelled_task_that_ignores_it_keeps_its_slot_and_its_result_is_dropp
         assert lines(log) == ["started", "finished"]
         # its late result changed nothing
         assert client.task(stubborn.id)["state"] == "cancelled"
-        finished = cli(fabric, "cancel", follower.id)
+        finished = master_cli(fabric, "cancel", follower.id)
         assert finished.returncode == 1 and "already completed; nothing changed" in finished.stdout
         assert client.result(follower.id, timeout=5) == "after"
         status = client.status()
@@ -218,7 +203,7 @@ def test_a_time_limit_ends_a_run_with_timeout_on_its_node(fabric: Fabric, tmp_pa
     fabric.node("n1", "--capacity", "2", "--task", f"{LIFE}:patient", "--task", f"{LIFE}:stubborn",
                 "--task", f"{LIFE}:bounded")
     with fabric.client() as client:
-        ready(client, "n1")
+        wait_ready(client, "n1")
         assert client.submit("echo", ["quick"], timeout=5).result(timeout=30) == "quick"
 
         told = tmp_path / "told"  # a task that checks its context stops at the limit
@@ -251,9 +236,9 @@ def test_a_time_limit_ends_a_run_with_timeout_on_its_node(fabric: Fabric, tmp_pa
         assert "1s limit on node n1" in outcome.error["message"]
         assert client.submit("bounded", [1.5], timeout=10).result(timeout=30) == "slept"
 
-    limited = cli(fabric, "submit", "sleep", "5", "--time-limit", "1")
+    limited = master_cli(fabric, "submit", "sleep", "5", "--time-limit", "1")
     assert limited.returncode == 1 and json.loads(limited.stderr)["error"]["kind"] == "timeout"
-    negative = cli(fabric, "submit", "sleep", "1", "--time-limit", "-1")
+    negative = master_cli(fabric, "submit", "sleep", "1", "--time-limit", "-1")
     assert negative.returncode == 2 and "timeout must be 0-" in negative.stderr
 
 

@@ -16,7 +16,7 @@ from core.protocol import NodeStatus, ResultBatch, TaskResult
 from core.url import parse_broker_url
 from master.transport import MasterNodeTransport
 from node.transport import ComputeNodeTransport
-from support.fabric import Fabric, Observer, Proc, wait_until
+from support.fabric import Fabric, Observer, Proc, wait_ready, wait_until
 from support.tasks import runs_in
 
 USER_LAMBDA = textwrap.dedent('''
@@ -25,18 +25,12 @@ USER_LAMBDA = textwrap.dedent('''
 ''')
 
 
-def ready(client, *node_ids: str, timeout: float = 30.0) -> None:
-    wait_until(lambda: set(node_ids) <= {n["node_id"] for n in client.nodes()
-                                         if n["status"] in ("ready", "busy")}, timeout,
-               message=f"nodes {node_ids} ready")
-
-
 def test_a_transient_failure_is_retried_and_a_permanent_one_runs_max_attempts_times(
         fabric: Fabric, tmp_path: Path) -> None:
     fabric.master("--max-attempts", "3")
     fabric.node("solo", "--task", "support.tasks:flaky")
     with fabric.client() as client:
-        ready(client, "solo")
+        wait_ready(client, "solo")
         once = str(tmp_path / "once")
         outcome = client.submit("flaky", [once, 1]).outcome(timeout=30)
         assert (outcome.state, outcome.value, outcome.node_id) == ("completed", 2, "solo")
@@ -58,7 +52,7 @@ def test_a_task_id_names_one_piece_of_work(fabric: Fabric) -> None:
     fabric.master()
     fabric.node("n1")
     with fabric.client() as client:
-        ready(client, "n1")
+        wait_ready(client, "n1")
         assert client.submit("echo", ["a"], task_id="job-1").result(timeout=30) == "a"
         # the same work under the same id: the same answer (not another run)
         assert client.submit("echo", ["a"], task_id="job-1").result(timeout=30) == "a"
@@ -82,7 +76,7 @@ def test_lambdas_and_tasks_go_only_to_nodes_that_have_them(fabric: Fabric,
                  "--lambda", "mymodule:lambda_handler"], tmp_path / "node-user.log", cwd=code)
     fabric.procs.append(user)
     with fabric.client() as client:
-        ready(client, "plain", "user")
+        wait_ready(client, "plain", "user")
         nodes = {n["node_id"]: n for n in client.nodes()}
         assert "lambda_handler" in nodes["user"]["lambdas"]
         assert "lambda_handler" not in nodes["plain"]["lambdas"]
@@ -106,7 +100,7 @@ def test_a_task_whose_nodes_are_gone_waits_and_says_why(fabric: Fabric, tmp_path
     fabric.node("plain")
     special = fabric.node("special", "--task", "support.tasks:record")
     with fabric.client() as client:
-        ready(client, "plain", "special")
+        wait_ready(client, "plain", "special")
         assert special.terminate() == 0  # offline: its name is known, no live node has it
         wait_until(lambda: {n["node_id"]: n["status"] for n in client.nodes()}["special"]
                    == "offline", 15, message="special offline")
@@ -127,7 +121,7 @@ def test_short_tasks_never_wait_behind_a_busy_node(fabric: Fabric, tmp_path: Pat
         fabric.node(node_id, "--capacity", "1", "--task", "support.tasks:wait_for_file")
     release = tmp_path / "release"
     with fabric.client() as client:
-        ready(client, "a", "b")
+        wait_ready(client, "a", "b")
         long = client.submit("wait_for_file", [str(release), 60])
         busy = wait_until(lambda: [n["node_id"] for n in client.nodes() if n["workload"] == 1],
                           15, message="the long task running")[0]
@@ -154,7 +148,7 @@ def test_a_node_that_lies_is_rejected_and_the_client_gets_the_real_values(
         liar.publish(f"{root}/nodes/liar/status", NodeStatus(
             "liar", "ready", heartbeat=30, tasks="nothing_here").encode(), retain=True)
         with fabric.client() as client:
-            ready(client, "honest", "liar")
+            wait_ready(client, "honest", "liar")
             flags = [tmp_path / f"go{i}" for i in range(3)]
             handles = [client.submit("wait_for_file", [str(f), 60]) for f in flags]
             wait_until(lambda: client.status()["in_flight"] >= 1, 15, message="dispatched")

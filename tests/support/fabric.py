@@ -40,6 +40,20 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def master_cli(fabric: "Fabric", *args: str) -> subprocess.CompletedProcess[str]:
+    """`master-node ARGS` run as a user runs it, against the test's broker and root."""
+    return subprocess.run([sys.executable, "-m", "master.cli", *args, "--broker", fabric.broker_url,
+                           "--root", fabric.root], capture_output=True, text=True,
+                          env=child_env(), cwd=REPO, timeout=60)
+
+
+def wait_ready(client: Any, *node_ids: str, timeout: float = 30.0) -> None:
+    """Until the master counts every one of `node_ids` as ready or busy (bounded)."""
+    wait_until(lambda: set(node_ids) <= {n["node_id"] for n in client.nodes()
+                                         if n["status"] in ("ready", "busy")}, timeout,
+               message=f"nodes {node_ids} ready")
+
+
 class Proc:
     """A child process with its output in a log file; stopped by its own handle."""
 
