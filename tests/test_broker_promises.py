@@ -397,11 +397,16 @@ def test_a_publish_right_after_a_subscribe_reaches_that_subscription(
         broker: BrokerHandle, keepalive: int) -> None:
     """A client that subscribes and publishes at once (as a master claiming the lease does,
     waiting for its own claim to come back) receives its message: the broker applies the
-    SUBSCRIBE before the PUBLISH that followed it on the connection."""
+    SUBSCRIBE before the PUBLISH that followed it on the connection, and sends what was
+    retained for it first (a plain master reads the replicated masters' lease so)."""
+    kept = f"t/order/{unique('kept')}"
+    with probe(broker, "keeper") as keeper:
+        keeper.publish(kept, b"the retained lease", qos=1, retain=True)
     for _ in range(20):
         topic = f"t/order/{unique('own')}"
         with RawClient(broker.host, broker.port, unique("order"), keepalive=keepalive) as raw:
-            raw.send(_subscribe_packet(1, topic, 0) + publish_packet(topic, b"my own claim"))
+            raw.send(_subscribe_packet(1, kept, 0) + _subscribe_packet(2, topic, 0)
+                     + publish_packet(topic, b"my own claim"))
             received = b""
             deadline = time.monotonic() + 5.0
             while b"my own claim" not in received and time.monotonic() < deadline:
@@ -413,3 +418,5 @@ def test_a_publish_right_after_a_subscribe_reaches_that_subscription(
                     break
                 received += chunk
             assert b"my own claim" in received, f"no copy of its own publish: {received!r}"
+            # and the retained message of its first subscription came before it
+            assert 0 <= received.find(b"the retained lease") < received.find(b"my own claim")

@@ -113,6 +113,17 @@ def decode_publish(first: int, body: bytes) -> PublishPacket:
                          PublishVariableHeader(topic, packet_id), PublishPayload(body[start:]))
 
 
+class ReceivedMessage(IncomingApplicationMessage):
+    """A message from a client, with how many of its SUBSCRIBE/UNSUBSCRIBE packets came
+    before it: the broker applies those first."""
+
+    __slots__ = ("after_subscriptions",)
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.after_subscriptions = 0
+
+
 class DeliveryHandler(BrokerProtocolHandler):
     """The handler of one client connection. `on_undelivered` hears of every QoS 1 message
     whose connection ended before its PUBACK came: it is still in the session's
@@ -133,9 +144,10 @@ class DeliveryHandler(BrokerProtocolHandler):
         self._quiet = False  # no plugin hears of single packets: the fast paths may be taken
         self._posted: dict[int, OutgoingApplicationMessage] = {}  # by `post`, until PUBACK
         self._behind = 0  # publishes handed to `publish_behind` that have not started yet
-        # SUBSCRIBE/UNSUBSCRIBE packets read but not yet applied by the broker: a publish
-        # read after one must not overtake it (the client may be subscribed to its topic)
-        self.subscribing = 0
+        # SUBSCRIBE/UNSUBSCRIBE packets read, and applied by the broker: a publish read after
+        # one must not overtake it (the client may be subscribed to its topic)
+        self.subscriptions_read = 0
+        self.subscriptions_applied = 0
 
     # -- reading: a packet at a time, acknowledgements without a task each ------------------
 
@@ -222,12 +234,13 @@ class DeliveryHandler(BrokerProtocolHandler):
         if header is None or payload is None or payload.data is None:
             return
         topic = header.topic_name
-        message = IncomingApplicationMessage(header.packet_id, topic, publish.qos,
-                                             payload.data, publish.retain_flag)
+        message = ReceivedMessage(header.packet_id, topic, publish.qos, payload.data,
+                                  publish.retain_flag)
         message.publish_packet = publish
         queue = session.delivered_message_queue
         if self.on_message is None or not queue.empty() or self.subscribing or not topic \
                 or topic[0] == "$":
+            message.after_subscriptions = self.subscriptions_read  # see `subscribing`
             queue.put_nowait(message)
         else:
             await self.on_message(message)
@@ -257,7 +270,7 @@ class DeliveryHandler(BrokerProtocolHandler):
             log.warning("%s: unhandled packet type %d", session.client_id, kind)
             return None
         if kind in (SUBSCRIBE, UNSUBSCRIBE):
-            self.subscribing += 1  # until the broker applied it (`subscription_applied`)
+            self.subscriptions_read += 1  # until the broker applied it (`subscription_applied`)
             return asyncio.create_task(self._queue_subscription(getattr(self, name), packet))
         return asyncio.create_task(getattr(self, name)(packet))
 
@@ -269,10 +282,17 @@ class DeliveryHandler(BrokerProtocolHandler):
             self.subscription_applied()  # never queued for the broker: nothing to wait for
             raise
 
+    @property
+    def subscribing(self) -> int:
+        """SUBSCRIBE/UNSUBSCRIBE packets read and not applied yet."""
+        return self.subscriptions_read - self.subscriptions_applied
+
     def subscription_applied(self) -> None:
         """The broker applied a SUBSCRIBE or UNSUBSCRIBE of this client's (or dropped it):
-        the client's later publishes may take the direct path again."""
-        self.subscribing = max(0, self.subscribing - 1)
+        a message queued after it may go out (`after_subscriptions`), and once none is
+        outstanding, later publishes may take the direct path again."""
+        if self.subscriptions_applied < self.subscriptions_read:
+            self.subscriptions_applied += 1
 
     async def stop(self) -> None:
         # set before amqtt cancels the PUBACK waiters (synchronously, in the same step), so a
@@ -369,15 +389,18 @@ class DeliveryHandler(BrokerProtocolHandler):
         writer.write(encode_publish(topic, data, QOS_1, packet_id))
         return True
 
-    def publish_behind(self, topic: str, data: bytes | bytearray, qos: int) -> Any:
-        """`mqtt_publish` (retain=0) for a message `post` refused: later posts wait until
-        it has started, so it cannot be overtaken. Returns the coroutine to run."""
+    def publish_behind(self, topic: str, data: bytes | bytearray, qos: int, *,
+                       retain: bool = False) -> Any:
+        """`mqtt_publish` for a message `post` refused, or a retained message sent on a
+        new subscription: later posts wait until it has started, so it cannot be
+        overtaken. Returns the coroutine to run."""
         self._behind += 1
-        return self._publish_behind(topic, data, qos)
+        return self._publish_behind(topic, data, qos, retain)
 
-    async def _publish_behind(self, topic: str, data: bytes | bytearray, qos: int) -> None:
+    async def _publish_behind(self, topic: str, data: bytes | bytearray, qos: int,
+                              retain: bool) -> None:
         self._behind -= 1  # from here on it holds its place (lock, packet id) by itself
-        await self.mqtt_publish(topic, data, qos, retain=False)
+        await self.mqtt_publish(topic, data, qos, retain=retain)
 
     # -- QoS 1 to the client: keep it until acknowledged -------------------------------------
 

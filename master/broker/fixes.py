@@ -600,6 +600,20 @@ class FabricBroker(Broker):
                     unsubscribe = asyncio.ensure_future(
                         handler.get_next_pending_unsubscription())
                 if deliver.done():
+                    # a message read after a SUBSCRIBE waits for it: amqtt's queues of
+                    # subscriptions and messages are separate, and this wait saw only one
+                    while _behind_subscriptions(handler, deliver) and not disconnect.done():
+                        await asyncio.wait((disconnect, subscribe, unsubscribe),
+                                           return_when=asyncio.FIRST_COMPLETED)
+                        if subscribe.done():
+                            await self._handle_subscription(client_session, handler, subscribe)
+                            subscribe = asyncio.ensure_future(
+                                handler.get_next_pending_subscription())
+                        if unsubscribe.done():
+                            await self._handle_unsubscription(client_session, handler,
+                                                              unsubscribe)
+                            unsubscribe = asyncio.ensure_future(
+                                handler.get_next_pending_unsubscription())
                     if not await self._handle_message_delivery(client_session, handler, deliver):
                         return  # a protocol error: `_handle_client_session` ends the session
                     if not await self._deliver_queued(client_session, handler, disconnect):
@@ -628,8 +642,9 @@ class FabricBroker(Broker):
         queue = session.delivered_message_queue
         loop = asyncio.get_running_loop()
         for _ in range(_DELIVERY_BURST):
-            if queue.empty() or disconnect.done():
-                break
+            if queue.empty() or disconnect.done() or \
+                    (isinstance(handler, DeliveryHandler) and handler.subscribing):
+                break  # a subscription first: the loop waits for it (`_behind_subscriptions`)
             taken: asyncio.Future[Any] = loop.create_future()
             taken.set_result(queue.get_nowait())
             if not await self._handle_message_delivery(session, handler, taken):
@@ -912,7 +927,10 @@ class FabricBroker(Broker):
                     session, topic=topic, action=Action.RECEIVE):
                 continue
             qos = granted_qos if retained.qos is None else min(granted_qos, retained.qos)
-            self._spawn(handler.mqtt_publish(topic, retained.data, qos, retain=True))
+            if isinstance(handler, DeliveryHandler):  # held in place: a later post waits
+                self._spawn(handler.publish_behind(topic, retained.data, qos, retain=True))
+            else:
+                self._spawn(handler.mqtt_publish(topic, retained.data, qos, retain=True))
 
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
                                                           session: Session) -> None:
@@ -940,3 +958,12 @@ class FabricBroker(Broker):
                       limit, broadcast["topic"])
             return
         await super()._retain_broadcast_message(broadcast, qos, target_session)
+
+
+def _behind_subscriptions(handler: BrokerProtocolHandler, taken: asyncio.Future[Any]) -> bool:
+    """Whether the message `taken` from the client's queue was read after a SUBSCRIBE or
+    UNSUBSCRIBE the broker has not applied yet."""
+    if not isinstance(handler, DeliveryHandler) or taken.cancelled() or taken.exception():
+        return False
+    after = getattr(taken.result(), "after_subscriptions", 0)
+    return handler.subscriptions_applied < after
