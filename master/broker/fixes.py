@@ -590,7 +590,11 @@ class FabricBroker(Broker):
         deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
         try:
             while True:
-                await asyncio.wait((disconnect, subscribe, unsubscribe, deliver),
+                # a message read after a SUBSCRIBE waits for it: amqtt's queues of
+                # subscriptions and messages are separate, so both may be ready at once
+                held = deliver.done() and _behind_subscriptions(handler, deliver)
+                await asyncio.wait((disconnect, subscribe, unsubscribe) if held else
+                                   (disconnect, subscribe, unsubscribe, deliver),
                                    return_when=asyncio.FIRST_COMPLETED)
                 if subscribe.done():
                     await self._handle_subscription(client_session, handler, subscribe)
@@ -599,21 +603,7 @@ class FabricBroker(Broker):
                     await self._handle_unsubscription(client_session, handler, unsubscribe)
                     unsubscribe = asyncio.ensure_future(
                         handler.get_next_pending_unsubscription())
-                if deliver.done():
-                    # a message read after a SUBSCRIBE waits for it: amqtt's queues of
-                    # subscriptions and messages are separate, and this wait saw only one
-                    while _behind_subscriptions(handler, deliver) and not disconnect.done():
-                        await asyncio.wait((disconnect, subscribe, unsubscribe),
-                                           return_when=asyncio.FIRST_COMPLETED)
-                        if subscribe.done():
-                            await self._handle_subscription(client_session, handler, subscribe)
-                            subscribe = asyncio.ensure_future(
-                                handler.get_next_pending_subscription())
-                        if unsubscribe.done():
-                            await self._handle_unsubscription(client_session, handler,
-                                                              unsubscribe)
-                            unsubscribe = asyncio.ensure_future(
-                                handler.get_next_pending_unsubscription())
+                if deliver.done() and not _behind_subscriptions(handler, deliver):
                     if not await self._handle_message_delivery(client_session, handler, deliver):
                         return  # a protocol error: `_handle_client_session` ends the session
                     if not await self._deliver_queued(client_session, handler, disconnect):
