@@ -8,6 +8,7 @@ import sys
 from typing import Any, Callable
 
 from core.errors import ConfigError
+from core.protocol import MAX_ATTEMPTS, MAX_DELAY
 
 __all__ = ["TaskRegistry", "default_registry", "task", "load_task"]
 
@@ -102,16 +103,17 @@ def _retry_hint(name: str, retry: object) -> dict[str, Any]:
                           f"not {retry!r}")
     hint: dict[str, Any] = {}
     attempts = retry.get("max_attempts", 0)
-    if type(attempts) is not int or not 0 <= attempts <= 1000:
-        raise ConfigError(f"task {name!r}: max_attempts must be 0-1000, not {attempts!r}")
+    if type(attempts) is not int or not 0 <= attempts <= MAX_ATTEMPTS:
+        raise ConfigError(f"task {name!r}: max_attempts must be 0-{MAX_ATTEMPTS}, "
+                          f"not {attempts!r}")
     if attempts:
         hint["max_attempts"] = attempts
     for key in ("backoff", "backoff_max"):
         if key in retry:
             value = retry[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not 0 <= value <= 7 * 86400:
-                raise ConfigError(f"task {name!r}: {key} must be 0-604800 seconds, "
+                    or not 0 <= value <= MAX_DELAY:
+                raise ConfigError(f"task {name!r}: {key} must be 0-{MAX_DELAY:g} seconds, "
                                   f"not {value!r}")
             hint[key] = float(value)
     if "retry_on" in retry:
