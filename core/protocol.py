@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Type, TypeVar
 
 from core import codec as _codec
+from core.defaults import DEFAULT_CAPACITY, DEFAULT_HEARTBEAT, DEFAULT_PREFETCH
 from core.errors import ConfigError, DecodeError
 
 __all__ = [
@@ -676,15 +677,15 @@ class NodeStatus(Message):
     status: str
     kind: str = "cpython"
     codec: str = _codec.MSGPACK
-    capacity: int = 1
-    prefetch: int = 1
+    capacity: int = DEFAULT_CAPACITY
+    prefetch: int = DEFAULT_PREFETCH
     workload: int = 0
     max_payload: int = 0
     instance: str = ""
     tasks_done: int = 0
     tasks_failed: int = 0
     rejected: int = 0
-    heartbeat: float = 1.0
+    heartbeat: float = DEFAULT_HEARTBEAT
     ts: float = 0.0
     tasks: str = ""     # task names it runs, comma-separated ("": not said, runs any)
     lambdas: str = ""   # lambda names it runs, comma-separated ("": none)
@@ -713,8 +714,8 @@ class NodeStatus(Message):
             raise DecodeError(f"status: unknown codec {codec_name!r}")
         return cls(node_id=_get(d, "node_id", str, w), status=status,
                    kind=_get(d, "kind", str, w, "cpython"), codec=codec_name,
-                   capacity=_int(d, "capacity", w, 1, 0, 1_000_000),
-                   prefetch=_int(d, "prefetch", w, 1, 0, 1_000_000),
+                   capacity=_int(d, "capacity", w, DEFAULT_CAPACITY, 0, 1_000_000),
+                   prefetch=_int(d, "prefetch", w, DEFAULT_PREFETCH, 0, 1_000_000),
                    workload=_int(d, "workload", w, 0, 0, _COUNTER_MAX),
                    max_payload=_int(d, "max_payload", w, 0, 0, _COUNTER_MAX),
                    instance=_get(d, "instance", str, w, ""),
@@ -731,7 +732,7 @@ MAX_HEARTBEAT = 3600.0         # a node silent for longer than this would never 
 
 
 def _heartbeat(d: dict) -> float:
-    value = _num(d, "heartbeat", "status", 1.0)
+    value = _num(d, "heartbeat", "status", DEFAULT_HEARTBEAT)
     if not (0 < value <= MAX_HEARTBEAT):  # also false for NaN and infinity
         raise DecodeError(f"status: heartbeat {value!r} outside 0..{MAX_HEARTBEAT:g} seconds")
     return value

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from core import codec as _codec
+from core.defaults import DEFAULT_LEASE_TTL
 from core.errors import DecodeError
 from core.protocol import Message, _get, _int, _num, _register
 
@@ -57,7 +58,7 @@ class Lease(Message):
     holder: str
     epoch: int
     state: str
-    ttl: float = 3.0
+    ttl: float = DEFAULT_LEASE_TTL
     seq: int = 0
     journal_seq: int = 0
     journal_epoch: int = 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
+from core.defaults import DEFAULT_LEASE_TTL
 from core.errors import ConfigError
 from core.replication import CLAIM, EXPIRED, HELD, Lease
 
@@ -38,7 +39,7 @@ WAIT, WON, LOST = "wait", "won", "lost"
 class LeaseTiming:
     """How long a lease lives and the waits derived from it (seconds)."""
 
-    ttl: float = 3.0
+    ttl: float = DEFAULT_LEASE_TTL
     renew_every: float = 0.0    # 0: ttl / 3
     settle: float = 0.0         # 0: ttl / 2 (more than a renewal interval)
     rank_step: float = 0.5      # between the claims of successive ranks

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from core import codec
+from core.defaults import (DEFAULT_CAPACITY, DEFAULT_HEARTBEAT, DEFAULT_MAX_ATTEMPTS,
+                           DEFAULT_MAX_QUEUED, DEFAULT_NODE_TIMEOUT, DEFAULT_PREFETCH)
 from core.errors import ConfigError, QueueFull
 from core.protocol import NodeStatus, TaskResult, TaskSpec, new_token
 from master.liveness import heartbeat_timeout, silent_nodes
@@ -104,12 +106,12 @@ class NodeInfo:
     status: str = "connected"
     kind: str = "cpython"
     codec: str = codec.MSGPACK
-    capacity: int = 1
-    prefetch: int = 1
+    capacity: int = DEFAULT_CAPACITY
+    prefetch: int = DEFAULT_PREFETCH
     max_payload: int = 0
     instance: str = ""
     tasks: frozenset | None = None
-    heartbeat: float = 1.0
+    heartbeat: float = DEFAULT_HEARTBEAT
     last_seen: float = 0.0
     reported_ts: float = 0.0
     workload: int = 0
@@ -159,8 +161,8 @@ class NodeInfo:
 class Scheduler:
     """Queue, nodes and in-flight bookkeeping of the master."""
 
-    def __init__(self, *, max_attempts: int = 3, max_queued: int = 1_000_000,
-                 node_timeout: float = 3.0, retry: RetryPolicy | None = None,
+    def __init__(self, *, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+                 max_queued: int = DEFAULT_MAX_QUEUED, node_timeout: float = DEFAULT_NODE_TIMEOUT, retry: RetryPolicy | None = None,
                  rate_limits: Iterable[RateLimit] = (),
                  rand: Callable[[], float] = random.random) -> None:
         self.max_attempts = max_attempts
@@ -297,7 +299,7 @@ class Scheduler:
         if status.lambdas != node.lambdas_text:
             node.lambdas_text = status.lambdas
             node.lambdas = frozenset(status.lambdas.split(",")) if status.lambdas else frozenset()
-        node.heartbeat = status.heartbeat if status.heartbeat > 0 else 1.0
+        node.heartbeat = status.heartbeat if status.heartbeat > 0 else DEFAULT_HEARTBEAT
         node.workload = status.workload
         node.tasks_done = status.tasks_done
         node.tasks_failed = status.tasks_failed

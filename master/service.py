@@ -10,6 +10,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from core.defaults import (DEFAULT_LEASE_TTL, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_QUEUED,
+                           DEFAULT_NODE_TIMEOUT)
 from core.errors import ConfigError
 from core.topics import DEFAULT_ROOT
 from core.credentials import with_password
@@ -36,18 +38,18 @@ class ServeOptions:
     allow_remote_anonymous: bool = False
     state_dir: Path = Path("state")
     root: str = DEFAULT_ROOT
-    node_timeout: float = 3.0
-    max_attempts: int = 3
-    max_queued: int = 1_000_000
+    node_timeout: float = DEFAULT_NODE_TIMEOUT
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    max_queued: int = DEFAULT_MAX_QUEUED
     master_id: str = "master"
     pipelines: Path | None = None
     snapshots: Path | None = None          # None: "snapshots" beside the state directory
     snapshot_interval: float = 30.0        # 0: only on request (master-node snapshot)
     replica: bool = False                  # one of replicated masters (see master.replica)
-    lease_ttl: float = 3.0                 # replicated: how long the active master's lease lives
+    lease_ttl: float = DEFAULT_LEASE_TTL                 # replicated: how long the active master's lease lives
     password_file: Path | None = None      # the --broker password, instead of in the URL
     tls: TlsSettings | None = None         # CA, client certificate and key for --broker
-    claim_ttl: float = 3.0                 # plain master: its root claim is renewed every third
+    claim_ttl: float = DEFAULT_LEASE_TTL                 # plain master: its root claim is renewed every third
     retry: RetryPolicy = RetryPolicy()     # default retry policy (a task's own wins)
     rate_limits: tuple[RateLimit, ...] = ()  # starts per second per task name
     result_ttl: float = DEFAULT_RESULT_TTL  # finished tasks are deleted this long after (0: never)

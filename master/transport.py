@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from core import codec
+from core.defaults import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_QUEUED, DEFAULT_NODE_TIMEOUT
 from core.errors import ConfigError, DecodeError, FabricError, NodeUnavailable, QueueFull, TaskRefused
 from core.mqtt import MqttSession, TlsSettings, Will
 from core.protocol import (DEFAULT_PRIORITY, ID_CONFLICT, QUEUE_FULL, Control, MasterStatus,
@@ -69,7 +70,8 @@ class MasterNodeTransport:
     def __init__(self, broker_host: str = "localhost", broker_port: int = 1883, *,
                  broker_url: BrokerUrl | str | None = None, root: str = DEFAULT_ROOT,
                  state_dir: str | Path | None = None, master_id: str = "master",
-                 max_attempts: int = 3, max_queued: int = 1_000_000, node_timeout: float = 3.0,
+                 max_attempts: int = DEFAULT_MAX_ATTEMPTS, max_queued: int = DEFAULT_MAX_QUEUED,
+                 node_timeout: float = DEFAULT_NODE_TIMEOUT,
                  max_batch: int = 1000, status_interval: float = 1.0,
                  keepalive: int = 5, tls: TlsSettings | None = None,
                  clock: Callable[[], float] = time.monotonic, keep_results: bool = False,

@@ -9,6 +9,7 @@ import sys
 import threading
 
 from core.errors import FabricError
+from core.defaults import DEFAULT_HEARTBEAT
 from core.logs import configure_logging
 from core.runtime import tune_for_messaging
 from core.topics import DEFAULT_ROOT
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="extra tasks held ready beyond capacity (default: adaptive, about 50 ms "
                              "of work: many tiny tasks, few slow ones)")
     parser.add_argument("--root", default=DEFAULT_ROOT, help="topic root (default %(default)s)")
-    parser.add_argument("--heartbeat", type=float, default=1.0, metavar="SECONDS",
+    parser.add_argument("--heartbeat", type=float, default=DEFAULT_HEARTBEAT, metavar="SECONDS",
                         help="heartbeat interval (default %(default)s)")
     parser.add_argument("--task", action="append", default=[], metavar="MODULE:FUNCTION",
                         help="register a plain function as a task named after it (repeatable)")

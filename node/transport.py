@@ -27,6 +27,7 @@ from time import perf_counter
 from typing import Any, Callable, Iterable
 
 from core import codec
+from core.defaults import DEFAULT_CAPACITY, DEFAULT_HEARTBEAT
 from core.errors import ConfigError, DecodeError, EncodeError, FabricError, TaskError
 from core.mqtt import MqttSession, TlsSettings, Will
 from core.protocol import (Control, NodeReport, NodeStatus, ResultBatch, TaskBatch, TaskResult,
@@ -57,8 +58,8 @@ class ComputeNodeTransport:
 
     def __init__(self, broker_host: str = "localhost", broker_port: int = 1883, *,
                  broker_url: BrokerUrl | str | None = None, node_id: str | None = None,
-                 root: str = DEFAULT_ROOT, capacity: int = 1, prefetch: int | None = None,
-                 heartbeat: float = 1.0, registry: TaskRegistry | None = None,
+                 root: str = DEFAULT_ROOT, capacity: int = DEFAULT_CAPACITY, prefetch: int | None = None,
+                 heartbeat: float = DEFAULT_HEARTBEAT, registry: TaskRegistry | None = None,
                  codec_name: str = codec.MSGPACK, drain_timeout: float = 30.0,
                  keepalive: int = 5, tls: TlsSettings | None = None,
                  clock: Callable[[], float] = time.time, prefetch_window: float = 0.05,

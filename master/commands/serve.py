@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from core.credentials import add_security_options
+from core.defaults import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_QUEUED, DEFAULT_NODE_TIMEOUT
 from core.topics import DEFAULT_ROOT
 
 NAME = "serve"
@@ -33,9 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state", type=Path, default=Path("state"), metavar="DIR",
                    help="directory of the durable journal (default %(default)s)")
     p.add_argument("--root", default=DEFAULT_ROOT, help="topic root (default %(default)s)")
-    p.add_argument("--node-timeout", type=float, default=3.0, metavar="SECONDS",
+    p.add_argument("--node-timeout", type=float, default=DEFAULT_NODE_TIMEOUT, metavar="SECONDS",
                    help="a node silent this long is dead (default %(default)s)")
-    p.add_argument("--max-attempts", type=int, default=3, metavar="N",
+    p.add_argument("--max-attempts", type=int, default=DEFAULT_MAX_ATTEMPTS, metavar="N",
                    help="a task that failed or lost its node N times ends failed (default %(default)s)")
     p.add_argument("--backoff", type=float, default=0.0, metavar="SECONDS",
                    help="a failed task waits this long before its first retry, doubled for "
@@ -51,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate-limit", action="append", default=[], metavar="NAME=N/s",
                    help="start at most N tasks named NAME per second (or /m, /h), e.g. "
                         "primes=100/s; repeat it for more names")
-    p.add_argument("--max-queued", type=int, default=1_000_000, metavar="N",
+    p.add_argument("--max-queued", type=int, default=DEFAULT_MAX_QUEUED, metavar="N",
                    help="queue bound; submitters are slowed past it (default %(default)s)")
     p.add_argument("--pipelines", type=Path, metavar="FILE",
                    help="run the pipelines of this TOML file (see examples/pipelines.toml); "
