@@ -917,7 +917,7 @@ def check_replica_options(*, broker: str | None, pipelines: Path | None) -> None
     lives beside one master and is not replicated)."""
     if not broker:
         raise ConfigError("replicated masters need a broker that outlives each of them: start "
-                          "one (python -m master.broker --config broker.conf --port 1883, or "
+                          "one (python -m broker --config broker.conf --port 1883, or "
                           "mosquitto) and give every master --broker URL")
     if pipelines:
         raise ConfigError("--pipelines cannot be combined with --replica: pipeline state is "

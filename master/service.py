@@ -126,7 +126,7 @@ def _external_broker(options: ServeOptions) -> BrokerUrl:
 def _start_embedded(options: ServeOptions) -> tuple[object, BrokerUrl]:
     """The embedded broker, trusting a credential made for this master alone (so it comes
     up with `allow_anonymous false` too), and the URL the master logs in with."""
-    from master.broker import issue_credential, start_broker_process
+    from broker import issue_credential, start_broker_process
     config = options.config or default_config_path()
     if config is not None and not Path(config).is_file():
         raise ConfigError(f"broker config {config} not found")

@@ -146,10 +146,9 @@ def measure(kind: str, args: argparse.Namespace, work: Path, progress: Progress)
     log_dir.mkdir(exist_ok=True)
     out: dict[str, Any] = {"broker": kind, "nodes": args.nodes}
     with Children(log_dir) as children:
-        started_master = start_master(kind, children, root=root, state=work / f"state-{kind}",
-                                      log_dir=log_dir)
-        master, url, broker_pids = (started_master.master, started_master.url,
-                                    started_master.broker_pids)
+        launched = start_master(kind, children, root=root, state=work / f"state-{kind}",
+                                log_dir=log_dir)
+        master, url, broker_pids = launched.master, launched.url, launched.broker_pids
         progress.step(f"{kind}: connecting {args.nodes} simulated nodes")
         started = time.monotonic()
         swarm = children.start("swarm", [sys.executable, str(Path(__file__).resolve()), "swarm",

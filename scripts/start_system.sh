@@ -133,7 +133,7 @@ else
     : >logs/broker.log
     broker_args=(--port "${PORT}")
     [ -f broker.conf ] && broker_args+=(--config broker.conf)
-    start broker broker.log "${PYTHON}" -m master.broker "${broker_args[@]}"
+    start broker broker.log "${PYTHON}" -m broker "${broker_args[@]}"
     wait_for_line logs/broker.log "$(cat logs/broker.pid)" "READY"
     echo "started the broker on ${BROKER} (pid $(cat logs/broker.pid), log logs/broker.log)"
     for i in 1 2 3; do

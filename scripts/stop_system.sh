@@ -85,5 +85,5 @@ for file in logs/master-*.pid; do
     stop "${file}" "master.cli serve" &
 done
 wait
-[ -f logs/broker.pid ] && stop logs/broker.pid "master.broker"
+[ -f logs/broker.pid ] && stop logs/broker.pid " -m broker "
 exit 0

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from master.broker import (AclFile, Access, BrokerConfigError, PasswordFile, PasswordFileError,
+from broker import (AclFile, Access, BrokerConfigError, PasswordFile, PasswordFileError,
                            add_user, check_password, hash_password, remove_user,
                            start_broker_process, verify)
 from support.brokers import (BrokerHandle, Probe, RawClient, broker_params, start_broker,

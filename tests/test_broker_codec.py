@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from amqtt.mqtt.publish import PublishPacket
 
-from master.broker.delivery import decode_publish, encode_publish
+from broker.delivery import decode_publish, encode_publish
 
 
 @pytest.mark.parametrize("topic, size, qos, packet_id", [

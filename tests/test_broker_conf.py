@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from master.broker import (BrokerConfig, BrokerConfigError, Listener, load_config,
+from broker import (BrokerConfig, BrokerConfigError, Listener, load_config,
                            parse_config, start_broker_process)
 from support.brokers import (MOSQUITTO, Probe, free_port, mosquitto_available, start_embedded,
                              start_mosquitto, with_listener_port)
@@ -220,7 +220,7 @@ def test_cli_exits_2_with_the_error_for_a_bad_config(tmp_path: Path) -> None:
     import sys
     path = tmp_path / "bad.conf"
     path.write_text("listener 1883 127.0.0.1\nfrobnicate on\n")
-    result = subprocess.run([sys.executable, "-m", "master.broker", "--config", str(path)],
+    result = subprocess.run([sys.executable, "-m", "broker", "--config", str(path)],
                             capture_output=True, text=True, timeout=30, cwd=REPO)
     assert result.returncode == 2
     assert result.stdout.startswith(f"ERROR {path}:2: frobnicate: unknown directive")

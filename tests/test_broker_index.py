@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from master.broker.index import FilterIndex  # noqa: E402
+from broker.index import FilterIndex  # noqa: E402
 from support.brokers import Probe, broker_params, start_broker  # noqa: E402
 
 

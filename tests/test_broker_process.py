@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from master.broker import (BrokerStartError, EmbeddedBroker, parse_config,
+from broker import (BrokerStartError, EmbeddedBroker, parse_config,
                            start_broker_process)
 from support.brokers import Probe, RawClient, connect_packet, free_port, wait_until
 
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _run_cli(*args: str, cwd: Path = REPO) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "master.broker", *args], cwd=cwd,
+    return subprocess.Popen([sys.executable, "-m", "broker", *args], cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -71,7 +71,7 @@ def test_broker_exits_when_its_parent_is_killed_with_sigkill(tmp_path: Path) -> 
     parent_code = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {str(REPO)!r})
-        from master.broker import start_broker_process
+        from broker import start_broker_process
         broker = start_broker_process({str(REPO / 'broker.conf')!r}, port=0,
                                       parent_pid=os.getpid())
         print(broker.pid, broker.port, flush=True)
@@ -133,7 +133,7 @@ def test_accepted_sockets_have_tcp_nodelay() -> None:
 
 def test_client_without_connect_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
     """A socket that never sends CONNECT is closed (after CONNECT_TIMEOUT, shortened here)."""
-    import master.broker.fixes as fixes
+    import broker.fixes as fixes
     monkeypatch.setattr(fixes, "CONNECT_TIMEOUT", 0.5)
 
     async def scenario() -> bytes:

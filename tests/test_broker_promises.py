@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from master.broker import add_user
+from broker import add_user
 from support.brokers import (BrokerHandle, Probe, RawClient, broker_params, publish_packet,
                              start_broker)
 

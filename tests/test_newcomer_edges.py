@@ -15,7 +15,7 @@ from typing import Iterator
 import pytest
 
 from core.errors import BrokerUnavailable
-from master.broker.passwd import add_user
+from broker.passwd import add_user
 from master.client import FabricClient
 from master.shards import map_shards
 from support.brokers import free_port, start_embedded

@@ -27,7 +27,7 @@ NOT_RUN = {
     "kill -9 $(cat logs/": "part of the start_system.sh walk-through",
     "python scripts/deploy_esp32.py": "needs a board on a serial port",
     "mpremote connect": "needs a board on a serial port",
-    "python3 -m master.broker": "the fixed port 1883; tests/test_broker_process.py runs it",
+    "python3 -m broker": "the fixed port 1883; tests/test_broker_process.py runs it",
     "master-node serve --replica": "replicated masters on their own broker; "
                                    "tests/test_replication.py",
     "master-node pipelines list | run NAME": "a synopsis of the pipelines subcommands",

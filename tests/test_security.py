@@ -21,7 +21,7 @@ from typing import Iterator
 import pytest
 
 from core.errors import EncodeError
-from master.broker import add_user
+from broker import add_user
 from support.brokers import (BrokerHandle, Probe, broker_params, connect_packet, free_port,
                              start_broker, with_listener_port)
 from support.fabric import REPO, Fabric, Proc, child_env, wait_until
@@ -366,7 +366,7 @@ def test_a_stale_claim_is_taken_over(tmp_path: Path) -> None:
 # -- 6. broker hardening -----------------------------------------------------------------------
 
 def test_a_slow_connect_is_closed_at_its_deadline(tmp_path: Path) -> None:
-    from master.broker.fixes import CONNECT_TIMEOUT
+    from broker.fixes import CONNECT_TIMEOUT
     with start_broker("embedded", "allow_anonymous true\n", directory=tmp_path) as broker:
         packet = connect_packet("slowpoke")
         sock = socket.create_connection((broker.host, broker.port), timeout=5)

@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from master.broker.cli import main as broker_main
+    from broker.cli import main as broker_main
     from master.service import default_config_path
     argv: list[str] = []
     config = args.config or default_config_path()

@@ -35,7 +35,7 @@ def _read_password() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from master.broker import add_user, remove_user
+    from broker import add_user, remove_user
     if args.delete:
         if not remove_user(args.file, args.username):
             raise ConfigError(f"no user {args.username!r} in {args.file}")

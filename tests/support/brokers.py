@@ -174,7 +174,7 @@ def start_embedded(config: str | os.PathLike[str] = "", port: int | None = None,
                    directory: str | os.PathLike[str] | None = None, timeout: float = 10.0,
                    extra_args: Iterable[str] = (), unpatched: bool | None = None
                    ) -> BrokerHandle:
-    """The embedded broker as `python -m master.broker`; port None lets it pick a free one.
+    """The embedded broker as `python -m broker`; port None lets it pick a free one.
     `unpatched=True` (default: $BROKER_TEST_UNPATCHED) runs plain amqtt instead."""
     unpatched = _UNPATCHED if unpatched is None else unpatched
     workdir, owned = _workdir(directory, "embedded")
@@ -185,7 +185,7 @@ def start_embedded(config: str | os.PathLike[str] = "", port: int | None = None,
     log_path = workdir / f"{path.stem}.log"
     code = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
             "import support.brokers as b; b._run_unpatched()" if unpatched else
-            "from master.broker.cli import main; raise SystemExit(main())")
+            "from broker.cli import main; raise SystemExit(main())")
     command = [sys.executable, "-c", code]
     if unpatched:
         command.append(str(REPO_ROOT / "tests"))
@@ -764,7 +764,7 @@ def start_rabbitmq_cluster(members: int = 3, *, directory: str | os.PathLike[str
 # -- plain amqtt, for showing that the promise tests fail without the fixes -----------------
 
 def _run_unpatched() -> None:  # pragma: no cover - runs in a broker subprocess
-    """`python -m master.broker` with amqtt's own `Broker` in place of `FabricBroker`: same
+    """`python -m broker` with amqtt's own `Broker` in place of `FabricBroker`: same
     listeners and mosquitto-file plugins, none of the fixes. Anonymous access is granted by
     amqtt's AnonymousAuthPlugin, as a plain amqtt config grants it."""
     import asyncio
@@ -772,18 +772,18 @@ def _run_unpatched() -> None:  # pragma: no cover - runs in a broker subprocess
 
     from amqtt.broker import Broker
 
-    import master.broker.embedded as embedded
-    from master.broker.cli import main
+    import broker.embedded as embedded
+    from broker.cli import main
 
     class UnpatchedBroker(Broker):
         def __init__(self, config: dict[str, Any], *, servers: dict[str, Any],
                      **_ignored: Any) -> None:
-            auth = config["plugins"]["master.broker.plugins.PasswordFileAuthPlugin"]
+            auth = config["plugins"]["broker.plugins.PasswordFileAuthPlugin"]
             if auth["allow_anonymous"]:
                 config["plugins"]["amqtt.plugins.authentication.AnonymousAuthPlugin"] = {
                     "allow_anonymous": True}
                 if auth["password_file"] is None:
-                    del config["plugins"]["master.broker.plugins.PasswordFileAuthPlugin"]
+                    del config["plugins"]["broker.plugins.PasswordFileAuthPlugin"]
             super().__init__(config)
             self._specs = servers
 
@@ -798,5 +798,5 @@ def _run_unpatched() -> None:  # pragma: no cover - runs in a broker subprocess
                     for sock in server.instance.sockets]
 
     embedded.FabricBroker = UnpatchedBroker  # type: ignore[misc,assignment]
-    sys.argv[0] = "master.broker (unpatched)"
+    sys.argv[0] = "broker (unpatched)"
     raise SystemExit(main())

@@ -99,7 +99,7 @@ class RestartableBroker:
         self.config = config
         self.starts = 0
         self._popen: subprocess.Popen[bytes] | None = None
-        self._process: Any = None  # master.broker.BrokerProcess for the embedded broker
+        self._process: Any = None  # broker.BrokerProcess for the embedded broker
         self._log = open(self.workdir / f"broker-{kind}.log", "ab")
 
     @property
@@ -132,7 +132,7 @@ class RestartableBroker:
 
     def _start_once(self, timeout: float) -> None:
         if self.kind == "embedded":
-            from master.broker import start_broker_process
+            from broker import start_broker_process
             self._process = start_broker_process(self.config, port=self.port, stderr=self._log,
                                                  cwd=self.workdir, timeout=timeout)
             return
