@@ -19,6 +19,7 @@ from typing import Any, Callable
 from amqtt.errors import BrokerError as AmqttBrokerError
 
 from broker.acl import AclFile
+from broker.amqtt_privates import check_amqtt
 from broker.conf import BrokerConfig, Listener, TlsSettings
 from broker.errors import BrokerConfigError, BrokerStartError
 from broker.fixes import FabricBroker, ServerSpec
@@ -139,7 +140,9 @@ class EmbeddedBroker:
         return [(host, port) for _, host, port in self.broker.bound_addresses()]
 
     async def start(self) -> None:
-        """Validate, then listen; a bad file or a busy port is an error, never half a broker."""
+        """Validate, then listen; a bad file or a busy port is an error, never half a broker,
+        and so is an amqtt other than the one the fixes are written against."""
+        check_amqtt()
         config = self.config
         check_anonymous_policy(config, allow_remote_anonymous=self._allow_remote_anonymous)
         for path in (config.password_file, config.trusted_file):

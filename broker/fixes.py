@@ -1,6 +1,7 @@
 """`FabricBroker`: amqtt 0.12.1's `Broker` with the bugs the fabric cannot live with fixed.
 
-Each fix is one small override, named after the bug it answers (see DESIGN.md):
+Each fix is one small override, named after the bug it answers; the amqtt internals they
+rely on are listed in `broker.amqtt_privates`, which checks them when the broker starts:
 
 - `KEEPALIVE` -- amqtt never disconnects a silent client, so the will of a frozen or
   unplugged node is never sent (Yakifo/amqtt#308). A watchdog per connection closes it after
