@@ -10,7 +10,7 @@ from broker.conf import BrokerConfig, Listener, TlsSettings, load_config, parse_
 from broker.embedded import EmbeddedBroker, check_anonymous_policy, run_broker, tls_context
 from broker.errors import BrokerConfigError, BrokerError, BrokerStartError, PasswordFileError
 from broker.passwd import (PasswordFile, add_user, check_password, hash_password,
-                                  remove_user, verify)
+                           remove_user, verify)
 from broker.plugins import AclFilePlugin, PasswordFileAuthPlugin
 from broker.process import BrokerProcess, start_broker_process
 from broker.trusted import TrustedCredential, issue_credential

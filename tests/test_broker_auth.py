@@ -15,8 +15,8 @@ from typing import Iterator
 import pytest
 
 from broker import (AclFile, Access, BrokerConfigError, PasswordFile, PasswordFileError,
-                           add_user, check_password, hash_password, remove_user,
-                           start_broker_process, verify)
+                    add_user, check_password, hash_password, remove_user,
+                    start_broker_process, verify)
 from support.brokers import (BrokerHandle, Probe, RawClient, broker_params, start_broker,
                              start_embedded)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from broker import (BrokerConfig, BrokerConfigError, Listener, load_config,
-                           parse_config, start_broker_process)
+                    parse_config, start_broker_process)
 from support.brokers import (MOSQUITTO, Probe, free_port, mosquitto_available, start_embedded,
                              start_mosquitto, with_listener_port)
 

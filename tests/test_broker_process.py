@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from broker import (BrokerStartError, EmbeddedBroker, parse_config,
-                           start_broker_process)
+                    start_broker_process)
 from support.brokers import Probe, RawClient, connect_packet, free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
