@@ -17,6 +17,7 @@ from typing import Any, Callable, ClassVar, Iterable, Type, TypeVar
 from core import codec as _codec
 from core.defaults import DEFAULT_CAPACITY, DEFAULT_HEARTBEAT, DEFAULT_PREFETCH
 from core.errors import ConfigError, DecodeError
+from core.states import NODE_STATES
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -55,7 +56,6 @@ MAX_PRIORITY = 10
 DEFAULT_PRIORITY = 5
 MAX_ATTEMPTS = 1000  # a per-task budget past this is a mistake, not a policy
 MAX_TIMEOUT = 7 * 24 * 3600.0  # a per-task time limit, seconds (0: none)
-NODE_STATES = ("connected", "ready", "busy", "offline", "dead")
 
 M = TypeVar("M", bound="Message")
 _ABSENT: Any = object()  # a field the sender left out (None would be a value)
@@ -483,7 +483,7 @@ class TaskOutcome:
     """The final word on a task, as the master tells its submitter."""
 
     id: str
-    state: str  # "completed" | "failed" | "pending" | "unknown"
+    state: str  # core.states: COMPLETED, FAILED, CANCELLED, PENDING or UNKNOWN
     value: Any = None
     error: dict | None = None
     node_id: str = ""

@@ -30,6 +30,7 @@ from functools import partial
 from typing import Any, Iterable, Sequence
 
 from core.errors import ChainFailed, ConfigError, FabricError, FabricTimeout, GroupFailed
+from core import states
 from core.protocol import DEFAULT_PRIORITY, TaskOutcome, make_task
 from master.handles import TaskHandle
 
@@ -131,7 +132,7 @@ def _settled(handle: TaskHandle) -> TaskOutcome:
     try:
         return handle.outcome(0)
     except FabricError as e:
-        return TaskOutcome(id=handle.id, state="failed",
+        return TaskOutcome(id=handle.id, state=states.FAILED,
                            error={"kind": "refused", "type": type(e).__name__,
                                   "message": str(e)})
 
@@ -188,7 +189,7 @@ class GroupHandle:
 
     def _member_ended(self, index: int, _future: concurrent.futures.Future) -> None:
         # on whichever thread resolved the member (the network thread, usually): bookkeeping
-        failed = _settled(self.handles[index]).state != "completed"
+        failed = _settled(self.handles[index]).state != states.COMPLETED
         with self._lock:
             self._ended += 1
             if failed:
@@ -325,7 +326,7 @@ class ChainHandle:
 
     def _step_ended(self, index: int, handle: TaskHandle) -> None:
         outcome = _settled(handle)
-        if outcome.state != "completed":
+        if outcome.state != states.COMPLETED:
             self._fail(index, handle.id, outcome.error or {"kind": outcome.state,
                                                            "message": ""})
         elif index + 1 == len(self.calls):

@@ -21,6 +21,7 @@ from typing import Any, Iterable
 
 import msgpack
 
+from core import states
 from core.protocol import TaskOutcome, TaskSpec
 from master.scheduler import (COMPLETED, FAILED, QUEUED, RUNNING, STATE_CODES,
                               STATE_NAMES, TaskRecord)
@@ -354,7 +355,7 @@ class Journal(BatchedWrites):
                     chunk):
                 error_list = json.loads(errors)
                 out[task_id] = TaskOutcome(
-                    id=task_id, state=STATE_NAMES[state] if state >= COMPLETED else "pending",
+                    id=task_id, state=STATE_NAMES[state] if state >= COMPLETED else states.PENDING,
                     value=_unpack(result) if state == COMPLETED else None,
                     error=_failure(error_list) if state >= FAILED else None,
                     node_id=node, attempts=attempts)
@@ -384,7 +385,7 @@ class Journal(BatchedWrites):
         if not where:
             sql = f"SELECT {_TASK_COLUMNS} FROM tasks ORDER BY rowid DESC LIMIT ?"
             return [_task_view(row, full=False) for row in self._db.execute(sql, [int(limit)])]
-        if state in ("queued", "running"):  # the partial index of unfinished tasks
+        if state in (states.QUEUED, states.RUNNING):  # the partial index of unfinished tasks
             sql = (f"SELECT {_TASK_COLUMNS} FROM tasks WHERE finished IS NULL AND "
                    f"{' AND '.join(where)} ORDER BY rowid DESC LIMIT ?")
         else:
@@ -452,7 +453,7 @@ def _history(errors: list, *, state: int, node: str, dispatch: int, started: flo
         out.append(entry)
     last = dispatch if dispatch else 0
     if last and not any(e["attempt"] == last for e in out):
-        outcome = {RUNNING: "running", COMPLETED: "completed"}.get(state)
+        outcome = {RUNNING: states.RUNNING, COMPLETED: states.COMPLETED}.get(state)
         if outcome is not None:
             out.append({"attempt": last, "node_id": node, "started": started,
                         "ended": finished if state == COMPLETED else None,

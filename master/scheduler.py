@@ -30,7 +30,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from core import codec
+from core import codec, states
 from core.defaults import (DEFAULT_CAPACITY, DEFAULT_HEARTBEAT, DEFAULT_MAX_ATTEMPTS,
                            DEFAULT_MAX_QUEUED, DEFAULT_NODE_TIMEOUT, DEFAULT_PREFETCH)
 from core.errors import ConfigError, QueueFull
@@ -44,11 +44,9 @@ __all__ = ["Scheduler", "TaskRecord", "NodeInfo", "QUEUED", "RUNNING", "COMPLETE
            "capability"]
 
 QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED = 0, 1, 2, 3, 4
-STATE_NAMES = {QUEUED: "queued", RUNNING: "running", COMPLETED: "completed", FAILED: "failed",
-               CANCELLED: "cancelled"}
+STATE_NAMES = dict(enumerate(states.TASK_STATES))  # QUEUED..CANCELLED, in the same order
 STATE_CODES = {name: code for code, name in STATE_NAMES.items()}
-FINAL_STATES = frozenset({"completed", "failed", "cancelled"})  # outcome states that are final
-LIVE_STATES = frozenset({"connected", "ready", "busy"})
+FINAL_STATES = states.FINAL_STATES  # outcome states that are final
 # errors that another attempt cannot cure
 PERMANENT_ERRORS = frozenset({"unknown_task", "bad_request", "payload_too_large", "bad_result",
                               "unknown_lambda", "timeout"})
@@ -103,7 +101,7 @@ class TaskRecord:
 @dataclass(slots=True)
 class NodeInfo:
     node_id: str
-    status: str = "connected"
+    status: str = states.CONNECTED
     kind: str = "cpython"
     codec: str = codec.MSGPACK
     capacity: int = DEFAULT_CAPACITY
@@ -128,7 +126,7 @@ class NodeInfo:
 
     @property
     def alive(self) -> bool:
-        return self.status in LIVE_STATES
+        return self.status in states.LIVE_STATES
 
     @property
     def credit(self) -> int:
@@ -269,7 +267,7 @@ class Scheduler:
         node = self.nodes.get(status.node_id)
         requeued: list[str] = []
         failed: list[TaskRecord] = []
-        gone = status.status in ("dead", "offline")
+        gone = status.status in states.GONE_STATES
         if node is None:
             node = self.nodes[status.node_id] = NodeInfo(node_id=status.node_id)
         elif gone and node.instance and (status.instance != node.instance
@@ -280,9 +278,9 @@ class Scheduler:
             requeued += r
             failed += f
             node.refused.clear()
-        if status.status == "dead" and node.instance:
+        if status.status == states.DEAD and node.instance:
             # a will is written at connect: keep what the node said last, and when
-            node.status = "dead"
+            node.status = states.DEAD
             r, f = self._lose_tasks(node, f"node {node.node_id} dead", count=True)
             return requeued + r, failed + f
         node.seq = status.seq
@@ -307,7 +305,7 @@ class Scheduler:
         node.reported_ts = status.ts
         if gone:
             r, f = self._lose_tasks(node, f"node {node.node_id} {status.status}",
-                                    count=status.status == "dead")
+                                    count=status.status == states.DEAD)
             requeued += r
             failed += f
         else:
@@ -348,7 +346,7 @@ class Scheduler:
         if node is not None:
             node.prefetch = prefetch
 
-    def lose_node(self, node_id: str, reason: str, *, status: str = "dead"
+    def lose_node(self, node_id: str, reason: str, *, status: str = states.DEAD
                   ) -> tuple[list[str], list[TaskRecord]]:
         """The node is gone (will, missed heartbeats): its in-flight tasks go back in front."""
         node = self.nodes.get(node_id)
@@ -452,7 +450,7 @@ class Scheduler:
         if result.ok:
             record.node = node_id
             self._finish(record, COMPLETED)
-            return "completed", record
+            return states.COMPLETED, record
         error = dict(result.error or {})
         hint = error.pop("retry", None)  # the policy the task was registered with, if any
         error.setdefault("node_id", node_id)
@@ -466,7 +464,7 @@ class Scheduler:
         policy, limit = self._policy(record.spec, hint)
         if not policy.retries(kind, PERMANENT_ERRORS) or record.attempts >= limit:
             self._finish(record, FAILED)
-            return "failed", record
+            return states.FAILED, record
         if policy.backoff:
             return self._retry(record, due=now + policy.delay(record.attempts, self._rand()))
         return self._retry(record)

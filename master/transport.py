@@ -28,7 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from core import codec
+from core import codec, states
 from core.defaults import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_QUEUED, DEFAULT_NODE_TIMEOUT
 from core.errors import ConfigError, DecodeError, FabricError, NodeUnavailable, QueueFull, TaskRefused
 from core.mqtt import MqttSession, TlsSettings, Will
@@ -253,7 +253,7 @@ class MasterNodeTransport:
                 return node.info() if node else None
             return [n.info() for n in self.scheduler.nodes.values()]
 
-    def get_nodes_by_status(self, status: str = "ready") -> list[str]:
+    def get_nodes_by_status(self, status: str = states.READY) -> list[str]:
         with self._lock:
             return [n.node_id for n in self.scheduler.nodes.values() if n.status == status]
 
@@ -534,9 +534,9 @@ class MasterNodeTransport:
         requeued, failed = self.scheduler.node_status(status, now)
         self._note_requeued(requeued)
         self._note_failed(failed)
-        if status.status == "dead" and (was_alive or known is None):
+        if status.status == states.DEAD and (was_alive or known is None):
             self._node_dead(node_id)
-        elif status.workload == 0 and status.status in ("ready", "busy"):
+        elif status.workload == 0 and status.status in (states.READY, states.BUSY):
             node = self.scheduler.nodes[node_id]
             if node.in_flight:  # it holds nothing, yet some sent to it are unanswered
                 lost = self.scheduler.stranded(node_id, now, age=max(2.0 * node.heartbeat, 1.0))
@@ -572,9 +572,9 @@ class MasterNodeTransport:
                 continue
             if self._keep_results:
                 self._results.append((node_id, result))
-            if verdict != "completed" and record is not None:
+            if verdict != states.COMPLETED and record is not None:
                 self._stamp_errors([record], now)
-            if verdict == "completed" or verdict == "failed":
+            if verdict == states.COMPLETED or verdict == states.FAILED:
                 self._finished.append((record, result.value))
             elif record is not None:
                 self._requeued.append(record)
@@ -719,7 +719,7 @@ class MasterNodeTransport:
         for task_id in ids:
             record = self.scheduler.tasks.get(task_id)
             if record is not None:
-                out[task_id] = TaskOutcome(id=task_id, state="pending", node_id=record.node,
+                out[task_id] = TaskOutcome(id=task_id, state=states.PENDING, node_id=record.node,
                                            attempts=record.attempts)
             else:
                 missing.append(task_id)
@@ -735,7 +735,7 @@ class MasterNodeTransport:
         kept = ("" if self.result_ttl <= 0 else
                 f", or it ended more than {format_duration(self.result_ttl)} ago and expired "
                 "(finished tasks are kept for the master's --result-ttl)")
-        return TaskOutcome(id=task_id, state="unknown", error={
+        return TaskOutcome(id=task_id, state=states.UNKNOWN, error={
             "kind": "unknown", "message": f"no task with id {task_id!r} is known to the master: "
                                           f"it was never submitted{kept}"})
 
@@ -744,7 +744,7 @@ class MasterNodeTransport:
         watchers = self._watchers
         active = self.scheduler.tasks
         for task_id, outcome in outcomes.items():
-            if outcome.state != "pending" or task_id not in active:
+            if outcome.state != states.PENDING or task_id not in active:
                 continue
             if active[task_id].client == client_id:
                 continue  # its submitter is told anyway
@@ -801,9 +801,9 @@ class MasterNodeTransport:
                 continue
             self._stamp_errors([record], now)
             self._finished.append((record, None))
-            verdicts.append({"id": task_id, "was": was, "state": "cancelled",
-                             "node_id": record.node if was == "running" else ""})
-            if was == "running" and record.node:
+            verdicts.append({"id": task_id, "was": was, "state": states.CANCELLED,
+                             "node_id": record.node if was == states.RUNNING else ""})
+            if was == states.RUNNING and record.node:
                 stop.setdefault(record.node, []).append(task_id)
         if missing:  # not active: finished, or never known; nothing changes
             self._commit()
@@ -811,7 +811,7 @@ class MasterNodeTransport:
             for verdict in verdicts:
                 if "was" not in verdict:
                     outcome = found.get(verdict["id"])
-                    state = outcome.state if outcome is not None else "unknown"
+                    state = outcome.state if outcome is not None else states.UNKNOWN
                     verdict.update(was=state, state=state, node_id=outcome.node_id
                                    if outcome is not None else "")
         for node_id, task_ids in stop.items():
@@ -837,7 +837,7 @@ class MasterNodeTransport:
             self._note_requeued(requeued)
             self._note_failed(failed)
             node = self.scheduler.nodes[node_id]
-            dead = NodeStatus(node_id=node_id, status="dead", kind=node.kind, codec=node.codec,
+            dead = NodeStatus(node_id=node_id, status=states.DEAD, kind=node.kind, codec=node.codec,
                               capacity=node.capacity, instance=node.instance,
                               tasks_done=node.tasks_done, tasks_failed=node.tasks_failed,
                               rejected=node.rejected, heartbeat=node.heartbeat,
@@ -1083,7 +1083,7 @@ class MasterNodeTransport:
             master_id=self.master_id, status=status, epoch=self.epoch, queued=s.queued,
             in_flight=len(s.tasks) - s.queued, completed=s.completed, failed=s.failed,
             duplicates=s.duplicates, rejected=self.rejected + s.rejected,
-            nodes_ready=sum(1 for n in live if n.status == "ready"), nodes_total=len(live),
+            nodes_ready=sum(1 for n in live if n.status == states.READY), nodes_total=len(live),
             ts=round(time.time(), 3), waiting=sum(s.waiting.values()),
             waiting_for=",".join(sorted(s.waiting)), cancelled=s.cancelled, expired=self.expired,
             uptime=round(self._uptime(now), 1), throughput=round(self._ended_rate.rate(
@@ -1105,7 +1105,7 @@ def _conflict(task_id: str) -> str:
 def _outcome_dict(record: TaskRecord, value: Any) -> dict[str, Any]:
     """A finished task's outcome in its wire form (`TaskOutcome.to_dict()`)."""
     if record.state == COMPLETED:
-        return {"id": record.spec.id, "state": "completed", "value": value, "error": None,
+        return {"id": record.spec.id, "state": states.COMPLETED, "value": value, "error": None,
                 "node_id": record.node, "attempts": record.attempts}
     errors = record.errors
     last = dict(errors[-1]) if errors else {"kind": "failed", "message": "failed"}

@@ -26,7 +26,7 @@ from collections import OrderedDict
 from time import perf_counter
 from typing import Any, Callable, Iterable
 
-from core import codec
+from core import codec, states
 from core.defaults import DEFAULT_CAPACITY, DEFAULT_HEARTBEAT
 from core.errors import ConfigError, DecodeError, EncodeError, FabricError, TaskError
 from core.mqtt import MqttSession, TlsSettings, Will
@@ -123,7 +123,7 @@ class ComputeNodeTransport:
         self.tasks_failed = 0
         self.rejected = 0
         self.duplicates = 0
-        self._status = "connected"
+        self._status = states.CONNECTED
         self._chosen: tuple[str, bool] | None = None  # publish_status's word, and busy then
         self._seq = 0         # birth sequence of the current connection
         self._will_seq = 1    # the one the next connection's will carries
@@ -258,7 +258,7 @@ class ComputeNodeTransport:
             self._session.flush(timeout=5.0)
             try:
                 self._session.publish_and_wait(self.topics.node_status(self.node_id),
-                                               self._status_payload("offline"), retain=True,
+                                               self._status_payload(states.OFFLINE), retain=True,
                                                timeout=5.0)
             except FabricError:
                 log.warning("could not publish offline status")
@@ -669,7 +669,7 @@ class ComputeNodeTransport:
                 if chosen is not None and chosen[1] != busy:
                     chosen = self._chosen = None  # its own state changed since
                 try:
-                    self._publish_status(chosen[0] if chosen else "busy" if busy else "ready")
+                    self._publish_status(chosen[0] if chosen else states.BUSY if busy else states.READY)
                 except FabricError:
                     log.warning("heartbeat not sent")
 
@@ -680,11 +680,11 @@ class ComputeNodeTransport:
         self._will_seq += 1
         self._session.set_will(self._will())
         if self._accepting:
-            self._publish_status(self._chosen[0] if self._chosen else "ready")
+            self._publish_status(self._chosen[0] if self._chosen else states.READY)
 
     def _will(self) -> Will:
         return Will(self.topics.node_status(self.node_id),
-                    self._status_payload("dead", seq=self._will_seq))
+                    self._status_payload(states.DEAD, seq=self._will_seq))
 
     def _status_payload(self, status: str, *, seq: int | None = None) -> bytes:
         lambdas = ",".join(sorted(self._lambdas())) if self._lambdas is not None else ""

@@ -20,6 +20,7 @@ import threading
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from core import states
 from core.protocol import TaskOutcome
 from core.topics import DEFAULT_ROOT
 
@@ -58,7 +59,7 @@ class FabricRunTask:
             ack_timeout=self.ack_timeout, max_attempts=ONE_RUN))
         outcome = await asyncio.wait_for(asyncio.wrap_future(handle.future),
                                          timeout or DEFAULT_TIMEOUT)
-        if outcome.state != "completed":
+        if outcome.state != states.COMPLETED:
             raise task_failure(outcome)
         return outcome.value
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from core import states
 from master.commands.common import add_client_options, connect
 
 NAME = "cancel"
@@ -31,11 +32,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(verdicts, indent=2))
     for v in verdicts if not args.json else ():
-        if v["was"] in ("queued", "running"):
+        if v["was"] in (states.QUEUED, states.RUNNING):
             where = f" on node {v['node_id']}" if v.get("node_id") else ""
             print(f"{v['id']}: cancelled (it was {v['was']}{where})")
-        elif v["was"] == "unknown":
+        elif v["was"] == states.UNKNOWN:
             print(f"{v['id']}: no such task")
         else:
             print(f"{v['id']}: already {v['was']}; nothing changed")
-    return 0 if all(v["was"] in ("queued", "running") for v in verdicts) else 1
+    return 0 if all(v["was"] in (states.QUEUED, states.RUNNING) for v in verdicts) else 1

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from core import states
 from core.errors import ConfigError, FabricTimeout
 from core.topics import DEFAULT_ROOT
 from core.url import BROKER_ENV
@@ -51,11 +52,11 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_PENDING
         if args.json:
             print(json.dumps(outcome.to_dict()))
-        elif outcome.state == "completed":
+        elif outcome.state == states.COMPLETED:
             print(json.dumps(outcome.value))
         else:
             print(json.dumps({"task_id": outcome.id, "state": outcome.state,
                               "error": outcome.error}), file=sys.stderr)
-        return 0 if outcome.state == "completed" else 1
+        return 0 if outcome.state == states.COMPLETED else 1
     finally:
         client.close()

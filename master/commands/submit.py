@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from core import states
 from core.errors import ConfigError, FabricError
 from core.protocol import MAX_ATTEMPTS
 from master.commands.common import add_client_options, connect
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             print(handle.id)
             return 0
         outcome = handle.outcome(args.wait)
-        if outcome.state == "completed":
+        if outcome.state == states.COMPLETED:
             print(json.dumps(outcome.value))
             return 0
         print(json.dumps({"task_id": outcome.id, "state": outcome.state, "error": outcome.error}),

@@ -6,6 +6,7 @@ import argparse
 import json
 import time
 
+from core import states
 from master.commands.common import add_client_options, connect
 from master.tables import format_table
 
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
               ("state", info["state"]), ("node", info["node_id"] or "-"),
               ("attempts", f"{info['attempts']} (budget {info['max_attempts'] or 'default'})"),
               ("submitted", _when(info["submitted"])), ("finished", _when(info["finished"]))]
-    if info["state"] == "completed":
+    if info["state"] == states.COMPLETED:
         fields.append(("value", json.dumps(info["value"])))
     elif info["error"]:
         fields.append(("error", f"{info['error'].get('kind')}: {info['error'].get('message')}"))

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from core import states
 from core.errors import ConfigError
 from master.commands.common import add_client_options, connect
 from master.tables import format_age, format_table
 
 NAME = "tasks"
 HELP = "list the latest tasks (by state, by name)"
-STATES = ("queued", "running", "completed", "failed", "cancelled")
+STATES = states.TASK_STATES
 DESCRIPTION = ("List the latest tasks, newest first: id, name, state, node, attempts, when "
                "submitted and finished. Queued and running tasks are all searched; with "
                "another filter, the latest 200,000 tasks are (the master answers on its own "

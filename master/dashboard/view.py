@@ -12,12 +12,12 @@ import time
 from collections import deque
 from typing import Any
 
+from core import states
 __all__ = ["FabricView", "HISTORY_SECONDS", "MAX_FAILURES"]
 
 HISTORY_SECONDS = 300     # throughput samples kept (one a second)
 MAX_FAILURES = 25         # latest failed results kept
 MAX_EVENTS = 25           # latest pipeline and job events kept
-_DEAD_STATES = ("dead", "offline")
 
 
 def _number(value: Any) -> float | None:
@@ -189,10 +189,10 @@ class FabricView:
             age = None if seen is None else max(0.0, now - seen)
             heartbeat = _number(node.get("heartbeat")) or 1.0
             state = str(node.get("status") or "unknown")
-            silent = age is not None and state not in _DEAD_STATES and age > 3 * heartbeat + 1
+            silent = age is not None and state not in states.GONE_STATES and age > 3 * heartbeat + 1
             node.update({"status": state, "age": None if age is None else round(age, 1),
                          "in_flight": known.get("in_flight"),
-                         "dead": state == "dead" or silent, "silent": silent})
+                         "dead": state == states.DEAD or silent, "silent": silent})
             out.append(node)
         return out
 

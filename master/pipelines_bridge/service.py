@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.errors import ConfigError, FabricError, FabricTimeout
+from core import states
 from core.protocol import TaskOutcome
 from master.handles import TaskHandle
 from master.pipelines_bridge.dispatch import node_task_names, parse_dispatched
@@ -73,7 +74,6 @@ STORE_FILE = "pipelines.sqlite3"
 _DISPATCHED = "dispatched:"  # store key prefix of the definitions of dispatched pipelines
 _MAX_TASK_ID = 128
 _MAX_HISTORY = 1000
-_FINISHED = ("completed", "failed", "cancelled")  # outcomes that end a job's attempt
 
 # (task name, task id) of the job whose asyncio task is about to call run_task
 _NEXT_TASK: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
@@ -260,9 +260,9 @@ class PipelineService:
                                              timeout or DEFAULT_TIMEOUT)
         else:
             outcome = submitted
-        if outcome.state != "completed":
+        if outcome.state != states.COMPLETED:
             failure = task_failure(outcome)
-            if outcome.state == "cancelled":  # someone stopped it: retrying would undo that
+            if outcome.state == states.CANCELLED:  # someone stopped it: retrying would undo that
                 failure.permanent = True
             raise failure
         return outcome.value
@@ -272,7 +272,7 @@ class PipelineService:
         """On a pool thread (it takes the master's lock): the recorded outcome, or a handle."""
         if task_id is not None:
             known = self.master.outcomes([task_id]).get(task_id)
-            if known is not None and known.state in _FINISHED:
+            if known is not None and known.state in states.FINAL_STATES:  # the job's attempt ended
                 log.info("task %s finished before the restart: using its recorded outcome",
                          task_id)
                 return known

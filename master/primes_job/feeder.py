@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from core.errors import ConfigError, FabricError, FabricTimeout
+from core import states
 from core.protocol import TaskOutcome
 from master.handles import TaskHandle
 from master.primes_job.plan import TASK_OVERHEAD_BYTES, Shard, task_digest, task_id
@@ -269,12 +270,12 @@ class Feeder:
             group = []
             for tid, (shard, digest, attempt) in ids.items():
                 outcome = known.get(tid)
-                if outcome is not None and outcome.state == "completed":
+                if outcome is not None and outcome.state == states.COMPLETED:
                     handle = TaskHandle(tid)
                     handle.resolve(outcome)
                     self.submitted.put(Submitted(shard, attempt, digest, handle, self._clock(),
                                                  reused=True))
-                elif outcome is not None and outcome.state in ("failed", "cancelled") \
+                elif outcome is not None and outcome.state in (states.FAILED, states.CANCELLED) \
                         and _round < MAX_KNOWN_FAILURES:
                     with self._lock:
                         self.known_failures += 1
@@ -317,6 +318,6 @@ class Feeder:
                     outcome = TaskOutcome.from_dict(item)
                 except FabricError:
                     continue
-                if outcome.state in ("completed", "failed", "cancelled"):
+                if outcome.state in states.FINAL_STATES:
                     known[outcome.id] = outcome
         return known

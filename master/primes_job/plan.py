@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 import msgpack
 
 from core.errors import ConfigError
+from core.states import LIVE_STATES
 from master.primes_job.numbers import BadLine, wire_number, wire_numbers
 
 __all__ = ["ShardPlan", "Shard", "plan_shards", "window_for", "job_id_for", "task_id",
@@ -39,7 +40,6 @@ MAX_SHARD_BYTES = 256 * 1024
 TASK_OVERHEAD_BYTES = 256
 # JSON bytes of a typical 64-bit number with its separator: what a count is derived with.
 _TYPICAL_NUMBER_BYTES = 21
-LIVE_STATES = frozenset({"connected", "ready", "busy"})
 # The two shard forms and their tasks (see ShardPlan).
 NUMBERS, RANGES = "numbers", "ranges"
 TASK_NAME, RANGE_TASK = "primes", "primes_range"

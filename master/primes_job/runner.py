@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from core.errors import ConfigError, FabricError, FabricTimeout, QueueFull
+from core import states
 from core.protocol import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY, TaskOutcome
 from core.topics import validate_id
 from master.primes_job.checkpoint import Checkpoint
@@ -359,9 +360,9 @@ class PrimesJob:
             feeder.retry(shard, slot.digest, slot.attempt, _RETRY_DELAY)
             return
         except FabricError as e:
-            outcome = TaskOutcome(id=slot.handle.id, state="failed",
+            outcome = TaskOutcome(id=slot.handle.id, state=states.FAILED,
                                   error={"kind": "error", "message": str(e)})
-        if outcome.state == "completed":
+        if outcome.state == states.COMPLETED:
             try:
                 found, count, bad = self._found(shard, outcome.value)
             except ValueError as e:
@@ -379,7 +380,7 @@ class PrimesJob:
                 self.numbers_tested += count
                 feeder.settled()
                 return
-        elif outcome.state == "cancelled":
+        elif outcome.state == states.CANCELLED:
             self._cancelled(checkpoint, feeder, slot, outcome)
             return
         else:
@@ -448,7 +449,7 @@ class PrimesJob:
             except FabricError:
                 continue
             slot = slots.get(outcome.id)
-            if slot is not None and outcome.state in ("completed", "failed", "cancelled"):
+            if slot is not None and outcome.state in states.FINAL_STATES:
                 slot.handle.resolve(outcome)
 
     def _refresh_window(self, feeder: Feeder) -> None:
