@@ -12,10 +12,11 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["MasterNodeTransport", "FabricClient", "TaskHandle", "call", "Call", "group",
-           "chain", "GroupHandle", "ChainHandle"]
+__all__ = ["MasterNodeTransport", "MasterHooks", "FabricClient", "TaskHandle", "call", "Call",
+           "group", "chain", "GroupHandle", "ChainHandle"]
 
-_HOMES = {"MasterNodeTransport": "master.transport", "FabricClient": "master.client",
+_HOMES = {"MasterNodeTransport": "master.transport", "MasterHooks": "master.hooks",
+          "FabricClient": "master.client",
           "TaskHandle": "master.handles", "call": "master.canvas", "Call": "master.canvas",
           "group": "master.canvas", "chain": "master.canvas", "GroupHandle": "master.canvas",
           "ChainHandle": "master.canvas"}
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from master.canvas import Call, ChainHandle, GroupHandle, call, chain, group
     from master.client import FabricClient
     from master.handles import TaskHandle
+    from master.hooks import MasterHooks
     from master.transport import MasterNodeTransport
 
 

@@ -12,8 +12,8 @@ Each `master-node serve --replica` process is one `ReplicatedMaster`:
 and back to syncing when it finds it was replaced: its own clock shows the lease lapsed, its
 lease connection dropped, or a newer lease appeared (see master.lease for the rules).
 
-The active master's loop turns pass two gates (MasterNodeTransport.dispatch_gate and
-publish_gate): after each commit the turn's journal changes go to the standbys, and nothing
+The active master's loop turns pass its hooks (master.hooks: before_dispatch and
+after_commit): after each commit the turn's journal changes go to the standbys, and nothing
 of the turn (task batches, acknowledgements, outcomes, status) is published before every
 standby in sync confirmed them (bounded: one silent for `ack_timeout` is marked lagging and
 no longer waited for until it catches up), and only while the lease is valid. On take-over
@@ -51,6 +51,7 @@ from master.retention import DEFAULT_FORGET_NODES_AFTER, DEFAULT_RESULT_TTL
 from master.retry_policy import RetryPolicy
 from master.lease import (LOST, WON, LeaseTiming, LeaseView, Position, claim_epoch,
                           clock_jumped, holder_valid, live_candidates, outranks, settle_verdict)
+from master.hooks import MasterHooks
 from master.transport import MasterNodeTransport
 
 __all__ = ["ReplicaOptions", "ReplicatedMaster", "check_replica_options"]
@@ -618,8 +619,7 @@ class ReplicatedMaster:
                 rate_limits=options.rate_limits, result_ttl=options.result_ttl,
                 forget_nodes_after=options.forget_nodes_after)
             transport.epoch = epoch
-            transport.dispatch_gate = self._may_dispatch
-            transport.publish_gate = self._turn_done
+            transport.add_hooks(_ActiveGate(self))
             with self._acks:
                 self._in_sync = {name for name, p in self._presence.items()
                                  if p.role == "standby" and p.position == self._base}
@@ -910,6 +910,20 @@ class ReplicatedMaster:
                                   self._presence_payload(self.role), retain=True)
         except FabricError as e:
             log.warning("presence not published: %s", e)
+
+
+class _ActiveGate(MasterHooks):
+    """The active master's turns: dispatch while the lease is ours, publish once the standbys
+    have the turn's changes."""
+
+    def __init__(self, replica: ReplicatedMaster) -> None:
+        self.replica = replica
+
+    def before_dispatch(self, master: MasterNodeTransport) -> bool:
+        return self.replica._may_dispatch()
+
+    def after_commit(self, master: MasterNodeTransport) -> bool:
+        return self.replica._turn_done()
 
 
 def check_replica_options(*, broker: str | None, pipelines: Path | None) -> None:

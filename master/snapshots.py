@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable
 from core.errors import ConfigError, FabricError
 from core.protocol import NodeReport
 from master.atomic_file import atomic_text_file
+from master.hooks import MasterHooks
 from master.scheduler import QUEUED
 
 __all__ = ["Snapshotter", "coordinator_state", "snapshot_filename", "next_snapshot_number",
@@ -116,6 +117,7 @@ class _Pending:
     timestamp: float
     coordinator: dict
     expected: set[str]
+    request_id: str = ""  # of its control message, which the nodes' reports answer
     reports: dict[str, dict] = field(default_factory=dict)
     complete: threading.Event = field(default_factory=threading.Event)
     closed: bool = False
@@ -130,8 +132,9 @@ class _Pending:
                 self.complete.set()
 
 
-class Snapshotter:
-    """Periodic and on-demand snapshots of a running `MasterNodeTransport`."""
+class Snapshotter(MasterHooks):
+    """Periodic and on-demand snapshots of a running `MasterNodeTransport`; the nodes'
+    reports come in through its `node_report` hook."""
 
     def __init__(self, master: Any, *, directory: str | Path, interval: float = 30.0,
                  collect: float = 2.0, keep: int = 200, listing: int = 1000,
@@ -165,6 +168,7 @@ class Snapshotter:
             raise ConfigError(f"cannot use the snapshot directory {self.directory}: {e}") from e
         self.master.add_query(SNAPSHOT_QUERY, self._on_query)
         self.master.add_query(SNAPSHOT_STATUS_QUERY, self._on_status_query)
+        self.master.add_hooks(self)
         if self.interval > 0:
             thread = threading.Thread(target=self._periodic, name="snapshots", daemon=True)
             thread.start()
@@ -174,6 +178,7 @@ class Snapshotter:
     def stop(self, *, timeout: float = 5.0) -> None:
         """Stop the timer; snapshots being collected are written with what they have."""
         self._stop.set()
+        self.master.remove_hooks(self)
         with self._lock:
             pending = list(self._active.values())
         for p in pending:
@@ -209,9 +214,17 @@ class Snapshotter:
             self._active[number] = pending
         if not pending.expected:
             pending.complete.set()
-        self.master.broadcast_control("snapshot", {"snapshot_id": pending.snapshot_id},
-                                      on_report=pending.add)
+        # the reports are taken on the master's loop, which waits for the lock held here
+        pending.request_id = self.master.broadcast_control(
+            "snapshot", {"snapshot_id": pending.snapshot_id})
         return pending
+
+    def node_report(self, master: Any, report: NodeReport) -> None:
+        """A node's answer, for the snapshot that asked (one being collected, if any)."""
+        with self._lock:
+            pending = [p for p in self._active.values() if p.request_id == report.request_id]
+        for p in pending:
+            p.add(report)
 
     def _collect_and_write(self, pending: _Pending) -> None:
         pending.complete.wait(self.collect)

@@ -11,8 +11,8 @@ submitter sends it again, and a result for a task the master does not know is dr
 journal writes themselves wait in a backlog until a turn has something else to publish, or
 for at most `_JOURNAL_DELAY`: a lone task's round trip then carries no sqlite work, and an
 outcome handed to a caller in this process needs no commit first, since a crash ends that
-caller too. A replicated master (publish_gate set) commits every turn and publishes only
-after its standbys have the turn's changes.
+caller too. A master with a hook that gates its turns (`MasterHooks.after_commit`, as a
+replicated master's) commits every turn and publishes only after the hook allowed it.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from core.protocol import (DEFAULT_PRIORITY, ID_CONFLICT, QUEUE_FULL, Control, M
 from core.topics import DEFAULT_ROOT, Topics, validate_id
 from core.url import BrokerUrl, parse_broker_url
 from master.handles import TaskHandle
+from master.hooks import HookChain, MasterHooks, NodeLostCallback
 from master.journal import Journal
 from master.rate_limit import RateLimit
 from master.retry_policy import RetryPolicy
@@ -123,7 +124,7 @@ class MasterNodeTransport:
         self._keep_results = keep_results
         self._rejections_logged = 0
         self._dead: list[str] = []
-        self._dead_callback: Callable[[list[str]], None] | None = None
+        self._dead_callback: NodeLostCallback | None = None  # set_dead_nodes_callback's
         # request id -> (callback, monotonic deadline): reports are taken for a while only
         self._report_waiters: dict[str, tuple[Callable[[NodeReport], None], float]] = {}
         self._query_handlers: dict[str, Callable[[dict], Any]] = {}
@@ -136,11 +137,8 @@ class MasterNodeTransport:
         self._watchers: dict[str, set[str]] = {}
         self._backlog: list[Callable[[], Any]] = []  # journal writes not made yet, in order
         self._backlog_since = 0.0
-        # Replicated masters (master.replica) plug in here; None for a master of its own.
-        # dispatch_gate: may tasks be dispatched this turn? publish_gate: called after the
-        # turn's commit, before anything of it is published; False holds it all back.
-        self.dispatch_gate: Callable[[], bool] | None = None
-        self.publish_gate: Callable[[], bool] | None = None
+        # extensions (replication, snapshots, the dead-nodes callback): master.hooks
+        self._hooks = HookChain()
         self._session = MqttSession(
             broker=self.broker, client_id=f"{self.master_id}-{uuid.uuid4().hex[:6]}",
             keepalive=keepalive, tls=tls,
@@ -258,8 +256,18 @@ class MasterNodeTransport:
             return [n.node_id for n in self.scheduler.nodes.values() if n.status == status]
 
     def set_dead_nodes_callback(self, cb: Callable[[list[str]], None]) -> None:
-        """`cb(node_ids)` is called (on the master's loop thread) when nodes are found dead."""
-        self._dead_callback = cb
+        """`cb(node_ids)` is called (on the master's loop thread) when nodes are found dead;
+        it replaces the callback set before."""
+        hooks, self._dead_callback = self._dead_callback, NodeLostCallback(cb)
+        self._hooks.replace(hooks, self._dead_callback)
+
+    def add_hooks(self, hooks: MasterHooks) -> None:
+        """Call `hooks` from now on, after those added before (see master.hooks)."""
+        self._hooks.add(hooks)
+
+    def remove_hooks(self, hooks: MasterHooks) -> None:
+        """Stop calling `hooks` (not added: nothing happens)."""
+        self._hooks.remove(hooks)
 
     def get_dead_nodes(self, disposable: bool = False) -> list[str]:
         with self._lock:
@@ -422,9 +430,9 @@ class MasterNodeTransport:
         thread switches, a good part of a lone task's round trip. A busy master leaves it to
         the loop thread, where what arrives meanwhile is handled in one turn (bigger batches,
         fewer commits). Whoever holds the lock drains everything queued so far, so the order
-        of arrival is kept. Replicated masters wait for their standbys in each turn, so their
-        turns stay on the loop thread."""
-        if (len(self.scheduler.tasks) < _INLINE_TURN_TASKS and self.publish_gate is None
+        of arrival is kept. A master whose hooks gate its turns (a replicated one waits for its
+        standbys in each) keeps them on the loop thread."""
+        if (len(self.scheduler.tasks) < _INLINE_TURN_TASKS and not self._hooks.gated
                 and not self._stop.is_set() and self._lock.acquire(blocking=False)):
             try:
                 if not self._in_turn:
@@ -470,8 +478,7 @@ class MasterNodeTransport:
                 self._next_liveness = now + 0.1
             if now >= self._next_sweep:
                 self._retain(now)
-            gate = self.dispatch_gate
-            dispatching = gate is None or gate()
+            dispatching = self._hooks.before_dispatch(self)
             assignments = self.scheduler.assign(now=now) if dispatching else {}
             wake = self.scheduler.next_wake(now)
             if wake is not None and wake < self._sleep_until - 0.001:
@@ -488,7 +495,7 @@ class MasterNodeTransport:
                 self._outgoing.append((self.topics.master_status,
                                        self._master_status("running").encode(), True))
                 self._next_status = now + self.status_interval
-            if self.publish_gate is None:  # on its own: work first, the rest after the commit
+            if not self._hooks.gated:  # on its own: work first, the rest after the commit
                 self._send(work)
                 if self._outgoing or (self._backlog
                                       and now - self._backlog_since >= _JOURNAL_DELAY):
@@ -497,7 +504,7 @@ class MasterNodeTransport:
             else:
                 self._commit()
                 self._outgoing[:0] = work
-                if self.publish_gate():
+                if self._hooks.after_commit(self):
                     self._send(self._outgoing)
         except Exception:  # the loop must survive any bug in one message's handling
             log.exception("master loop turn failed")
@@ -549,6 +556,7 @@ class MasterNodeTransport:
         node_id = self.topics.level(topic, 1)
         if isinstance(message, NodeReport):
             if message.node_id == node_id:
+                self._hooks.node_report(self, message)
                 waiter = self._report_waiters.get(message.request_id)
                 if waiter is not None and time.monotonic() <= waiter[1]:
                     waiter[0](message)
@@ -849,11 +857,7 @@ class MasterNodeTransport:
     def _node_dead(self, node_id: str) -> None:
         if node_id not in self._dead:
             self._dead.append(node_id)
-        if self._dead_callback is not None:
-            try:
-                self._dead_callback([node_id])
-            except Exception:
-                log.exception("dead-nodes callback failed")
+        self._hooks.node_lost(self, [node_id])
 
     def _note_requeued(self, task_ids: list[str]) -> None:
         tasks = self.scheduler.tasks
