@@ -1,5 +1,5 @@
-"""The node's local queue: what it holds, highest priority first, FIFO within a priority, and
-how much it should hold.
+"""The node's local queue: what it holds, in the scheduler's order (core.priority_queue:
+highest priority first, FIFO within a priority), and how much it should hold.
 
 How much: a node holds `capacity` running tasks plus `prefetch` waiting ones. A fixed small
 prefetch keeps slow tasks spread over nodes but makes tiny tasks wait a round trip each; so by
@@ -12,41 +12,33 @@ holds beyond the new limit, so the bound holds again within one task's duration.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import math
 import threading
 from typing import Iterable
 
+from core.priority_queue import PriorityQueue
 from core.protocol import TaskSpec
 
 __all__ = ["PriorityTaskQueue", "PrefetchGauge", "adaptive_prefetch"]
 
 
 class PriorityTaskQueue:
-    """Thread-safe priority queue of tasks with a bounded `get` wait."""
+    """Thread-safe queue of tasks in core.priority_queue's order, with a bounded `get` wait."""
 
     def __init__(self) -> None:
-        self._heap: list[tuple[int, int, TaskSpec]] = []
-        self._seq = itertools.count()
-        self._front = itertools.count(-1, -1)  # sequence numbers of tasks put back in front
+        self._queue: PriorityQueue[TaskSpec] = PriorityQueue()
         self._cond = threading.Condition()
         self._closed = False
 
     def put(self, task: TaskSpec) -> None:
         with self._cond:
-            heapq.heappush(self._heap, (-task.priority, next(self._seq), task))
+            self._queue.push(task, task.priority)
             self._cond.notify()
 
     def put_many(self, tasks: Iterable[TaskSpec]) -> int:
         """Queue a batch under one lock; wake as many workers as tasks came (how many)."""
-        seq = self._seq
         with self._cond:
-            heap = self._heap
-            before = len(heap)
-            for task in tasks:
-                heapq.heappush(heap, (-task.priority, next(seq), task))
-            added = len(heap) - before
+            added = self._queue.push_many(tasks, _priority)
             if added:
                 self._cond.notify(added)
             return added
@@ -54,57 +46,42 @@ class PriorityTaskQueue:
     def get(self, timeout: float | None = None) -> TaskSpec | None:
         """The most urgent task, waiting at most `timeout` seconds (None if none came)."""
         with self._cond:
-            if not self._heap and not self._closed and timeout:
+            queue = self._queue
+            if not queue and not self._closed and timeout:
                 self._cond.wait(timeout)
-            if not self._heap:
-                return None
-            return heapq.heappop(self._heap)[2]
+            return queue.pop() if queue else None
 
     def put_front(self, tasks: list[TaskSpec]) -> None:
         """Give back tasks taken but not started: ahead of the others of their priority, in
         the order given."""
         with self._cond:
-            for task in reversed(tasks):
-                heapq.heappush(self._heap, (-task.priority, next(self._front), task))
+            self._queue.push_front_many(tasks, _priority)
             self._cond.notify(len(tasks))
 
     def get_many(self, count: int, timeout: float | None = None) -> list[TaskSpec]:
         """Up to `count` most urgent tasks, in order, waiting at most `timeout` for the first."""
         with self._cond:
-            heap = self._heap
-            if not heap and not self._closed and timeout:
+            queue = self._queue
+            if not queue and not self._closed and timeout:
                 self._cond.wait(timeout)
-            if count == 1 or len(heap) <= 1:
-                return [heapq.heappop(heap)[2]] if heap else []
-            pop = heapq.heappop
-            return [pop(heap)[2] for _ in range(min(count, len(heap)))]
+            if count == 1 or len(queue) <= 1:
+                return [queue.pop()] if queue else []
+            return queue.pop_many(count)
 
     def take_least_urgent(self, count: int) -> list[TaskSpec]:
         """Remove up to `count` tasks that would run last (to hand them back), last first."""
         with self._cond:
-            if count <= 0 or not self._heap:
-                return []
-            ordered = sorted(self._heap)
-            keep, taken = ordered[:max(0, len(ordered) - count)], ordered[len(ordered) - count:]
-            self._heap[:] = keep  # a sorted list is a valid heap
-            return [entry[2] for entry in reversed(taken)]
+            return self._queue.take_least_urgent(count)
 
     def remove(self, task_ids: set[str]) -> list[TaskSpec]:
         """Take the queued tasks with these ids out (cancelled before they started)."""
         with self._cond:
-            heap = self._heap
-            gone = [entry[2] for entry in heap if entry[2].id in task_ids]
-            if gone:
-                heap[:] = [entry for entry in heap if entry[2].id not in task_ids]
-                heapq.heapify(heap)
-            return gone
+            return self._queue.remove(lambda task: task.id in task_ids)
 
     def drain(self) -> list[TaskSpec]:
         """Take every queued task out at once (to hand them back on shutdown)."""
         with self._cond:
-            tasks = [entry[2] for entry in sorted(self._heap)]
-            self._heap.clear()
-            return tasks
+            return self._queue.drain()
 
     def close(self) -> None:
         with self._cond:
@@ -112,7 +89,11 @@ class PriorityTaskQueue:
             self._cond.notify_all()
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return len(self._queue)
+
+
+def _priority(task: TaskSpec) -> int:
+    return task.priority
 
 
 def adaptive_prefetch(capacity: int, mean_seconds: float, *, window: float, floor: int,
