@@ -1,7 +1,8 @@
 """The scheduler: who runs what next. Pure bookkeeping, no I/O; the clock is a parameter.
 
 - Priorities 1-10, 10 most urgent, FIFO within a priority (ties broken by a sequence
-  number, never by comparing tasks).
+  number, never by comparing tasks): core.priority_queue's order, whose entries name task
+  ids; an entry whose task was requeued or finished since is skipped (lazy deletion).
 - Credit-based dispatch: a node holds at most capacity + prefetch tasks; work goes to the
   least-loaded ready node first.
 - A lost node's in-flight tasks go back to the front of their priority; a task that failed
@@ -13,7 +14,7 @@
   name no node ever offered fails at once; one whose nodes are all gone waits, and says so.
 - Idle first: when a node has free slots and nothing queued for it, nodes holding prefetched
   work are asked to hand some back (`steals`).
-- Delays: a task with a start time (`due`) waits in a heap of its own until then; a failed
+- Delays: a task with a start time (`due`) waits apart in the queue until then; a failed
   run is retried after its policy's backoff (master.retry_policy), only for the error kinds
   it names. A rate limit per task name (master.rate_limit) parks tasks of that name while
   its bucket is empty; `next_wake` says when either needs the next `assign`.
@@ -25,7 +26,6 @@
 from __future__ import annotations
 
 import heapq
-import itertools
 import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -34,6 +34,7 @@ from core import codec, states
 from core.defaults import (DEFAULT_CAPACITY, DEFAULT_HEARTBEAT, DEFAULT_MAX_ATTEMPTS,
                            DEFAULT_MAX_QUEUED, DEFAULT_NODE_TIMEOUT, DEFAULT_PREFETCH)
 from core.errors import ConfigError, QueueFull
+from core.priority_queue import Entry, PriorityQueue
 from core.protocol import NodeStatus, TaskResult, TaskSpec, new_token
 from master.liveness import heartbeat_timeout, silent_nodes
 from master.rate_limit import RateLimit, TokenBucket
@@ -166,17 +167,14 @@ class Scheduler:
         self.max_attempts = max_attempts
         self.retry = retry or RetryPolicy()
         self._rand = rand  # draws the jitter of backoffs
-        self._delayed: list[tuple[float, int, str]] = []  # (due, seq, id) of waiting tasks
         self.rate_limits = {limit.name: limit.per_second for limit in rate_limits}
         self._buckets: dict[str, TokenBucket] = {}
-        self._parked: dict[str, list[tuple[int, int, str]]] = {}  # name -> heap entries
+        self._parked: dict[str, PriorityQueue[str]] = {}  # name -> entries of its bucket
         self.max_queued = max_queued
         self.node_timeout = node_timeout
         self.tasks: dict[str, TaskRecord] = {}      # active: queued or in flight
         self.nodes: dict[str, NodeInfo] = {}
-        self._heap: list[tuple[int, int, str]] = []
-        self._back = itertools.count(1)
-        self._front = itertools.count(-1, -1)
+        self._queue: PriorityQueue[str] = PriorityQueue()  # task ids
         self.queued = 0
         self.completed = 0
         self.failed = 0
@@ -207,8 +205,7 @@ class Scheduler:
         if self.queued >= self.max_queued:
             raise QueueFull(f"queue is full ({self.max_queued} tasks waiting)")
         record = TaskRecord(spec=spec, client=client, pinned=pinned, due=due)
-        self.tasks[spec.id] = record
-        self._enqueue(record, front=False)
+        self._enqueue((record,), front=False)
         return record
 
     @property
@@ -219,46 +216,32 @@ class Scheduler:
     def admit(self, records: Iterable[TaskRecord]) -> None:
         """Queue new tasks built (and journalled) by the caller; their ids must not be active
         and `room` must allow them (the master checks both before journalling)."""
-        tasks = self.tasks
-        heap = self._heap
-        back = self._back
-        push = heapq.heappush
-        count = 0
-        for record in records:
-            tasks[record.spec.id] = record
-            record.seq = seq = next(back)
-            record.state = QUEUED
-            record.node = ""
-            if record.due:
-                push(self._delayed, (record.due, seq, record.spec.id))
-            else:
-                push(heap, (-record.spec.priority, seq, record.spec.id))
-            count += 1
-        self.queued += count
+        self._enqueue(records, front=False)
 
     def restore(self, record: TaskRecord, *, front: bool) -> None:
         """Put back a task read from the journal after a restart."""
-        record.state = QUEUED
-        record.node = ""
-        self.tasks[record.id] = record
-        self._enqueue(record, front=front)
+        self._enqueue((record,), front=front)
 
-    def _enqueue(self, record: TaskRecord, *, front: bool) -> None:
-        record.seq = next(self._front) if front else next(self._back)
-        record.state = QUEUED
-        record.node = ""
-        self.queued += 1
-        if record.due:
-            heapq.heappush(self._delayed, (record.due, record.seq, record.spec.id))
-        else:
-            heapq.heappush(self._heap, (-record.spec.priority, record.seq, record.spec.id))
+    def _enqueue(self, records: Iterable[TaskRecord], *, front: bool) -> None:
+        """The one way into the queue: active, queued behind their priority (in front of it
+        if `front`), or waiting for their start time."""
+        tasks, push = self.tasks, self._queue.push
+        count = 0
+        for record in records:
+            spec = record.spec
+            tasks[spec.id] = record
+            record.seq = push(spec.id, spec.priority, front, record.due)
+            record.state = QUEUED
+            record.node = ""
+            count += 1
+        self.queued += count
 
     def _requeue(self, record: TaskRecord, node: NodeInfo | None, *, due: float = 0.0) -> None:
         if node is not None:
             node.in_flight.discard(record.id)
         self.requeued += 1
         record.due = due
-        self._enqueue(record, front=True)
+        self._enqueue((record,), front=True)
 
     # -- nodes ---------------------------------------------------------------------------------
 
@@ -591,12 +574,14 @@ class Scheduler:
         in local lists for the turn: this runs for every task of a busy queue.
         """
         out = self._take_resends() if self._resend else {}
-        if self._delayed and self._delayed[0][0] <= now:
+        queue = self._queue
+        due = queue.next_due()
+        if due is not None and due <= now:
             self._promote(now)
         if self._parked:
             self._unpark(now)
         limited = self.rate_limits
-        heap = self._heap
+        heap = queue.heap  # read here; popped and pushed through `queue` only
         if not heap:
             if self.waiting:
                 self.waiting = {}
@@ -614,15 +599,16 @@ class Scheduler:
         loads = [(held[i] / caps[i], i) for i in range(len(ready))]
         heapq.heapify(loads)
         batches: list[list[TaskRecord]] = [[] for _ in ready]
-        skipped: list[tuple[int, int, str]] = []
+        skipped: list[Entry[str]] = []
         runnable: dict[str, str] = {}
         waiting: dict[str, int] = {}
         tasks = self.tasks
         pop, replace = heapq.heappop, heapq.heapreplace
+        pop_entry = queue.pop_entry
         token = new_token
         assigned = 0
         while heap and loads:
-            entry = pop(heap)
+            entry = pop_entry()
             record = tasks.get(entry[2])
             if record is None or record.state != QUEUED or record.seq != entry[1]:
                 continue  # stale entry of a task requeued or finished since
@@ -677,8 +663,9 @@ class Scheduler:
                 heapq.heapify(loads)
         self.queued -= assigned
         self.waiting = waiting
+        push_entry = queue.push_entry
         for entry in skipped:
-            heapq.heappush(heap, entry)
+            push_entry(entry)
         for i, batch in enumerate(batches):
             if batch:
                 out.setdefault(ready[i].node_id, []).extend(batch)
@@ -686,16 +673,14 @@ class Scheduler:
 
     def _promote(self, now: float) -> None:
         """Tasks whose start time has come join the queue, in front of their priority."""
-        delayed, heap, tasks = self._delayed, self._heap, self.tasks
-        while delayed and delayed[0][0] <= now:
-            _due, seq, task_id = heapq.heappop(delayed)
+        queue, tasks = self._queue, self.tasks
+        for seq, task_id in queue.due_items(now):
             record = tasks.get(task_id)
             if record is not None and record.state == QUEUED and record.seq == seq:
                 record.due = 0.0
-                record.seq = seq = next(self._front)
-                heapq.heappush(heap, (-record.spec.priority, seq, task_id))
+                record.seq = queue.push(task_id, record.spec.priority, front=True)
 
-    def _allowed(self, record: TaskRecord, entry: tuple[int, int, str], now: float) -> bool:
+    def _allowed(self, record: TaskRecord, entry: Entry[str], now: float) -> bool:
         """Take a start from the bucket of the task's name; park the task if there is none."""
         name = record.spec.name
         bucket = self._buckets.get(name)
@@ -703,15 +688,19 @@ class Scheduler:
             bucket = self._buckets[name] = TokenBucket(self.rate_limits[name], now=now)
         if bucket.take(now):
             return True
-        heapq.heappush(self._parked.setdefault(name, []), entry)
+        parked = self._parked.get(name)
+        if parked is None:
+            parked = self._parked[name] = PriorityQueue()
+        parked.push_entry(entry)
         return False
 
     def _unpark(self, now: float) -> None:
         """Parked tasks back into the queue, as many per name as its bucket allows now."""
+        push_entry = self._queue.push_entry
         for name in list(self._parked):
             parked = self._parked[name]
             for _ in range(min(len(parked), self._buckets[name].available(now))):
-                heapq.heappush(self._heap, heapq.heappop(parked))
+                push_entry(parked.pop_entry())
             if not parked:
                 del self._parked[name]
 
@@ -719,8 +708,8 @@ class Scheduler:
         """When, after `now`, a delayed task falls due or a parked one may start (None: no
         such time): the master's loop waits no longer than that for its next `assign`. A
         parked task whose bucket has a start already waits for a node, not for the clock."""
-        delayed = self._delayed
-        wake = delayed[0][0] if delayed and delayed[0][0] > now else None
+        due = self._queue.next_due()
+        wake = due if due is not None and due > now else None
         for name in self._parked:
             at = self._buckets[name].next_at(now)
             if at > now:
