@@ -47,6 +47,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--trusted-file", type=Path, help="a `user:hash` file whose users "
                         "pass every ACL: the credential `master-node serve` generates for its "
                         "own master")
+    # `start_broker_process` parsed the config already and writes it on stdin (to_json)
+    parser.add_argument("--settings-stdin", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -169,7 +171,10 @@ async def _serve(config: BrokerConfig, args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
     try:
-        config = load_config(args.config) if args.config else parse_config("")
+        if args.settings_stdin:
+            config = BrokerConfig.from_json(sys.stdin.read())
+        else:
+            config = load_config(args.config) if args.config else parse_config("")
         if args.port is not None:
             config = config.with_port(args.port)
         if args.bind is not None:

@@ -20,10 +20,12 @@ instead of silently ignoring it:
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
-from dataclasses import dataclass, field, replace
+import types
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Union, get_args, get_origin, get_type_hints
 
 from broker.errors import BrokerConfigError
 
@@ -175,6 +177,50 @@ class BrokerConfig:
     def remote_listeners(self) -> tuple[Listener, ...]:
         """Listeners other machines can reach."""
         return tuple(item for item in self.listeners if not item.is_loopback)
+
+    def to_json(self) -> str:
+        """The parsed settings as JSON, for a broker process started with them: the file is
+        read once, by whoever starts the broker (`from_json` reads this back)."""
+        return json.dumps(_encode(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> BrokerConfig:
+        """Settings written by `to_json`; anything else is a `BrokerConfigError`."""
+        try:
+            config = _decode(cls, json.loads(text))
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise BrokerConfigError(f"broker settings are not those of to_json: {e!r}") from e
+        if not isinstance(config, cls):
+            raise BrokerConfigError("broker settings are not those of to_json")
+        return config
+
+
+def _encode(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return {item.name: _encode(getattr(value, item.name)) for item in fields(value)}
+    if isinstance(value, tuple):
+        return [_encode(item) for item in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _decode(kind: Any, value: Any) -> Any:
+    """`value` (from JSON) as the field type `kind`: dataclasses, tuples, paths, optionals."""
+    if value is None:
+        return None
+    origin = get_origin(kind)
+    if origin in (Union, types.UnionType):
+        (inner,) = (arg for arg in get_args(kind) if arg is not type(None))
+        return _decode(inner, value)
+    if origin is tuple:
+        return tuple(_decode(get_args(kind)[0], item) for item in value)
+    if kind is Path:
+        return Path(value)
+    if is_dataclass(kind):
+        hints = get_type_hints(kind)
+        return kind(**{name: _decode(hints[name], item) for name, item in value.items()})
+    return value
 
 
 def is_loopback_address(address: str | None) -> bool:

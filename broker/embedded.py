@@ -24,6 +24,7 @@ from broker.conf import BrokerConfig, Listener, TlsSettings
 from broker.errors import BrokerConfigError, BrokerStartError
 from broker.fixes import FabricBroker, ServerSpec
 from broker.passwd import PasswordFile
+from broker.plugins import ReloadingFile
 
 __all__ = ["EmbeddedBroker", "run_broker", "check_anonymous_policy", "tls_context"]
 
@@ -98,7 +99,10 @@ def _server_spec(config: BrokerConfig, listener: Listener) -> ServerSpec:
                       max_connections=listener.max_connections)
 
 
-def _amqtt_settings(config: BrokerConfig) -> tuple[dict[str, Any], dict[str, ServerSpec]]:
+def _amqtt_settings(config: BrokerConfig, *, passwords: ReloadingFile[PasswordFile] | None,
+                    trusted: ReloadingFile[PasswordFile] | None,
+                    acl: ReloadingFile[AclFile] | None
+                    ) -> tuple[dict[str, Any], dict[str, ServerSpec]]:
     listeners: dict[str, Any] = {}
     servers: dict[str, ServerSpec] = {}
     for index, listener in enumerate(config.listeners):
@@ -110,13 +114,12 @@ def _amqtt_settings(config: BrokerConfig) -> tuple[dict[str, Any], dict[str, Ser
         servers[name] = spec
     plugins: dict[str, Any] = {
         "broker.plugins.PasswordFileAuthPlugin": {
-            "allow_anonymous": config.allow_anonymous,
-            "password_file": str(config.password_file) if config.password_file else None,
-            "trusted_file": str(config.trusted_file) if config.trusted_file else None,
+            "allow_anonymous": config.allow_anonymous, "passwords": passwords,
+            "trusted": trusted,
         },
     }
-    if config.acl_file is not None:
-        plugins["broker.plugins.AclFilePlugin"] = {"acl_file": str(config.acl_file)}
+    if acl is not None:
+        plugins["broker.plugins.AclFilePlugin"] = {"acl": acl}
     return {"listeners": listeners, "plugins": plugins}, servers
 
 
@@ -145,12 +148,12 @@ class EmbeddedBroker:
         check_amqtt()
         config = self.config
         check_anonymous_policy(config, allow_remote_anonymous=self._allow_remote_anonymous)
-        for path in (config.password_file, config.trusted_file):
-            if path is not None:
-                PasswordFile.load(path)
-        if config.acl_file is not None:
-            AclFile.load(config.acl_file)
-        settings, servers = _amqtt_settings(config)
+        # each file read once, here: a bad one stops the start; the plugins get what was read
+        passwords, trusted = (None if path is None else ReloadingFile(path, PasswordFile.load)
+                              for path in (config.password_file, config.trusted_file))
+        acl = None if config.acl_file is None else ReloadingFile(config.acl_file, AclFile.load)
+        settings, servers = _amqtt_settings(config, passwords=passwords, trusted=trusted,
+                                            acl=acl)
         broker = FabricBroker(settings, servers=servers, max_packet_size=config.max_packet_size,
                               max_queued_messages=config.max_queued_messages,
                               connection_messages=config.connection_messages,

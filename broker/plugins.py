@@ -2,9 +2,11 @@
 both brokers (amqtt's own plugins want argon2 hashes and know only `acl`/`publish_acl`).
 
 They are configured programmatically, through the `plugins` mapping of amqtt's config
-(`{"broker.plugins.PasswordFileAuthPlugin": {"password_file": ..., ...}}`), never
-through amqtt's YAML. Both files are re-read when they change on disk, so a user added with
-`master-node passwd` can connect without restarting the broker.
+(`{"broker.plugins.PasswordFileAuthPlugin": {"passwords": ..., ...}}`), never through
+amqtt's YAML, and are handed the files as the broker read them when it started
+(`ReloadingFile`), not their paths: each file is read once at start. They are read again
+only when they change on disk, so a user added with `master-node passwd` can connect
+without restarting the broker.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 from amqtt.contexts import Action, BaseContext
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
@@ -24,7 +26,7 @@ from broker.acl import Access, AclFile
 from broker.errors import BrokerError
 from broker.passwd import PasswordFile
 
-__all__ = ["PasswordFileAuthPlugin", "AclFilePlugin", "TRUSTED", "is_trusted"]
+__all__ = ["PasswordFileAuthPlugin", "AclFilePlugin", "ReloadingFile", "TRUSTED", "is_trusted"]
 
 TRUSTED = "broker.trusted"  # session attribute: logged in with the master's credential
 
@@ -38,8 +40,9 @@ _ACL_RECHECK_SECONDS = 1.0
 T = TypeVar("T")
 
 
-class _Reloading(Generic[T]):
-    """A file's parsed form, reloaded when its size or mtime changes; a bad edit keeps the old."""
+class ReloadingFile(Generic[T]):
+    """A file's parsed form, read here once and again only when its size or mtime changes;
+    a bad edit keeps the old one. A file that cannot be read at first raises `load`'s error."""
 
     def __init__(self, path: Path, load: Callable[[Path], T]) -> None:
         self.path = path
@@ -75,15 +78,13 @@ class PasswordFileAuthPlugin(BaseAuthPlugin):
     @dataclass
     class Config:
         allow_anonymous: bool = False
-        password_file: str | None = None
-        trusted_file: str | None = None
+        passwords: Any = None  # ReloadingFile[PasswordFile] | None (amqtt type-checks these)
+        trusted: Any = None  # ReloadingFile[PasswordFile] | None
 
     def __init__(self, context: BaseContext) -> None:
         super().__init__(context)
-        path = self.config.password_file
-        self._passwords = _Reloading(Path(path), PasswordFile.load) if path else None
-        trusted = self.config.trusted_file
-        self._trusted = _Reloading(Path(trusted), PasswordFile.load) if trusted else None
+        self._passwords: ReloadingFile[PasswordFile] | None = self.config.passwords
+        self._trusted: ReloadingFile[PasswordFile] | None = self.config.trusted
 
     async def authenticate(self, *, session: Session) -> bool:
         session.attributes.pop(TRUSTED, None)
@@ -104,13 +105,13 @@ class AclFilePlugin(BaseTopicPlugin):
 
     @dataclass
     class Config:
-        acl_file: str = ""
+        acl: Any = None  # ReloadingFile[AclFile]
 
     def __init__(self, context: BaseContext) -> None:
         super().__init__(context)
-        if not self.config.acl_file:
-            raise BrokerError("AclFilePlugin needs acl_file")
-        self._acl = _Reloading(Path(self.config.acl_file), AclFile.load)
+        if not isinstance(self.config.acl, ReloadingFile):
+            raise BrokerError("AclFilePlugin needs the acl_file it checks (acl)")
+        self._acl: ReloadingFile[AclFile] = self.config.acl
         self._checked = time.monotonic()
 
     async def topic_filtering(self, *, session: Session | None = None, topic: str | None = None,

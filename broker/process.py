@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import signal
@@ -84,34 +85,30 @@ def start_broker_process(config_path: str | os.PathLike[str] | None, *, port: in
                          python: str = sys.executable) -> BrokerProcess:
     """Run `python -m broker` and return once it prints READY (within `timeout`).
 
-    The config is checked here first, so a bad file raises `BrokerConfigError` in the caller
-    with its line number; `port=0` picks a free port. With `parent_pid` the broker exits by
-    itself once that process is gone. Relative paths in the config resolve against `cwd`
+    The config is read and checked here, so a bad file raises `BrokerConfigError` in the
+    caller with its line number, and the process is handed the parsed settings (on its
+    stdin) instead of reading the file again; `port=0` picks a free port. With `parent_pid`
+    the broker exits by itself once that process is gone. Relative paths in the config resolve against `cwd`
     (default: the working directory), where the process runs. `trusted_file` holds the
     hashed credential of the master that starts it (`broker.trusted`).
     """
     base_dir = Path(cwd).resolve() if cwd is not None else Path.cwd()
     config = _checked_config(config_path, port=port, bind=bind, base_dir=base_dir,
                              allow_remote_anonymous=allow_remote_anonymous)
-    command = [python, "-m", "broker"]
-    if config_path is not None:
-        command += ["--config", str(Path(config_path).resolve())]
-    if port is not None:
-        command += ["--port", str(port)]
-    if bind is not None:
-        command += ["--bind", bind]
+    if trusted_file is not None:
+        config = config.with_overrides(trusted_file=Path(trusted_file).resolve())
+    command = [python, "-m", "broker", "--settings-stdin"]
     if parent_pid is not None:
         command += ["--parent-pid", str(parent_pid)]
     if allow_remote_anonymous:
         command.append("--allow-remote-anonymous")
-    if trusted_file is not None:
-        command += ["--trusted-file", str(Path(trusted_file).resolve())]
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    popen = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    popen = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=stderr, env=env, cwd=base_dir)
     try:
+        _hand_over(popen, config)
         line = _read_line(popen, timeout)
     except BaseException:
         popen.kill()
@@ -150,6 +147,20 @@ def _checked_config(config_path: str | os.PathLike[str] | None, *, port: int | N
     if not allow_remote_anonymous:
         check_anonymous_policy(config)
     return config
+
+
+def _hand_over(popen: subprocess.Popen[bytes], config: BrokerConfig) -> None:
+    """Write the settings on the process's stdin and close it; a process already gone is
+    told apart by its missing READY line (`_read_line`)."""
+    assert popen.stdin is not None
+    try:
+        popen.stdin.write(config.to_json().encode("utf-8"))
+        popen.stdin.flush()
+    except BrokenPipeError:
+        pass
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            popen.stdin.close()
 
 
 def _read_line(popen: subprocess.Popen[bytes], timeout: float) -> str:

@@ -9,12 +9,14 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from broker import (BrokerStartError, EmbeddedBroker, parse_config,
                     start_broker_process)
-from support.brokers import Probe, RawClient, connect_packet, free_port, wait_until
+from support.brokers import (Probe, RawClient, connect_packet, free_port, publish_packet,
+                             wait_until)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,6 +57,60 @@ def test_broker_process_handle(tmp_path: Path) -> None:
     crashed = start_broker_process(None, port=0)
     crashed.kill()
     assert crashed.popen.returncode == -signal.SIGKILL
+
+
+def test_the_process_is_handed_the_parsed_config_not_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The config is read once, by the caller: here it is gone as soon as it was parsed, and
+    the broker still comes up with its settings."""
+    import broker.process as process
+    path = tmp_path / "gone.conf"
+    path.write_text("listener 1883 127.0.0.1\nallow_anonymous true\nmax_packet_size 300\n")
+    parsed = process.load_config
+
+    def load_then_remove(config_path: Path, **kwargs: object) -> object:
+        config = parsed(config_path, **kwargs)  # type: ignore[arg-type]
+        Path(config_path).unlink()
+        return config
+    monkeypatch.setattr(process, "load_config", load_then_remove)
+    with start_broker_process(path, port=0) as started:
+        assert not path.exists()
+        with RawClient(started.host, started.port, "big") as client:
+            client.send(publish_packet("t", b"x" * 400))  # over the file's max_packet_size
+            assert client.wait_closed(5)
+
+
+def test_password_and_acl_files_are_read_once_at_start(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broker reads each file once as it starts and hands what it read to its plugins;
+    a file is read again only when it changes (`test_users_added_while_running_can_connect`)."""
+    from broker import AclFile, PasswordFile, add_user
+    add_user(tmp_path / "passwd", "alice", "pw")
+    add_user(tmp_path / "trusted", "master", "pw")
+    (tmp_path / "acl").write_text("user alice\ntopic readwrite t/#\n")
+    reads: list[str] = []
+
+    def counted(load: Any) -> Any:
+        def read(cls: type, path: Path) -> Any:
+            reads.append(Path(path).name)
+            return load(cls, path)
+        return classmethod(read)
+    monkeypatch.setattr(PasswordFile, "load", counted(PasswordFile.load.__func__))
+    monkeypatch.setattr(AclFile, "load", counted(AclFile.load.__func__))
+
+    async def scenario() -> int:
+        config = parse_config("listener 1883 127.0.0.1\npassword_file passwd\nacl_file acl\n",
+                              base_dir=tmp_path).with_port(0)
+        config = config.with_overrides(trusted_file=tmp_path / "trusted")
+        async with EmbeddedBroker(config) as embedded:
+            host, port = embedded.addresses[0]
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(connect_packet("a", username="alice", password="pw"))
+            connack = await asyncio.wait_for(reader.readexactly(4), 5)
+            writer.close()
+            return connack[3]
+    assert asyncio.run(asyncio.wait_for(scenario(), 30)) == 0  # accepted
+    assert sorted(reads) == ["acl", "passwd", "trusted"]
 
 
 def test_busy_port_is_a_start_error_with_the_reason() -> None:

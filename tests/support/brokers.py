@@ -782,7 +782,7 @@ def _run_unpatched() -> None:  # pragma: no cover - runs in a broker subprocess
             if auth["allow_anonymous"]:
                 config["plugins"]["amqtt.plugins.authentication.AnonymousAuthPlugin"] = {
                     "allow_anonymous": True}
-                if auth["password_file"] is None:
+                if auth["passwords"] is None:
                     del config["plugins"]["broker.plugins.PasswordFileAuthPlugin"]
             super().__init__(config)
             self._specs = servers
