@@ -33,8 +33,9 @@ from typing import Any
 from core.defaults import DEFAULT_LEASE_TTL
 from core.errors import ConfigError, DecodeError
 from core.mqtt import MqttSession, TlsSettings, Will
-from core.replication import Lease
 from core.url import BrokerUrl
+from master.lease import read_lease
+from master.renewal import Renewer
 
 __all__ = ["StateLock", "RootClaim", "Claim", "claim_topic", "LOCK_FILE_NAME"]
 
@@ -142,8 +143,8 @@ class RootClaim:
         self._renewals = 0
         self._seen = _Seen()
         self._changed = threading.Condition()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._renewer = Renewer(self._renew, every=ttl / 3, name="root-claim")
+        self._acquired = False
         released = json.dumps({"state": RELEASED, "token": self.token}).encode()
         self._session = MqttSession(broker=broker, client_id=f"{master_id}-claim-{self.token[:6]}",
                                     keepalive=max(1, int(ttl)), tls=tls,
@@ -176,24 +177,23 @@ class RootClaim:
             self._seen.messages.append(Claim(data, time.monotonic()))
             del self._seen.messages[:-256]
             self._changed.notify_all()
-        if self._thread is not None and data.get("state") == HELD and \
+        if self._acquired and data.get("state") == HELD and \
                 data.get("token") != self.token:
             log.warning("root %r also claimed by %s; renewing this master's claim", self.root,
                         _describe(data))
 
     def _on_lease(self, _topic: str, payload: bytes) -> None:
         """Replicated masters on this root: their lease, held or not (malformed: counted)."""
-        if not payload:
-            return
-        try:
-            lease = Lease.decode(payload)
-        except DecodeError as e:
-            with self._changed:
-                self._seen.rejected += 1
-            log.warning("rejected a malformed lease (%d so far): %s", self._seen.rejected, e)
+        lease = read_lease(payload, rejected=self._count_rejected, log=log)
+        if lease is None:
             return
         with self._changed:
             self._lease = {"holder": lease.holder, "epoch": lease.epoch, "state": lease.state}
+
+    def _count_rejected(self) -> int:
+        with self._changed:
+            self._seen.rejected += 1
+            return self._seen.rejected
 
     def _wait(self, predicate: Any, timeout: float) -> Any:
         deadline = time.monotonic() + timeout
@@ -217,8 +217,8 @@ class RootClaim:
         except BaseException:
             self._session.stop(timeout=1.0)
             raise
-        self._thread = threading.Thread(target=self._renew_loop, name="root-claim", daemon=True)
-        self._thread.start()
+        self._acquired = True
+        self._renewer.start()
         return self
 
     def _acquire(self) -> None:
@@ -277,20 +277,17 @@ class RootClaim:
         payload = json.dumps(dict(self._record, state=HELD, n=self._renewals)).encode()
         self._session.publish(self.topic, payload, qos=1, retain=True)
 
-    def _renew_loop(self) -> None:
-        while not self._stop.wait(self.ttl / 3):
-            try:
-                self._publish()
-            except Exception as e:  # disconnected: paho resends once the broker is back
-                log.debug("claim renewal failed: %s", e)
+    def _renew(self, _now: float) -> None:
+        try:
+            self._publish()
+        except Exception as e:  # disconnected: paho resends once the broker is back
+            log.debug("claim renewal failed: %s", e)
 
     def release(self) -> None:
         """Stop renewing and clear the claim (released, retained), then disconnect."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=2.0)
+        self._renewer.stop(timeout=2.0)
         try:
-            if self._session.connected and self._thread is not None:
+            if self._session.connected and self._acquired:
                 payload = json.dumps({"state": RELEASED, "token": self.token}).encode()
                 self._session.publish_and_wait(self.topic, payload, qos=1, retain=True,
                                                timeout=2.0)

@@ -20,16 +20,17 @@ clocks of different machines are never compared), so each is tested without slee
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from core.defaults import DEFAULT_LEASE_TTL
-from core.errors import ConfigError
+from core.errors import ConfigError, DecodeError
 from core.replication import CLAIM, EXPIRED, HELD, Lease
 
 __all__ = ["Position", "LeaseTiming", "SeenClaim", "LeaseView", "election_rank", "claim_key",
            "holder_valid", "clock_jumped", "claim_epoch", "settle_verdict", "outranks",
-           "live_candidates", "WAIT", "WON", "LOST"]
+           "live_candidates", "read_lease", "WAIT", "WON", "LOST"]
 
 Position = tuple[int, int]   # (journal epoch, journal seq): how far a master's journal goes
 WAIT, WON, LOST = "wait", "won", "lost"
@@ -224,3 +225,17 @@ def live_candidates(presences: Iterable[tuple[str, str, Position]], *, me: str
     take over (neither dead, offline nor active), me excluded."""
     return {name: position for name, role, position in presences
             if name != me and role in ("standby", "syncing", "claiming")}
+
+
+def read_lease(payload: bytes, *, rejected: Callable[[], int], log: logging.Logger
+               ) -> Lease | None:
+    """A message of the lease topic, or None for a cleared (empty) one and for a malformed
+    one, which is never fatal: `rejected()` counts it (returning the count so far) and it is
+    logged on `log`."""
+    if not payload:
+        return None
+    try:
+        return Lease.decode(payload)
+    except DecodeError as e:
+        log.warning("rejected a malformed lease (%d so far): %s", rejected(), e)
+        return None
