@@ -1,14 +1,20 @@
 """The master's hooks protocol (master.hooks): the order hooks are asked in and how their
-answers combine, without a broker (a HookChain is what MasterNodeTransport's loop calls)."""
+answers combine, without a broker (a HookChain is what MasterNodeTransport's loop calls);
+then the hooks on a running master with a real node."""
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from core.errors import FabricTimeout
 from core.protocol import NodeReport
 from master.hooks import HookChain, MasterHooks, NodeLostCallback
+from master.transport import MasterNodeTransport
+from support.fabric import Fabric, wait_until
 
 MASTER: Any = object()  # the hooks get the master; these ones never look at it
 
@@ -111,3 +117,65 @@ def test_replace_swaps_one_hook_for_another_in_one_step() -> None:
 def test_a_hook_must_be_a_master_hooks() -> None:
     with pytest.raises(TypeError, match="MasterHooks"):
         HookChain().add(lambda master: True)  # type: ignore[arg-type]
+
+
+class Watch(MasterHooks):
+    """Holds dispatch until `open` is set; counts commits; keeps reports and lost nodes."""
+
+    def __init__(self) -> None:
+        self.open = threading.Event()
+        self.commits = 0
+        self.reports: list[NodeReport] = []
+        self.lost: list[str] = []
+        self.masters: set[int] = set()
+
+    def before_dispatch(self, master: Any) -> bool:
+        self.masters.add(id(master))
+        return self.open.is_set()
+
+    def after_commit(self, master: Any) -> bool:
+        self.commits += 1
+        return True
+
+    def node_lost(self, master: Any, node_ids: list[str]) -> None:
+        self.lost.extend(node_ids)
+
+    def node_report(self, master: Any, report: NodeReport) -> None:
+        self.reports.append(report)
+
+
+def test_hooks_on_a_running_master(fabric: Fabric, tmp_path: Path) -> None:
+    master = MasterNodeTransport(broker_url=fabric.broker_url, root=fabric.root,
+                                 state_dir=tmp_path / "master", node_timeout=2.0)
+    watch = Watch()
+    dead: list[str] = []
+    master.add_hooks(watch)
+    master.set_dead_nodes_callback(lambda ids: dead.append("first"))
+    master.set_dead_nodes_callback(dead.extend)  # replaces the first one
+    master.start()
+    try:
+        worker = fabric.node("h1")
+        wait_until(lambda: "h1" in master.get_nodes_by_status("ready"), 30, message="h1 ready")
+        handle = master.submit("echo", ["held"])
+        with pytest.raises(FabricTimeout):
+            handle.outcome(timeout=1.0)  # before_dispatch says no: it stays queued
+        assert master.status()["queued"] == 1 and watch.masters == {id(master)}
+        watch.open.set()
+        assert handle.result(timeout=30) == "held"
+        assert watch.commits > 0  # a gating hook: every turn commits, then asks it
+
+        request_id = master.broadcast_control("snapshot", {"reason": "test"})
+        wait_until(lambda: any(r.request_id == request_id for r in watch.reports), 15,
+                   message="h1's report through node_report")
+        assert {r.node_id for r in watch.reports} == {"h1"}
+
+        master.remove_hooks(watch)
+        commits = watch.commits
+        assert master.submit("echo", ["free"]).result(timeout=30) == "free"
+        assert watch.commits == commits  # removed: no longer asked
+
+        worker.kill()  # the broker sends its will
+        wait_until(lambda: dead == ["h1"], 15, message="the dead-nodes callback")
+        assert watch.lost == []
+    finally:
+        master.stop()
