@@ -5,7 +5,7 @@ as a process with `start_broker_process` (what the master does), or inside an ev
 `run_broker` / `EmbeddedBroker`.
 """
 
-from broker.acl import Access, AclFile, AclRule, topic_matches
+from broker.acl import Access, AclFile, AclRule
 from broker.conf import BrokerConfig, Listener, TlsSettings, load_config, parse_config
 from broker.embedded import EmbeddedBroker, check_anonymous_policy, run_broker, tls_context
 from broker.errors import BrokerConfigError, BrokerError, BrokerStartError, PasswordFileError
@@ -16,7 +16,7 @@ from broker.process import BrokerProcess, start_broker_process
 from broker.trusted import TrustedCredential, issue_credential
 
 __all__ = [
-    "Access", "AclFile", "AclRule", "topic_matches",
+    "Access", "AclFile", "AclRule",
     "BrokerConfig", "Listener", "TlsSettings", "load_config", "parse_config",
     "EmbeddedBroker", "check_anonymous_policy", "run_broker", "tls_context",
     "BrokerConfigError", "BrokerError", "BrokerStartError", "PasswordFileError",

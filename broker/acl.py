@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Callable
 
 from broker.errors import BrokerConfigError
+from core.topic_filter import topic_matches
 
-__all__ = ["Access", "AclRule", "AclFile", "topic_matches"]
+__all__ = ["Access", "AclRule", "AclFile"]
 
 _DECISION_CACHE_SIZE = 65_536
 _DANGEROUS = frozenset("+#/")
@@ -42,22 +43,6 @@ class Access(IntFlag):
 
 _ACCESS_WORDS = {"read": Access.READ, "write": Access.WRITE, "readwrite": Access.READWRITE,
                  "deny": Access.NONE}
-
-
-def topic_matches(topic_filter: str, topic: str) -> bool:
-    """MQTT filter matching (`+` one level, `#` the rest, including the parent level)."""
-    if topic_filter == topic:
-        return True
-    filter_levels = topic_filter.split("/")
-    topic_levels = topic.split("/")
-    for index, level in enumerate(filter_levels):
-        if level == "#":
-            return index == len(filter_levels) - 1
-        if index >= len(topic_levels):
-            return False
-        if level != "+" and level != topic_levels[index]:
-            return False
-    return len(filter_levels) == len(topic_levels)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Union, get_args, get_origin, get_type_hints
 
 from broker.errors import BrokerConfigError
+from core.tls import TlsSettings
 
 __all__ = [
     "BrokerConfig",
@@ -75,19 +76,6 @@ _MOSQUITTO_DIRECTIVES = frozenset({
     "websockets_headers_size", "websockets_log_level",
 })
 _MOSQUITTO_PREFIXES = ("auth_opt_", "plugin_opt_")
-
-
-@dataclass(frozen=True)
-class TlsSettings:
-    """Certificate-based TLS of one listener, as mosquitto's listener options give it."""
-
-    certfile: Path
-    keyfile: Path
-    cafile: Path | None = None
-    capath: Path | None = None
-    require_certificate: bool = False
-    tls_version: str | None = None
-    ciphers: str | None = None
 
 
 @dataclass(frozen=True)
@@ -548,11 +536,17 @@ class _Parser:
                 raise self.error("TLS needs both certfile and keyfile")
             if options.get("require_certificate") and not ({"cafile", "capath"} & options.keys()):
                 raise self.error("require_certificate true needs cafile or capath")
-            tls = TlsSettings(certfile=options["certfile"], keyfile=options["keyfile"],
-                              cafile=options.get("cafile"), capath=options.get("capath"),
+            tls = TlsSettings(cert_file=str(options["certfile"]),
+                              key_file=str(options["keyfile"]),
+                              ca_file=_text(options.get("cafile")),
+                              ca_path=_text(options.get("capath")),
                               require_certificate=bool(options.get("require_certificate", False)),
                               tls_version=options.get("tls_version"),
                               ciphers=options.get("ciphers"))
         return Listener(port=draft.port, bind_address=draft.bind_address, tls=tls,
                         socket_domain=options.get("socket_domain"),
                         max_connections=options.get("max_connections"), line=draft.line)
+
+
+def _text(path: Path | None) -> str | None:
+    return None if path is None else str(path)

@@ -20,11 +20,12 @@ from amqtt.errors import BrokerError as AmqttBrokerError
 
 from broker.acl import AclFile
 from broker.amqtt_privates import check_amqtt
-from broker.conf import BrokerConfig, Listener, TlsSettings
+from broker.conf import BrokerConfig, Listener
 from broker.errors import BrokerConfigError, BrokerStartError
 from broker.fixes import FabricBroker, ServerSpec
 from broker.passwd import PasswordFile
 from broker.plugins import ReloadingFile
+from core.tls import TlsSettings
 
 __all__ = ["EmbeddedBroker", "run_broker", "check_anonymous_policy", "tls_context"]
 
@@ -68,11 +69,12 @@ def check_anonymous_policy(config: BrokerConfig, *, allow_remote_anonymous: bool
 def tls_context(tls: TlsSettings) -> ssl.SSLContext:
     """A server context as mosquitto sets one up: client certificates only with a CA given,
     and required only with `require_certificate true`."""
+    if tls.cert_file is None or tls.key_file is None:
+        raise ValueError("a listener's TLS needs certfile and keyfile")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(str(tls.certfile), str(tls.keyfile))
-    if tls.cafile or tls.capath:
-        context.load_verify_locations(cafile=str(tls.cafile) if tls.cafile else None,
-                                      capath=str(tls.capath) if tls.capath else None)
+    context.load_cert_chain(tls.cert_file, tls.key_file)
+    if tls.ca_file or tls.ca_path:
+        context.load_verify_locations(cafile=tls.ca_file, capath=tls.ca_path)
     context.verify_mode = ssl.CERT_REQUIRED if tls.require_certificate else ssl.CERT_NONE
     if tls.tls_version:
         context.minimum_version = _TLS_MINIMUM[tls.tls_version]

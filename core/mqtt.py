@@ -41,6 +41,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from core.errors import BrokerUnavailable, FabricError, FabricTimeout
+from core.tls import TlsSettings
+from core.topic_filter import topic_matches
 from core.url import BrokerUrl
 
 __all__ = ["MqttSession", "Will", "TlsSettings", "Handler", "topic_matches", "connect_failure"]
@@ -58,19 +60,6 @@ class Will:
     payload: bytes
     qos: int = 1
     retain: bool = True
-
-
-@dataclass(frozen=True)
-class TlsSettings:
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    insecure: bool = False
-
-
-def topic_matches(topic_filter: str, topic: str) -> bool:
-    """MQTT wildcard matching (`+`, `#`)."""
-    return paho.topic_matches_sub(topic_filter, topic)
 
 
 _BROKER_HINT = ("is the broker running? `master-node serve` starts one; else give "

@@ -11,6 +11,7 @@ import pytest
 
 from broker import (BrokerConfig, BrokerConfigError, Listener, load_config,
                     parse_config, start_broker_process)
+from core.mqtt import TlsSettings
 from support.brokers import (MOSQUITTO, Probe, free_port, mosquitto_available, start_embedded,
                              start_mosquitto, with_listener_port)
 
@@ -60,13 +61,26 @@ def test_listener_options_follow_their_listener(tmp_path: Path) -> None:
     assert secure.bind_address is None and not secure.is_loopback
     assert secure.connect_host == "127.0.0.1"
     assert secure.tls is not None
-    assert secure.tls.certfile == tmp_path / "tls/server.crt"  # relative: working directory
-    assert secure.tls.keyfile == Path("/abs/server.key")
-    assert secure.tls.cafile == tmp_path / "tls/ca.crt"
+    assert secure.tls.cert_file == str(tmp_path / "tls/server.crt")  # relative: working dir
+    assert secure.tls.key_file == "/abs/server.key"
+    assert secure.tls.ca_file == str(tmp_path / "tls/ca.crt")
     assert secure.tls.require_certificate is True
     assert secure.tls.tls_version == "tlsv1.2"
     assert v6.is_loopback and v6.socket_domain == "ipv6"
     assert config.remote_listeners == (secure,)
+    assert type(secure.tls) is TlsSettings  # one TLS type, for clients and listeners alike
+
+
+def test_parsed_settings_survive_their_json_for_the_broker_process(tmp_path: Path) -> None:
+    """What `start_broker_process` hands the process instead of the file (`to_json`)."""
+    text = ("listener 1883 127.0.0.1\nlistener 8883\ncertfile c.crt\nkeyfile k.key\n"
+            "password_file passwd\nlog_dest file b.log\nlog_type debug\n")
+    config = parse_config(text, source=tmp_path / "b.conf", base_dir=tmp_path).with_port(0)
+    copy = BrokerConfig.from_json(config.to_json())
+    assert copy == config and copy.source == config.source
+    assert copy.password_file == tmp_path / "passwd" and copy.log_types == ("debug",)
+    with pytest.raises(BrokerConfigError, match="not those of to_json"):
+        BrokerConfig.from_json('{"listeners": [{"port": 1}], "no_such": 1}')
 
 
 def test_paths_resolve_against_the_working_directory_like_mosquitto(tmp_path: Path) -> None:

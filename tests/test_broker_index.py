@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from broker.index import FilterIndex  # noqa: E402
+from core.topic_filter import topic_matches  # noqa: E402
 from support.brokers import Probe, broker_params, start_broker  # noqa: E402
 
 
@@ -31,6 +32,14 @@ from support.brokers import Probe, broker_params, start_broker  # noqa: E402
 ])
 def test_matching_follows_mqtt(topic_filter: str, topic: str, matches: bool) -> None:
     assert (topic_filter in FilterIndex([topic_filter]).match(topic)) is matches
+    if _well_formed(topic_filter):  # the fabric's one matcher agrees (sessions, broker ACL)
+        assert topic_matches(topic_filter, topic) is matches
+
+
+def _well_formed(topic_filter: str) -> bool:
+    levels = topic_filter.split("/")
+    return all(("+" not in level or level == "+") and ("#" not in level or level == "#")
+               for level in levels) and "#" not in levels[:-1]
 
 
 def test_index_equals_amqtt_matching_on_random_filters() -> None:
@@ -55,6 +64,8 @@ def test_index_equals_amqtt_matching_on_random_filters() -> None:
             expected = sorted(f for f in filters if Broker._matches(_Quiet, topic, f))
             found = index.match(topic)
             assert sorted(found) == expected, (topic, filters)
+            assert sorted(f for f in filters if _well_formed(f) and topic_matches(f, topic)) \
+                == sorted(f for f in expected if _well_formed(f))
             assert len(found) == len(set(found))  # each filter once
 
 
