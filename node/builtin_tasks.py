@@ -1,4 +1,7 @@
-"""Tasks every CPython node runs out of the box (ESP32 nodes run the same names)."""
+"""Tasks every CPython node runs out of the box (ESP32 nodes run the same names).
+
+Plain functions: the node adds them to the registry it serves (`with_builtins`), importing
+this module registers nothing."""
 
 from __future__ import annotations
 
@@ -8,27 +11,25 @@ from core.errors import FabricError
 from core.number_text import excerpt, parse_lines
 from core.primality import filter_primes, is_prime
 from node import task_context
-from node.registry import default_registry
+from node.registry import TaskRegistry
 
-__all__ = ["noop", "echo", "sleep", "fail", "primes", "primes_range", "parse_number"]
+__all__ = ["noop", "echo", "sleep", "fail", "primes", "primes_range", "parse_number", "BUILTIN_TASKS",
+           "with_builtins"]
 
 _MAX_SLEEP = 3600.0
 _MAX_BAD_REPORTED = 100  # bad lines named per range (all are counted)
 _WIRE_HIGH = 1 << 64     # primes from here on travel as decimal text (msgpack's ints end)
 
 
-@default_registry.register("noop")
 def noop(*_args: Any, **_kwargs: Any) -> None:
     """Does nothing: what the fabric's own overhead is measured with."""
     return None
 
 
-@default_registry.register("echo")
 def echo(value: Any = None) -> Any:
     return value
 
 
-@default_registry.register("sleep")
 def sleep(seconds: float = 0.0) -> float:
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= _MAX_SLEEP:
         raise ValueError(f"sleep takes 0..{_MAX_SLEEP:g} seconds, got {seconds!r}")
@@ -36,7 +37,6 @@ def sleep(seconds: float = 0.0) -> float:
     return seconds
 
 
-@default_registry.register("fail")
 def fail(message: str = "failed on purpose") -> None:
     raise FabricError(str(message))
 
@@ -52,7 +52,6 @@ def parse_number(value: Any) -> int:
     raise TypeError(f"expected an integer or a decimal string, got {type(value).__name__}")
 
 
-@default_registry.register("primes")
 def primes(numbers: list) -> list[int]:
     """Indices (within `numbers`) of the primes: small to send back whatever the numbers' size."""
     if not isinstance(numbers, list):
@@ -60,7 +59,6 @@ def primes(numbers: list) -> list[int]:
     return [i for i, value in enumerate(numbers) if is_prime(parse_number(value))]
 
 
-@default_registry.register("primes_range")
 def primes_range(text: str) -> dict[str, Any]:
     """The primes among the lines of `text` (bytes of an input file as Latin-1), parsed here
     so the job's client need not: {"primes": [...], "numbers": how many numbers,
@@ -88,3 +86,17 @@ def primes_range(text: str) -> dict[str, Any]:
     high = _WIRE_HIGH
     return {"primes": [p if p < high else str(p) for p in found], "numbers": numbers,
             "bad": bad, "bad_lines": bad_lines}
+
+
+BUILTIN_TASKS = {"noop": noop, "echo": echo, "sleep": sleep, "fail": fail, "primes": primes,
+                 "primes_range": primes_range}
+
+
+def with_builtins(registry: TaskRegistry) -> TaskRegistry:
+    """What a node serves: a copy of `registry` (the tasks `@task` and `--task` gave) over the
+    built-in tasks; a task of `registry` wins over a built-in of the same name."""
+    served = registry.copy()
+    for name, fn in BUILTIN_TASKS.items():
+        if name not in served:
+            served.add(name, fn)
+    return served

@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         parser.error(f"--log-level {args.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
     from node.transport import ComputeNodeTransport
+    from node.builtin_tasks import with_builtins
     from node.registry import default_registry, load_task
     from node.lambda_tasks import attach_lambdas
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"{MIN_HEARTBEAT:g} and {MAX_HEARTBEAT:g} seconds")
         broker = broker_from_args(parse_broker_url(args.broker), args)
         tls = tls_from_args(args)
-        registry = default_registry.copy()
+        registry = with_builtins(default_registry)
         for spec in args.task:
             load_task(spec, registry=registry)
         runner = attach_lambdas(registry, args.lambdas)

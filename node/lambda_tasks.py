@@ -23,7 +23,9 @@ __all__ = ["attach_lambdas"]
 def attach_lambdas(registry: TaskRegistry, specs: list[str]) -> Any:
     """Start a lambda runner for the built-in and `specs` lambdas; register the `lambda` task."""
     from node.lambdas import LambdaError, LambdaRunner
-    import node.lambdas.builtin  # noqa: F401  (registers echo, sleep, allocate, fail, env)
+    from node.lambdas.builtin import register_builtins
+
+    register_builtins()  # echo, sleep, allocate, fail, env in the default lambda registry
 
     runner = LambdaRunner(specs=list(specs))
     try:

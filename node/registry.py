@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 from typing import Any, Callable
 
 from core.errors import ConfigError
 from core.protocol import MAX_ATTEMPTS, MAX_DELAY
+from node.function_registry import FunctionRegistry, import_spec_module
 
 __all__ = ["TaskRegistry", "default_registry", "task", "load_task"]
 
 TaskFunction = Callable[..., Any]
 
 
-class TaskRegistry:
+class TaskRegistry(FunctionRegistry[TaskFunction]):
     """Maps task names to plain functions called as `fn(*args, **kwargs)`, each with an
     optional default time limit for calls that were submitted without one."""
 
     def __init__(self) -> None:
-        self._tasks: dict[str, TaskFunction] = {}
+        super().__init__()
         self._timeouts: dict[str, float] = {}
         self._retries: dict[str, dict[str, Any]] = {}
 
@@ -60,7 +58,7 @@ class TaskRegistry:
         if retry is None:
             retry = getattr(fn, "task_retry", None)
         hint = _retry_hint(name, retry) if retry else None
-        self._tasks[name] = fn
+        self._store(name, fn)
         if timeout:
             self._timeouts[name] = float(timeout)
         else:
@@ -71,7 +69,7 @@ class TaskRegistry:
             self._retries.pop(name, None)
 
     def get(self, name: str) -> TaskFunction | None:
-        return self._tasks.get(name)
+        return self._lookup(name)
 
     def timeout(self, name: str) -> float:
         """The default time limit of task `name` (0: none)."""
@@ -81,15 +79,9 @@ class TaskRegistry:
         """The retry policy task `name` was registered with, as sent to the master."""
         return self._retries.get(name)
 
-    def names(self) -> list[str]:
-        return sorted(self._tasks)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._tasks
-
     def copy(self) -> "TaskRegistry":
         other = TaskRegistry()
-        other._tasks = dict(self._tasks)
+        other._functions = dict(self._functions)
         other._timeouts = dict(self._timeouts)
         other._retries = dict(self._retries)
         return other
@@ -128,31 +120,22 @@ def _retry_hint(name: str, retry: object) -> dict[str, Any]:
 _RETRY_KEYS = ("max_attempts", "backoff", "backoff_max", "retry_on")
 
 default_registry = TaskRegistry()
+"""What `@task` fills; the node serves a copy of it over the built-ins
+(`node.builtin_tasks.with_builtins`)."""
 task = default_registry.register
 
 
 def load_task(spec: str, *, registry: TaskRegistry) -> str:
     """Register user code given as `module:function` (the task keeps the function's name).
 
-    The module is looked up on sys.path, with the current directory added to its end if
-    absent (as for `--lambda`), so `mytasks.py` beside where the node starts needs no
-    packaging and no PYTHONPATH.
+    The module is found as for `--lambda` (`node.function_registry.import_spec_module`), so
+    `mytasks.py` beside where the node starts needs no packaging and no PYTHONPATH.
     """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"task spec {spec!r} must look like module:function")
-    cwd = os.getcwd()
-    if "" not in sys.path and cwd not in sys.path:
-        sys.path.append(cwd)
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        missing = e.name or ""
-        if missing == module_name or module_name.startswith(missing + "."):
-            raise ConfigError(f"task spec {spec!r}: no module named {missing!r} (looked in "
-                              f"sys.path and the current directory {cwd})") from e
-        raise ConfigError(f"task spec {spec!r}: importing {module_name!r} failed: it needs "
-                          f"module {missing!r}, which is not installed") from e
+        module = import_spec_module(spec, module_name, kind="task", error=ConfigError)
     except ImportError as e:
         raise ConfigError(f"task spec {spec!r}: cannot import {module_name!r}: {e}") from e
     fn = getattr(module, attr, None)

@@ -34,7 +34,7 @@ from core.protocol import (Control, NodeReport, NodeStatus, ResultBatch, TaskBat
                            TaskSpec, decode_message, result_for)
 from core.topics import DEFAULT_ROOT, Topics, validate_id
 from core.url import BrokerUrl, parse_broker_url
-from node import builtin_tasks as _builtin  # noqa: F401  (registers the built-in tasks)
+from node.builtin_tasks import with_builtins
 from node.identity import claim_node_id
 from node.lease_fence import LeaseFence
 from node import task_context, task_output
@@ -90,7 +90,7 @@ class ComputeNodeTransport:
         self.heartbeat = heartbeat
         self.codec = codec_name
         self.drain_timeout = drain_timeout
-        self.registry = registry or default_registry
+        self.registry = registry if registry is not None else with_builtins(default_registry)
         self.instance = uuid.uuid4().hex[:12]
         self._clock = clock
         self._lambdas = lambdas  # the names of the lambdas it runs, for its status

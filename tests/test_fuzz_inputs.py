@@ -611,11 +611,12 @@ def test_a_task_batch_from_a_later_epoch_does_not_blind_the_node(solo: tuple) ->
 def test_a_result_msgpack_cannot_carry_does_not_stall_the_master(solo: tuple) -> None:
     """A JSON-speaking node (as an ESP32 is) returns an integer above 2**64: the master must
     still tell the submitter something and keep dispatching."""
+    from node.builtin_tasks import with_builtins
     from node.registry import default_registry
     from node.transport import ComputeNodeTransport
     fabric, _observer = solo
     fabric.master()
-    registry = default_registry.copy()
+    registry = with_builtins(default_registry)
     registry.add("huge", lambda: 2**70)
     node = ComputeNodeTransport(broker_url=fabric.broker_url, node_id="json-node",
                                 root=fabric.root, codec_name="json", registry=registry,

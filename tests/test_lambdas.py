@@ -526,10 +526,22 @@ def test_register_refuses_functions_a_worker_cannot_import() -> None:
         registry.register("has space")(sample_handler)
 
 
-def test_builtins_are_in_the_default_registry() -> None:
+def test_builtins_are_registered_by_an_explicit_call_not_by_an_import() -> None:
+    fresh = LambdaRegistry()
+    assert builtin.register_builtins(fresh) is fresh
+    assert fresh.names() == sorted(BUILTINS)
+    builtin.register_builtins()  # what the node does; a second call is harmless
+    builtin.register_builtins()
     for name in BUILTINS:
         assert default_registry.get(name) is getattr(builtin, name)
     assert lambda_function.__module__ == "node.lambdas.registry"
+    code = ("import node.lambdas.builtin, node.transport\n"
+            "from node.lambdas import default_registry\n"
+            "from node.registry import default_registry as tasks\n"
+            "print(len(default_registry), tasks.names())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True, cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.split() == ["0", "[]"]
 
 
 @pytest.mark.parametrize("spec", ["no_colon", "mod:", ":fn", "a:b:c", "mod:fn()", "1mod:fn", "mod: fn"])

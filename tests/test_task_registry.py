@@ -49,3 +49,20 @@ def test_a_registered_retry_policy_is_checked_and_kept_per_name() -> None:
 def test_a_bad_retry_policy_is_refused_when_the_node_starts(bad: object) -> None:
     with pytest.raises(ConfigError, match="task 'flaky'"):
         TaskRegistry().add("flaky", lambda: None, retry=bad)  # type: ignore[arg-type]
+
+
+def test_the_node_serves_the_builtins_under_its_own_tasks() -> None:
+    from node.builtin_tasks import BUILTIN_TASKS, echo, with_builtins
+
+    def mine(value: object = None) -> str:
+        return "mine"
+
+    own = TaskRegistry()
+    own.add("echo", mine, timeout=2.0)
+    own.add("extra", mine)
+    served = with_builtins(own)
+    assert served.names() == sorted(set(BUILTIN_TASKS) | {"extra"})
+    assert served.get("echo") is mine and served.timeout("echo") == 2.0  # the user's wins
+    assert served.get("sleep") is BUILTIN_TASKS["sleep"]
+    assert own.names() == ["echo", "extra"]  # a copy: the user's registry is left as it was
+    assert with_builtins(TaskRegistry()).get("echo") is echo

@@ -1,4 +1,5 @@
-"""Built-in lambdas for demos and tests, registered in the default registry on import.
+"""Built-in lambdas for demos and tests; the node registers them (`register_builtins`), importing
+this module registers nothing.
 
 Each exercises one thing a user relies on: a round trip (echo), the timeout (sleep), the memory
 limit (allocate), error reporting (fail) and per-call environment variables (env). None of
@@ -13,21 +14,19 @@ import time
 from typing import Any
 
 from node.lambdas.context import LambdaContext
-from node.lambdas.registry import lambda_function
+from node.lambdas.registry import LambdaRegistry, default_registry
 
-__all__ = ["echo", "sleep", "allocate", "fail", "env"]
+__all__ = ["echo", "sleep", "allocate", "fail", "env", "BUILTIN_LAMBDAS", "register_builtins"]
 
 _MIB = 1024 * 1024
 _PAGE = 4096
 
 
-@lambda_function("echo")
 def echo(event: Any, context: LambdaContext) -> Any:
     """Return the event unchanged."""
     return event
 
 
-@lambda_function("sleep")
 def sleep(event: dict[str, Any], context: LambdaContext) -> dict[str, float]:
     """Sleep event["seconds"], then report it: a stand-in for slow work."""
     seconds = float(event["seconds"])
@@ -35,7 +34,6 @@ def sleep(event: dict[str, Any], context: LambdaContext) -> dict[str, float]:
     return {"slept_s": seconds}
 
 
-@lambda_function("allocate")
 def allocate(event: dict[str, Any], context: LambdaContext) -> dict[str, int]:
     """Allocate and touch event["mb"] MB: a stand-in for memory-hungry work."""
     mb = int(event["mb"])
@@ -45,14 +43,23 @@ def allocate(event: dict[str, Any], context: LambdaContext) -> dict[str, int]:
     return {"allocated_mb": mb}
 
 
-@lambda_function("fail")
 def fail(event: dict[str, Any], context: LambdaContext) -> None:
     """Raise ValueError(event["message"]): shows how errors come back."""
     raise ValueError(event.get("message", "failed on purpose"))
 
 
-@lambda_function("env")
 def env(event: dict[str, Any], context: LambdaContext) -> str | None:
     """The value of the variable event["name"] in this call's environment: one the call gave
     (or the fixed base), never the node's (None if unset)."""
     return os.environ.get(event["name"])
+
+
+BUILTIN_LAMBDAS = {"echo": echo, "sleep": sleep, "allocate": allocate, "fail": fail, "env": env}
+
+
+def register_builtins(registry: LambdaRegistry = default_registry) -> LambdaRegistry:
+    """Add the built-in lambdas to `registry` (a name taken by another function is an error,
+    as for any lambda); a worker process finds them again by module and name."""
+    for name, fn in BUILTIN_LAMBDAS.items():
+        registry.add(fn, name=name)
+    return registry

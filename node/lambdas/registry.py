@@ -7,13 +7,11 @@ than on the first call.
 
 from __future__ import annotations
 
-import importlib
-import os
 import re
-import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from node.function_registry import FunctionRegistry, import_spec_module
 from node.lambdas.errors import LambdaError
 
 __all__ = [
@@ -51,12 +49,9 @@ def _check_importable(fn: Callable[..., Any], name: str) -> None:
         )
 
 
-class LambdaRegistry:
+class LambdaRegistry(FunctionRegistry[Handler]):
     """Name -> handler table. Names are what a job asks for; registering twice is an error
     unless it is the same function again (a module imported twice)."""
-
-    def __init__(self) -> None:
-        self._handlers: dict[str, Handler] = {}
 
     def register(self, name: str | None = None) -> Callable[[F], F]:
         """Decorator: `@registry.register()` uses the function's name, `register("x")` sets it."""
@@ -82,39 +77,31 @@ class LambdaRegistry:
                 f"invalid lambda name {name!r}: use 1-128 letters, digits, '_', '-', '.' or ':'"
             )
         _check_importable(fn, name)
-        existing = self._handlers.get(name)
+        existing = self._lookup(name)
         if existing is not None and existing is not fn and spec_of(existing) != spec_of(fn):
             raise LambdaError(
                 f"lambda name {name!r} is already taken by {spec_of(existing)}; "
                 f"choose another name for {spec_of(fn)}"
             )
-        self._handlers[name] = fn
+        self._store(name, fn)
         return name
 
     def get(self, name: str) -> Handler:
-        try:
-            return self._handlers[name]
-        except KeyError:
-            raise LambdaError(f"no lambda named {name!r}") from None
-
-    def names(self) -> list[str]:
-        return sorted(self._handlers)
-
-    def items(self) -> list[tuple[str, Handler]]:
-        return sorted(self._handlers.items())
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._handlers
+        fn = self._lookup(name)
+        if fn is None:
+            raise LambdaError(f"no lambda named {name!r}")
+        return fn
 
     def __len__(self) -> int:
-        return len(self._handlers)
+        return len(self._functions)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
 
 default_registry = LambdaRegistry()
-"""The registry `lambda_function` fills and a `LambdaRunner` serves unless given another."""
+"""The registry `lambda_function` fills and a `LambdaRunner` serves unless given another; the
+node adds the built-ins to it (`node.lambdas.builtin.register_builtins`)."""
 
 
 def lambda_function(name: str | None = None) -> Callable[[F], F]:
@@ -138,26 +125,14 @@ def parse_spec(spec: str) -> tuple[str, str]:
 def load_lambda(spec: str) -> Handler:
     """Import the function named by `module:function` (the `--lambda` option).
 
-    The module is looked up on sys.path; the current directory is added to its end if absent,
-    so a file next to where the node was started can be named without packaging it.
+    The module is found as for `--task` (`node.function_registry.import_spec_module`), so a
+    file next to where the node was started can be named without packaging it.
     """
     module_name, attr = parse_spec(spec)
-    cwd = os.getcwd()
-    if "" not in sys.path and cwd not in sys.path:
-        sys.path.append(cwd)
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        missing = e.name or ""
-        if missing == module_name or module_name.startswith(missing + "."):
-            raise LambdaError(
-                f"lambda spec {spec!r}: no module named {missing!r} "
-                f"(looked in sys.path and the current directory {cwd})"
-            ) from e
-        raise LambdaError(
-            f"lambda spec {spec!r}: importing {module_name!r} failed: it needs module "
-            f"{missing!r}, which is not installed"
-        ) from e
+        module = import_spec_module(spec, module_name, kind="lambda", error=LambdaError)
+    except LambdaError:
+        raise
     except (Exception, SystemExit) as e:  # any failure of user code at import is the spec's
         raise LambdaError(
             f"lambda spec {spec!r}: importing {module_name!r} raised {type(e).__name__}: {e}"

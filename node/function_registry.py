@@ -1,0 +1,65 @@
+"""The node's one registry concept: functions known by name, and user code named `module:function`.
+
+Nothing from the wire ever runs except a function registered here. Tasks (`node.registry`,
+called as `fn(*args, **kwargs)`) and lambdas (`node.lambdas.registry`, called as
+`handler(event, context)` in a worker process) are two kinds of it: each checks names and
+functions its own way and keeps its own options, the table and the import of a spec are shared.
+Built-ins are registered by an explicit call where the node builds its registry
+(`node.builtin_tasks.with_builtins`, `node.lambdas.builtin.register_builtins`), never as a side
+effect of importing a module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any, Generic, TypeVar
+
+__all__ = ["FunctionRegistry", "import_spec_module"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class FunctionRegistry(Generic[F]):
+    """Name -> function table; a kind of registry adds its own checks in its `add`."""
+
+    def __init__(self) -> None:
+        self._functions: dict[str, F] = {}
+
+    def names(self) -> list[str]:
+        return sorted(self._functions)
+
+    def items(self) -> list[tuple[str, F]]:
+        return sorted(self._functions.items())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._functions
+
+    def _lookup(self, name: str) -> F | None:
+        return self._functions.get(name)
+
+    def _store(self, name: str, fn: F) -> None:
+        self._functions[name] = fn
+
+
+def import_spec_module(spec: str, module_name: str, *, kind: str,
+                       error: type[Exception]) -> ModuleType:
+    """Import the module of `spec` (`--task` or `--lambda`), looked up on sys.path with the
+    current directory added to its end if absent, so a file beside where the node starts needs
+    no packaging and no PYTHONPATH. A missing module raises `error` naming it; any other
+    failure of the import propagates for the caller to word."""
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.append(cwd)
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        missing = e.name or ""
+        if missing == module_name or module_name.startswith(missing + "."):
+            raise error(f"{kind} spec {spec!r}: no module named {missing!r} (looked in "
+                        f"sys.path and the current directory {cwd})") from e
+        raise error(f"{kind} spec {spec!r}: importing {module_name!r} failed: it needs "
+                    f"module {missing!r}, which is not installed") from e
