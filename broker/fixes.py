@@ -32,9 +32,10 @@ rely on are listed in `broker.amqtt_privates`, which checks them when the broker
   the sweep of ended sessions no longer removes one that reconnected meanwhile.
 - `AT_LEAST_ONCE` -- amqtt forgets a QoS 1 or 2 message its subscriber has not acknowledged
   within 5 s (a QoS 2 one even as soon as PUBREC came), never resends one in flight when a
-  persistent session reconnects, and fails once 65,535 are unacknowledged. `broker.delivery.DeliveryHandler` keeps each in flight
-  until acknowledged and resends it (DUP) when the session resumes; queued and retained
-  messages no longer hold up the client's message loop until acknowledged.
+  persistent session reconnects, and fails once 65,535 are unacknowledged.
+  `broker.delivery.DeliveryHandler` keeps each in flight until acknowledged and resends it
+  (DUP) when the session resumes; queued and retained messages no longer hold up the
+  client's message loop until acknowledged.
 
 - `IDENTITY` -- amqtt lets any authenticated client take any client id, so one node's
   credentials could evict another node (its will sent). `use_username_as_clientid` is

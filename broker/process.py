@@ -88,9 +88,10 @@ def start_broker_process(config_path: str | os.PathLike[str] | None, *, port: in
     The config is read and checked here, so a bad file raises `BrokerConfigError` in the
     caller with its line number, and the process is handed the parsed settings (on its
     stdin) instead of reading the file again; `port=0` picks a free port. With `parent_pid`
-    the broker exits by itself once that process is gone. Relative paths in the config resolve against `cwd`
-    (default: the working directory), where the process runs. `trusted_file` holds the
-    hashed credential of the master that starts it (`broker.trusted`).
+    the broker exits by itself once that process is gone. Relative paths in the config
+    resolve against `cwd` (default: the working directory), where the process runs.
+    `trusted_file` holds the hashed credential of the master that starts it
+    (`broker.trusted`).
     """
     base_dir = Path(cwd).resolve() if cwd is not None else Path.cwd()
     config = _checked_config(config_path, port=port, bind=bind, base_dir=base_dir,

@@ -1,16 +1,63 @@
 """What the fabric relies on from any broker, checked on the embedded broker and on mosquitto.
 
-Each test answers one amqtt 0.12.1 bug listed in DESIGN.md and fails on plain amqtt. To see
-that, run the embedded broker as plain amqtt (amqtt's own `Broker`, with the same listeners and
-mosquitto-file plugins, and amqtt's AnonymousAuthPlugin for anonymous access):
+Each test answers one bug of amqtt 0.12.1, told in its docstring, and fails on plain amqtt:
+amqtt never drops a silent client, so a frozen node's will never comes; it sends a client
+retained messages of other clients' subscriptions, past the ACL; it leaves the first of two
+connections with one client id open; it upgrades QoS 0 messages to the subscription's QoS;
+it keeps no session of an anonymous client and marks every client anonymous; it drops the
+messages it acknowledged to a publisher that disconnects before they were broadcast; it
+forgets a message its subscriber did not acknowledge in 5 s and never resends one in flight
+when a persistent session resumes. To see them fail, run the embedded broker as plain amqtt
+(amqtt's own `Broker`, with the same listeners and mosquitto-file plugins, and amqtt's
+AnonymousAuthPlugin for anonymous access):
 
     BROKER_TEST_UNPATCHED=1 python -m pytest tests/test_broker_promises.py -k embedded
 
-Every test below then fails on `embedded` (the mosquitto runs still pass): the frozen client
-is never dropped and its will never comes; the retained message leaks to bob; the first
-connection stays open; QoS 0 arrives as QoS 1; the session is not kept (no session present,
-nothing queued); messages acknowledged to a flooding publisher never reach the subscribers;
-a message in flight when a persistent session drops is not sent again.
+Every override of amqtt in `broker.fixes` and `broker.delivery` (`broker.amqtt_privates`
+names the amqtt internals they rely on) and the test that shows it, `file::test` outside
+this file:
+
+    KEEPALIVE  ConnectionReader.watch_idle        test_silent_client_is_dropped_after_...
+    RETAINED_ACL  _send_retained,                 test_retained_messages_go_only_to_...,
+        _publish_retained_messages_for_subscription  test_broker_auth::test_denied_retained_...
+    TAKEOVER  _take_over, _adopt_session,         test_same_client_id_takes_the_session_over
+        _delete_session, _session_monitor (its sweep spares a session that reconnected
+        meanwhile: a race no test forces; the takeover test runs its path)
+    QOS_DOWNGRADE  _handle_message_delivery,      test_delivered_qos_is_the_lower_of_...
+        _broadcast_message, _deliver_broadcast
+    PERSISTENT_SESSIONS  _adopt_session,          test_persistent_session_is_kept_and_...,
+        _publish_session_retained_messages,       test_broker_overrides::test_an_offline_...
+        _retain_broadcast_message
+    ACKED_DELIVERED  _client_message_loop,        test_every_acknowledged_qos1_message_...
+        _deliver_queued, _handle_disconnect, _broadcast_acknowledged
+    AT_LEAST_ONCE  _undelivered,                  test_unacknowledged_message_is_resent_...,
+        DeliveryHandler._handle_qos1_message_flow, test_security::test_qos2_to_a_persistent_...
+        _handle_qos2_message_flow, _retry_deliveries, resend
+    WILL_ACL  _initialize_client_session          test_broker_auth::test_will_on_a_topic_...
+    IDENTITY  _bind_client_id                     test_security::test_a_user_cannot_take_...
+    CONNECT_DEADLINE  ConnectionReader.connect_within  test_security::test_a_slow_connect_...,
+                                                  test_broker_process::test_client_without_...
+    MAX_CONNECTIONS  stream_connected             test_security::test_max_connections_caps_...
+    authentication before any session:           test_broker_auth::test_password_file_...
+        _initialize_client_session, _authenticate, _refuse
+    max_packet_size  ConnectionReader.read_packet test_packet_over_max_packet_size_closes_...
+    a protocol error ends the session, will sent: test_broker_process::test_protocol_error_...
+        _handle_client_session
+    TCP_NODELAY, listeners  stream_connected,     test_broker_process::test_accepted_sockets_...,
+        _create_server_instance, bound_addresses  test_broker_tls::test_tls_listener_serves_...
+    a publish after a SUBSCRIBE waits for it:     test_a_publish_right_after_a_subscribe_...
+        _handle_subscription, _handle_unsubscription, _apply_subscription, publish_behind
+    filters per client  add_subscription,         test_broker_index::test_an_ended_session_...
+        _del_subscription, _del_all_subscriptions
+    the subscription index  _FilterTable,         test_broker_index (all of it)
+        _filters_matching, _run_broadcast, _broadcast_loop
+    ACL checks as calls  _topic_filtering         test_broker_auth::test_nodes_are_confined_...
+    shutdown  _shutdown_broadcast_loop            test_broker_process::test_cli_prints_one_...
+    packets whole, in place  _reader_loop,        test_broker_overrides::test_a_quiet_...,
+        _received, _acknowledged, post, ConnectionWriter  test_broker_throughput,
+        decode_publish, encode_publish            test_broker_codec
+    no packet id left  mqtt_publish,              test_broker_overrides::test_a_subscriber_...
+        _wait_for_packet_id, _release_packet_id
 """
 
 from __future__ import annotations
@@ -75,6 +122,8 @@ def probe(broker: BrokerHandle, name: str, **options: object) -> Probe:
 
 def test_silent_client_is_dropped_after_one_and_a_half_keepalives_and_its_will_sent(
         broker: BrokerHandle) -> None:
+    """amqtt never disconnects a client that falls silent, so the will of a node that froze
+    or lost power is never published; a client that pings must stay connected."""
     topic = f"t/will/{unique('frozen')}"
     with probe(broker, "watch") as watcher, \
             probe(broker, "alive", keepalive=KEEPALIVE) as alive:  # pings: must stay
@@ -98,6 +147,9 @@ def test_silent_client_is_dropped_after_one_and_a_half_keepalives_and_its_will_s
 
 def test_retained_messages_go_only_to_matching_subscriptions_the_acl_allows(
         broker: BrokerHandle) -> None:
+    """amqtt sends a connecting client every retained message that matches any client's
+    subscription, and ignores the ACL when a subscription is made: retained messages must
+    go only to the filter subscribed, and only where the client may read."""
     secret = f"private/alice/{unique('r')}"
     sentinel = f"t/sentinel/{unique('s')}"
     with probe(broker, "alice", username="alice", password="alice-pw") as alice, \
@@ -172,6 +224,8 @@ def test_same_client_id_takes_the_session_over(broker: BrokerHandle, old_clean: 
 # -- 4. QoS downgrade ------------------------------------------------------------------------
 
 def test_delivered_qos_is_the_lower_of_publish_and_subscription_qos(broker: BrokerHandle) -> None:
+    """amqtt delivers at the subscription's QoS, upgrading a QoS 0 publish (and a will);
+    MQTT says min(publish QoS, subscription QoS)."""
     base = f"t/qos/{unique('q')}"
     with probe(broker, "sub") as sub, probe(broker, "pub") as pub:
         assert sub.subscribe([(f"{base}/sub1", 1), (f"{base}/sub0", 0), (f"{base}/will", 0)]) \
@@ -193,6 +247,9 @@ def test_delivered_qos_is_the_lower_of_publish_and_subscription_qos(broker: Brok
 @pytest.mark.parametrize("user", ["alice", None], ids=["authenticated", "anonymous"])
 def test_persistent_session_is_kept_and_its_queue_delivered(broker: BrokerHandle,
                                                             user: str | None) -> None:
+    """amqtt marks every client anonymous when anonymous access is on and keeps no session
+    of an anonymous client: a clean_session=0 session must be kept for every client, and
+    what was queued while it was away delivered with retain=0."""
     client_id = unique("durable")
     topic = f"t/queue/{client_id}"
     login = {"username": user, "password": f"{user}-pw"} if user else {}
