@@ -20,8 +20,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from core.errors import FabricError
 from core.replication import JournalDelta, JournalOp
+from master.errors import ReplicationError
 from master.journal import Journal
 
 __all__ = ["ChangeCapture", "JournalReplica", "JournalSnapshot", "ReplicationError",
@@ -44,10 +44,6 @@ _TRIGGERS = {
         f"VALUES ('{table}', {'OLD' if op == 'delete' else 'NEW'}.{key}, '{op[0]}'); END")
     for table, key in _KEYS.items() for op in ("insert", "update", "delete")
 }
-
-
-class ReplicationError(FabricError):
-    """A delta or copy cannot be applied here (the standby then asks for a full copy)."""
 
 
 def journal_path(state_dir: str | Path) -> Path:

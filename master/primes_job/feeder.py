@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator
 from core.errors import ConfigError, FabricError, FabricTimeout
 from core import states
 from core.protocol import TaskOutcome
+from master.errors import StaleCheckpoint
 from master.handles import TaskHandle
 from master.primes_job.plan import TASK_OVERHEAD_BYTES, Shard, task_digest, task_id
 from master.primes_job.ranges import RangeShard
@@ -100,11 +101,6 @@ class Submitted:
     handle: TaskHandle
     submitted: float
     reused: bool = False
-
-
-class StaleCheckpoint(ConfigError):
-    """A shard the checkpoint holds as done now has other numbers (same files' sizes and
-    times, other content): the checkpoint cannot be trusted for this input."""
 
 
 class Feeder:

@@ -10,17 +10,13 @@ from typing import Any
 
 import msgpack
 
-from node.lambdas.errors import LambdaError
+from node.lambdas.errors import FrameError
 
 __all__ = ["FrameError", "pack", "unpack", "frame", "FrameBuffer", "HEADER_SIZE"]
 
 _HEADER = struct.Struct(">I")
 HEADER_SIZE = _HEADER.size
 MAX_FRAME_BYTES = 2**32 - 1
-
-
-class FrameError(LambdaError):
-    """A value cannot be framed, or bytes on a local pipe are not a valid frame."""
 
 
 def pack(obj: Any) -> bytes:

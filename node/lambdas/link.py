@@ -23,7 +23,7 @@ from typing import Any
 
 from node.lambdas import framing
 from node.lambdas.environment import BASE_ENV
-from node.lambdas.errors import LambdaError
+from node.lambdas.errors import LambdaError, LinkDown, LinkHung
 from node.lambdas.outcome import CRASHED, LambdaOutcome
 
 __all__ = ["ZygoteLink", "LinkDown", "LinkHung"]
@@ -36,18 +36,6 @@ _BOOTSTRAP = (
 _POLL_S = 0.5
 _EXIT_WAIT_S = 5.0
 _READ_CHUNK = 1 << 16
-
-
-class LinkDown(LambdaError):
-    """The zygote is gone. `started` tells whether the call may have begun running."""
-
-    def __init__(self, message: str, *, started: bool) -> None:
-        super().__init__(message)
-        self.started = started
-
-
-class LinkHung(LambdaError):
-    """The zygote did not answer a call long after its timeout."""
 
 
 class _Pending:

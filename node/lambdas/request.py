@@ -12,13 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from node.lambdas.errors import LambdaError
+from node.lambdas.errors import BadRequest, LambdaError
 
 __all__ = ["BadRequest", "LambdaLimits", "LambdaCall", "validate_call", "call_from_lambda_data"]
-
-
-class BadRequest(LambdaError):
-    """A call's parameters are invalid; it becomes a "bad_request" outcome."""
 
 
 @dataclass(frozen=True)
