@@ -1,4 +1,8 @@
-"""Errors of the pipelines package: one shallow tree under the fabric's root error."""
+"""Errors of the pipelines package: one shallow tree under the fabric's root error.
+
+A class stands for a case some caller handles on its own; `TransactionError` (a transaction
+used after it ended, or with another store) is `StoreError`, since nothing tells them apart.
+"""
 
 from __future__ import annotations
 
@@ -67,12 +71,12 @@ class TransactionConflict(PipelineError):
         )
 
 
-class TransactionError(PipelineError):
-    """A transaction was used after it ended, or with a store it does not belong to."""
-
-
 class StoreError(PipelineError):
-    """The pipeline store could not read or write its sqlite file, or a value is not storable."""
+    """The pipeline store could not read or write its sqlite file, a value is not storable, or
+    a transaction was used after it ended or with a store it does not belong to."""
+
+
+TransactionError = StoreError  # the name of its misused-transaction case, kept for importers
 
 
 class JobFailed(PipelineError):
