@@ -270,9 +270,6 @@ class MqttSession:
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
-
     def on_connect(self, hook: Callable[[bool], None]) -> None:
         """Call `hook(session_present)` after every (re)connect, once subscriptions are back."""
         self._on_connect_hooks.append(hook)

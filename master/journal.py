@@ -395,23 +395,6 @@ class Journal(BatchedWrites):
         params.append(int(limit))
         return [_task_view(row, full=False) for row in self._db.execute(sql, params)]
 
-    def is_finished(self, task_id: str) -> bool:
-        row = self._db.execute("SELECT state FROM tasks WHERE id = ?", (task_id,)).fetchone()
-        return row is not None and row[0] >= COMPLETED
-
-    def counts(self) -> dict[str, int]:
-        counts = {name: 0 for name in STATE_NAMES.values()}
-        for state, n in self._db.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state"):
-            counts[STATE_NAMES[state]] = n
-        return counts
-
-    def results(self, *, limit: int | None = None) -> list[tuple[str, str, Any]]:
-        """(task id, node, value) of completed tasks, oldest first."""
-        sql = f"SELECT id, node, result FROM tasks WHERE state = {COMPLETED} ORDER BY finished"
-        if limit:
-            sql += f" LIMIT {int(limit)}"
-        return [(i, n, _unpack(r)) for i, n, r in self._db.execute(sql)]
-
 
 _SCANNED = 200_000  # latest tasks a listing of finished ones looks through at most
 _TASK_COLUMNS = ("id, name, call, priority, client, pinned, state, node, attempts, errors, result, "

@@ -172,11 +172,6 @@ class Feeder:
         with self._lock:
             return self.reader_done and self.active == 0 and not self._retry
 
-    @property
-    def retries_waiting(self) -> int:
-        with self._lock:
-            return len(self._retry)
-
     # -- the thread ----------------------------------------------------------------------------
 
     def _run(self) -> None:

@@ -23,10 +23,8 @@ from core.number_text import MAX_LINE_BYTES, excerpt
 from master.primes_job.numbers import BLOCK_BYTES, BadLine
 from master.primes_job.plan import ShardPlan
 
-__all__ = ["RangeShard", "iter_range_shards", "RangeResult", "range_result", "MAX_BAD_REPORTED"]
+__all__ = ["RangeShard", "iter_range_shards", "RangeResult", "range_result"]
 
-# Bad lines a node names per shard (it counts them all): a file of garbage stays a small answer.
-MAX_BAD_REPORTED = 100
 # Bytes that need no escaping in JSON besides the newline (which takes two).
 _PLAIN = b"0123456789\n +-"
 _OVERLONG = f"line longer than {MAX_LINE_BYTES} bytes"
