@@ -11,6 +11,7 @@ import threading
 from core.errors import FabricError
 from core.defaults import DEFAULT_HEARTBEAT
 from core.logs import configure_logging
+from core.protocol import MAX_HEARTBEAT  # what a node's status may say
 from core.runtime import tune_for_messaging
 from core.topics import DEFAULT_ROOT
 from core.credentials import add_security_options, broker_from_args, tls_from_args
@@ -20,7 +21,6 @@ from node.process_pool import POOLS
 __all__ = ["main", "build_parser", "MIN_HEARTBEAT", "MAX_HEARTBEAT"]
 
 MIN_HEARTBEAT = 0.05  # below this the node floods the broker with statuses
-MAX_HEARTBEAT = 3600.0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from core.credentials import add_security_options
-from core.defaults import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_QUEUED, DEFAULT_NODE_TIMEOUT
+from core.defaults import (DEFAULT_LEASE_TTL, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_QUEUED,
+                           DEFAULT_NODE_TIMEOUT)
 from core.topics import DEFAULT_ROOT
 
 NAME = "serve"
@@ -76,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dashboard", metavar="HOST:PORT",
                    help="also serve the live web dashboard there (e.g. 127.0.0.1:8080; the "
                         "same page as `master-node dashboard`)")
-    p.add_argument("--lease-ttl", type=float, default=3.0, metavar="SECONDS",
+    p.add_argument("--lease-ttl", type=float, default=DEFAULT_LEASE_TTL, metavar="SECONDS",
                    help="with --replica: the active master renews its lease every third of "
                         "this; a standby takes over when the lease lapses or its holder's "
                         "connection drops (default %(default)s; the same on every master)")

@@ -13,6 +13,7 @@ from collections import deque
 from typing import Any
 
 from core import states
+from core.defaults import DEFAULT_HEARTBEAT
 __all__ = ["FabricView", "HISTORY_SECONDS", "MAX_FAILURES"]
 
 HISTORY_SECONDS = 300     # throughput samples kept (one a second)
@@ -187,7 +188,7 @@ class FabricView:
             node = {**known, **status, "node_id": node_id}
             seen = self._node_seen.get(node_id)
             age = None if seen is None else max(0.0, now - seen)
-            heartbeat = _number(node.get("heartbeat")) or 1.0
+            heartbeat = _number(node.get("heartbeat")) or DEFAULT_HEARTBEAT
             state = str(node.get("status") or "unknown")
             silent = age is not None and state not in states.GONE_STATES and age > 3 * heartbeat + 1
             node.update({"status": state, "age": None if age is None else round(age, 1),
