@@ -18,7 +18,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any, Generic, TypeVar
 
-__all__ = ["FunctionRegistry", "import_spec_module"]
+__all__ = ["FunctionRegistry", "import_spec_module", "missing_module"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -45,21 +45,24 @@ class FunctionRegistry(Generic[F]):
         self._functions[name] = fn
 
 
-def import_spec_module(spec: str, module_name: str, *, kind: str,
-                       error: type[Exception]) -> ModuleType:
-    """Import the module of `spec` (`--task` or `--lambda`), looked up on sys.path with the
+def import_spec_module(module_name: str) -> ModuleType:
+    """Import the module of a `--task` or `--lambda` spec, looked up on sys.path with the
     current directory added to its end if absent, so a file beside where the node starts needs
-    no packaging and no PYTHONPATH. A missing module raises `error` naming it; any other
-    failure of the import propagates for the caller to word."""
+    no packaging and no PYTHONPATH. Failures propagate: the caller words them, a missing
+    module with `missing_module`."""
     cwd = os.getcwd()
     if "" not in sys.path and cwd not in sys.path:
         sys.path.append(cwd)
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        missing = e.name or ""
-        if missing == module_name or module_name.startswith(missing + "."):
-            raise error(f"{kind} spec {spec!r}: no module named {missing!r} (looked in "
-                        f"sys.path and the current directory {cwd})") from e
-        raise error(f"{kind} spec {spec!r}: importing {module_name!r} failed: it needs "
-                    f"module {missing!r}, which is not installed") from e
+    return importlib.import_module(module_name)
+
+
+def missing_module(spec: str, module_name: str, e: ModuleNotFoundError, *, kind: str,
+                   error: type[Exception]) -> Exception:
+    """The `error` to raise when importing the module of `spec` found a module missing: the
+    spec's own, or one it needs that is not installed."""
+    missing = e.name or ""
+    if missing == module_name or module_name.startswith(missing + "."):
+        return error(f"{kind} spec {spec!r}: no module named {missing!r} (looked in sys.path "
+                     f"and the current directory {os.getcwd()})")
+    return error(f"{kind} spec {spec!r}: importing {module_name!r} failed: it needs module "
+                 f"{missing!r}, which is not installed")

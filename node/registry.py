@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 from core.errors import ConfigError
 from core.protocol import MAX_ATTEMPTS, MAX_DELAY
-from node.function_registry import FunctionRegistry, import_spec_module
+from node.function_registry import FunctionRegistry, import_spec_module, missing_module
 
 __all__ = ["TaskRegistry", "default_registry", "task", "load_task"]
 
@@ -135,7 +135,9 @@ def load_task(spec: str, *, registry: TaskRegistry) -> str:
     if not sep or not module_name or not attr:
         raise ConfigError(f"task spec {spec!r} must look like module:function")
     try:
-        module = import_spec_module(spec, module_name, kind="task", error=ConfigError)
+        module = import_spec_module(module_name)
+    except ModuleNotFoundError as e:
+        raise missing_module(spec, module_name, e, kind="task", error=ConfigError) from e
     except ImportError as e:
         raise ConfigError(f"task spec {spec!r}: cannot import {module_name!r}: {e}") from e
     fn = getattr(module, attr, None)

@@ -564,6 +564,10 @@ def test_load_lambda_reports_what_is_missing(tmp_path: Path, monkeypatch: pytest
             load_lambda(f"needs_dep_{tag}:handler")
         with pytest.raises(LambdaError, match="raised RuntimeError: bad config"):
             load_lambda(f"broken_{tag}:handler")
+        (tmp_path / f"taken_{tag}.py").write_text(
+            "from node.lambdas import LambdaError\nraise LambdaError('name taken')\n")
+        with pytest.raises(LambdaError, match="raised LambdaError: name taken"):
+            load_lambda(f"taken_{tag}:handler")  # the module's own error, worded as the spec's
         with pytest.raises(LambdaError, match="has no attribute 'nothing'"):
             load_lambda(f"good_{tag}:nothing")
         with pytest.raises(LambdaError, match="'VALUE' is a int, not a function"):

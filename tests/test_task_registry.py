@@ -66,3 +66,24 @@ def test_the_node_serves_the_builtins_under_its_own_tasks() -> None:
     assert served.get("sleep") is BUILTIN_TASKS["sleep"]
     assert own.names() == ["echo", "extra"]  # a copy: the user's registry is left as it was
     assert with_builtins(TaskRegistry()).get("echo") is echo
+
+
+def test_load_task_words_a_missing_module_and_leaves_other_import_failures_raw(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import uuid
+
+    from node.registry import load_task
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tag = uuid.uuid4().hex[:8]
+    (tmp_path / f"good_{tag}.py").write_text("def job():\n    return 1\n")
+    (tmp_path / f"needs_dep_{tag}.py").write_text(f"import missing_dependency_{tag}\n")
+    (tmp_path / f"broken_{tag}.py").write_text("raise ValueError('bad config')\n")
+    registry = TaskRegistry()
+    assert load_task(f"good_{tag}:job", registry=registry) == "job"
+    assert registry.get("job")() == 1
+    with pytest.raises(ConfigError, match=f"no module named 'absent_{tag}' \\(looked in"):
+        load_task(f"absent_{tag}:job", registry=registry)
+    with pytest.raises(ConfigError, match=f"needs module 'missing_dependency_{tag}', which is"):
+        load_task(f"needs_dep_{tag}:job", registry=registry)
+    with pytest.raises(ValueError, match="bad config"):  # user code's own error, as it was
+        load_task(f"broken_{tag}:job", registry=registry)

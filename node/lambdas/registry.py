@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from node.function_registry import FunctionRegistry, import_spec_module
+from node.function_registry import FunctionRegistry, import_spec_module, missing_module
 from node.lambdas.errors import LambdaError
 
 __all__ = [
@@ -130,9 +130,9 @@ def load_lambda(spec: str) -> Handler:
     """
     module_name, attr = parse_spec(spec)
     try:
-        module = import_spec_module(spec, module_name, kind="lambda", error=LambdaError)
-    except LambdaError:
-        raise
+        module = import_spec_module(module_name)
+    except ModuleNotFoundError as e:
+        raise missing_module(spec, module_name, e, kind="lambda", error=LambdaError) from e
     except (Exception, SystemExit) as e:  # any failure of user code at import is the spec's
         raise LambdaError(
             f"lambda spec {spec!r}: importing {module_name!r} raised {type(e).__name__}: {e}"
