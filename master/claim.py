@@ -128,8 +128,9 @@ class RootClaim:
     """This master's claim on its root; `acquire` raises ConfigError if another holds it."""
 
     def __init__(self, *, broker: BrokerUrl, root: str, master_id: str, state_dir: Path,
-                 tls: TlsSettings | None = None, ttl: float = DEFAULT_LEASE_TTL, settle: float = 1.0,
-                 probe_timeout: float = 3.0, connect_timeout: float = 10.0) -> None:
+                 tls: TlsSettings | None = None, ttl: float = DEFAULT_LEASE_TTL,
+                 settle: float = 1.0, probe_timeout: float = 3.0,
+                 connect_timeout: float = 10.0) -> None:
         if not ttl > 0 or not settle >= 0:
             raise ConfigError("claim ttl must be positive and settle not negative")
         self.topic = claim_topic(root)

@@ -161,7 +161,8 @@ class Scheduler:
     """Queue, nodes and in-flight bookkeeping of the master."""
 
     def __init__(self, *, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-                 max_queued: int = DEFAULT_MAX_QUEUED, node_timeout: float = DEFAULT_NODE_TIMEOUT, retry: RetryPolicy | None = None,
+                 max_queued: int = DEFAULT_MAX_QUEUED, node_timeout: float = DEFAULT_NODE_TIMEOUT,
+                 retry: RetryPolicy | None = None,
                  rate_limits: Iterable[RateLimit] = (),
                  rand: Callable[[], float] = random.random) -> None:
         self.max_attempts = max_attempts

@@ -46,10 +46,10 @@ class ServeOptions:
     snapshots: Path | None = None          # None: "snapshots" beside the state directory
     snapshot_interval: float = 30.0        # 0: only on request (master-node snapshot)
     replica: bool = False                  # one of replicated masters (see master.replica)
-    lease_ttl: float = DEFAULT_LEASE_TTL                 # replicated: how long the active master's lease lives
+    lease_ttl: float = DEFAULT_LEASE_TTL   # replicated: how long the active master's lease lives
     password_file: Path | None = None      # the --broker password, instead of in the URL
     tls: TlsSettings | None = None         # CA, client certificate and key for --broker
-    claim_ttl: float = DEFAULT_LEASE_TTL                 # plain master: its root claim is renewed every third
+    claim_ttl: float = DEFAULT_LEASE_TTL   # plain master: its root claim is renewed every third
     retry: RetryPolicy = RetryPolicy()     # default retry policy (a task's own wins)
     rate_limits: tuple[RateLimit, ...] = ()  # starts per second per task name
     result_ttl: float = DEFAULT_RESULT_TTL  # finished tasks are deleted this long after (0: never)

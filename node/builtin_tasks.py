@@ -13,8 +13,8 @@ from core.primality import filter_primes, is_prime
 from node import task_context
 from node.registry import TaskRegistry
 
-__all__ = ["noop", "echo", "sleep", "fail", "primes", "primes_range", "parse_number", "BUILTIN_TASKS",
-           "with_builtins"]
+__all__ = ["noop", "echo", "sleep", "fail", "primes", "primes_range", "parse_number",
+           "BUILTIN_TASKS", "with_builtins"]
 
 _MAX_SLEEP = 3600.0
 _MAX_BAD_REPORTED = 100  # bad lines named per range (all are counted)

@@ -58,8 +58,9 @@ class ComputeNodeTransport:
 
     def __init__(self, broker_host: str = "localhost", broker_port: int = 1883, *,
                  broker_url: BrokerUrl | str | None = None, node_id: str | None = None,
-                 root: str = DEFAULT_ROOT, capacity: int = DEFAULT_CAPACITY, prefetch: int | None = None,
-                 heartbeat: float = DEFAULT_HEARTBEAT, registry: TaskRegistry | None = None,
+                 root: str = DEFAULT_ROOT, capacity: int = DEFAULT_CAPACITY,
+                 prefetch: int | None = None, heartbeat: float = DEFAULT_HEARTBEAT,
+                 registry: TaskRegistry | None = None,
                  codec_name: str = codec.MSGPACK, drain_timeout: float = 30.0,
                  keepalive: int = 5, tls: TlsSettings | None = None,
                  clock: Callable[[], float] = time.time, prefetch_window: float = 0.05,
@@ -669,7 +670,8 @@ class ComputeNodeTransport:
                 if chosen is not None and chosen[1] != busy:
                     chosen = self._chosen = None  # its own state changed since
                 try:
-                    self._publish_status(chosen[0] if chosen else states.BUSY if busy else states.READY)
+                    self._publish_status(chosen[0] if chosen
+                                         else states.BUSY if busy else states.READY)
                 except FabricError:
                     log.warning("heartbeat not sent")
 
