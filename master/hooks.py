@@ -33,19 +33,19 @@ log = logging.getLogger(__name__)
 class MasterHooks:
     """Override what you need; every method is a no-op that lets the master go on."""
 
-    def before_dispatch(self, master: "MasterNodeTransport") -> bool:
+    def before_dispatch(self, master: MasterNodeTransport) -> bool:
         """May tasks be dispatched this turn? False holds them queued until a later turn."""
         return True
 
-    def after_commit(self, master: "MasterNodeTransport") -> bool:
+    def after_commit(self, master: MasterNodeTransport) -> bool:
         """The turn's journal changes are committed; may the turn's messages be published?
         Overriding this puts the master on its gated path (see the module docstring)."""
         return True
 
-    def node_lost(self, master: "MasterNodeTransport", node_ids: list[str]) -> None:
+    def node_lost(self, master: MasterNodeTransport, node_ids: list[str]) -> None:
         """`node_ids` were found dead (their tasks are requeued already)."""
 
-    def node_report(self, master: "MasterNodeTransport", report: NodeReport) -> None:
+    def node_report(self, master: MasterNodeTransport, report: NodeReport) -> None:
         """A node answered a control message (`MasterNodeTransport.broadcast_control`)."""
 
 
@@ -55,7 +55,7 @@ class NodeLostCallback(MasterHooks):
     def __init__(self, callback: Callable[[list[str]], None]) -> None:
         self.callback = callback
 
-    def node_lost(self, master: "MasterNodeTransport", node_ids: list[str]) -> None:
+    def node_lost(self, master: MasterNodeTransport, node_ids: list[str]) -> None:
         self.callback(node_ids)
 
 
@@ -104,25 +104,25 @@ class HookChain:
         """Does a hook need every turn committed and its publishing held until it agrees?"""
         return bool(self._by_method["after_commit"])
 
-    def before_dispatch(self, master: "MasterNodeTransport") -> bool:
+    def before_dispatch(self, master: MasterNodeTransport) -> bool:
         """True unless a hook says no (the hooks after it are not asked)."""
         return all(h.before_dispatch(master) for h in self._by_method["before_dispatch"])
 
-    def after_commit(self, master: "MasterNodeTransport") -> bool:
+    def after_commit(self, master: MasterNodeTransport) -> bool:
         """Every hook is told of the commit; True only if every one allowed publishing."""
         allowed = True
         for hooks in self._by_method["after_commit"]:
             allowed = hooks.after_commit(master) and allowed
         return allowed
 
-    def node_lost(self, master: "MasterNodeTransport", node_ids: list[str]) -> None:
+    def node_lost(self, master: MasterNodeTransport, node_ids: list[str]) -> None:
         for hooks in self._by_method["node_lost"]:
             try:
                 hooks.node_lost(master, node_ids)
             except Exception:
                 log.exception("node_lost hook %s failed", type(hooks).__name__)
 
-    def node_report(self, master: "MasterNodeTransport", report: NodeReport) -> None:
+    def node_report(self, master: MasterNodeTransport, report: NodeReport) -> None:
         for hooks in self._by_method["node_report"]:
             try:
                 hooks.node_report(master, report)
