@@ -1,5 +1,9 @@
 """The board's task intake: decode, validate, drop duplicates, keep priority order, bounded.
 
+The order is the fabric's (core.priority_queue, which the board cannot import): the highest
+priority first, arrival order within a priority; the least urgent is the lowest priority, the
+newest among equals. tests/priority_cases.py holds the cases both pass.
+
 Messages come from the master's task topic as JSON. A task whose id is known but whose
 fields are wrong is answered with a `bad_request` error; anything else that is not a valid
 message is counted in `rejected`. Past `size` tasks, or past `max_bytes` of held task

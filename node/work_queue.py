@@ -46,10 +46,10 @@ class PriorityTaskQueue:
     def get(self, timeout: float | None = None) -> TaskSpec | None:
         """The most urgent task, waiting at most `timeout` seconds (None if none came)."""
         with self._cond:
-            queue = self._queue
-            if not queue and not self._closed and timeout:
+            heap = self._queue.heap  # read only; a worker takes every task here
+            if not heap and not self._closed and timeout:
                 self._cond.wait(timeout)
-            return queue.pop() if queue else None
+            return self._queue.pop_entry()[2] if heap else None
 
     def put_front(self, tasks: list[TaskSpec]) -> None:
         """Give back tasks taken but not started: ahead of the others of their priority, in
@@ -61,11 +61,11 @@ class PriorityTaskQueue:
     def get_many(self, count: int, timeout: float | None = None) -> list[TaskSpec]:
         """Up to `count` most urgent tasks, in order, waiting at most `timeout` for the first."""
         with self._cond:
-            queue = self._queue
-            if not queue and not self._closed and timeout:
+            queue, heap = self._queue, self._queue.heap
+            if not heap and not self._closed and timeout:
                 self._cond.wait(timeout)
-            if count == 1 or len(queue) <= 1:
-                return [queue.pop()] if queue else []
+            if count == 1 or len(heap) <= 1:
+                return [queue.pop_entry()[2]] if heap else []
             return queue.pop_many(count)
 
     def take_least_urgent(self, count: int) -> list[TaskSpec]:
