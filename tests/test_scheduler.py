@@ -476,3 +476,33 @@ def test_a_cancelled_running_task_keeps_its_slot_until_its_node_says_it_stopped(
     assert stub.sent() == []  # its slot is still taken
     assert stub.answer(record, ok=False, kind="cancelled") == "duplicate"
     assert stub.sent() == ["next"]
+
+
+# -- after a take-over, and lost messages --------------------------------------------------------
+
+def test_queued_tasks_a_node_says_it_holds_are_adopted_not_dispatched_again() -> None:
+    stub = Stub()
+    record = stub.submit("x")  # as a master restored it from its journal after a take-over
+    stub.submit("y")
+    stub.join("n1", capacity=2)
+    assert stub.s.adopt("n1", ["x", "unknown"]) == [record]
+    assert record.state == RUNNING and record.token == "" and stub.s.queued == 1
+    assert stub.sent() == ["y"]
+    assert stub.answer(record, token="whatever-it-got") == "completed"  # any token from n1
+    assert stub.s.adopt("gone", ["y"]) == []
+
+
+def test_a_task_lost_on_the_way_is_sent_again_to_the_same_node_as_the_same_dispatch() -> None:
+    stub = Stub()
+    stub.join("n1", capacity=2)
+    record = stub.submit("x")
+    assert stub.sent() == ["x"]
+    dispatch = (record.dispatch, record.token)
+    stub.now = 0.5
+    assert stub.s.stranded("n1", stub.now, age=1.0) == 0  # not overdue yet
+    stub.now = 2.0
+    assert stub.s.stranded("n1", stub.now, age=1.0) == 1
+    assert stub.dispatch() == {"n1": ["x"]}
+    assert (record.dispatch, record.token) == dispatch and record.attempts == 0
+    assert stub.dispatch() == {}
+    assert stub.answer(record) == "completed"
