@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from core.errors import DecodeError
 from core.replication import JournalDelta, JournalDump, ResyncRequest
@@ -27,6 +27,18 @@ log = logging.getLogger("master.replica")
 
 _COPY_SILENCE = 5.0        # a copy that stalls this long is asked for again
 _MAX_BUFFERED = 10_000     # deltas kept while a copy arrives
+
+
+_Message = TypeVar("_Message", JournalDelta, JournalDump)
+
+
+def _decode(kind: type[_Message], payload: bytes, what: str) -> _Message | None:
+    """The message, or None for a malformed one (logged: it costs that message only)."""
+    try:
+        return kind.decode(payload)
+    except DecodeError as e:
+        log.warning("ignored a malformed %s: %s", what, e)
+        return None
 
 
 class StandbyReplicator:
@@ -69,12 +81,8 @@ class StandbyReplicator:
         replica = self.replica
         if owner.role == "active" or replica is None:
             return
-        try:
-            delta = JournalDelta.decode(payload)
-        except DecodeError as e:
-            log.warning("ignored a malformed journal delta: %s", e)
-            return
-        if delta.master == owner.master_id:
+        delta = _decode(JournalDelta, payload, "journal delta")
+        if delta is None or delta.master == owner.master_id:
             return
         with owner.lock:
             if (delta.epoch, delta.master) < owner.view.best:
@@ -119,12 +127,8 @@ class StandbyReplicator:
         replica = self.replica
         if replica is None or owner.role in ("active", "claiming"):
             return
-        try:
-            chunk = JournalDump.decode(payload)
-        except DecodeError as e:
-            log.warning("ignored a malformed journal copy: %s", e)
-            return
-        if chunk.request_id != self.copy_request:
+        chunk = _decode(JournalDump, payload, "journal copy")
+        if chunk is None or chunk.request_id != self.copy_request:
             return
         try:
             if chunk.index != self._copy_next:

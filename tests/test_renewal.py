@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import threading
+from typing import Callable
 
 from master.renewal import Renewer
 
 
-class Clock:
-    """A clock the test moves by hand; the renewer's waits stay short and real."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+def hand_clock() -> tuple[list[float], Callable[[], float]]:
+    """A clock the test moves by hand (`now[0] = ...`); the renewer's waits stay real."""
+    now = [100.0]
+    return now, lambda: now[0]
 
 
 def test_renews_on_its_interval_by_its_own_clock_and_at_once_when_asked() -> None:
-    clock = Clock()
+    now, clock = hand_clock()
     renewed: list[float] = []
     event = threading.Event()
 
@@ -30,7 +27,7 @@ def test_renews_on_its_interval_by_its_own_clock_and_at_once_when_asked() -> Non
     renewer.start()
     try:
         assert not event.wait(0.2) and renewed == []  # its clock has not moved: nothing due
-        clock.now = 110.0
+        now[0] = 110.0
         assert event.wait(5.0) and renewed == [110.0]
         event.clear()
         renewer.renew_soon()  # not due for another 10 s of its clock
@@ -41,7 +38,7 @@ def test_renews_on_its_interval_by_its_own_clock_and_at_once_when_asked() -> Non
 
 
 def test_a_failing_check_ends_it_and_it_starts_again() -> None:
-    clock = Clock()
+    now, clock = hand_clock()
     checks: list[bool] = []
     allowed = threading.Event()
     ended = threading.Event()
@@ -53,14 +50,14 @@ def test_a_failing_check_ends_it_and_it_starts_again() -> None:
         return allowed.is_set()
 
     renewed = threading.Event()
-    renewer = Renewer(lambda now: renewed.set(), every=1.0, poll=0.01, clock=clock,
+    renewer = Renewer(lambda _now: renewed.set(), every=1.0, poll=0.01, clock=clock,
                       check=check, name="test-renewer")
     renewer.start()
     assert ended.wait(5.0) and checks[-1] is False and not renewed.is_set()
     renewer.stop()
     allowed.set()
     renewer.start()
-    clock.now += 1.0
+    now[0] += 1.0
     try:
         assert renewed.wait(5.0)
     finally:
@@ -68,7 +65,7 @@ def test_a_failing_check_ends_it_and_it_starts_again() -> None:
 
 
 def test_stop_from_the_renewing_thread_does_not_wait_for_itself() -> None:
-    clock = Clock()
+    _now, clock = hand_clock()
     done = threading.Event()
     holder: list[Renewer] = []
 
