@@ -125,7 +125,8 @@ class MasterNodeTransport:
         self._rejections_logged = 0
         self._dead: list[str] = []
         self._dead_callback: NodeLostCallback | None = None  # set_dead_nodes_callback's
-        # request id -> (callback, monotonic deadline): reports are taken for a while only
+        # request id -> (callback, deadline on `clock`): reports are taken for a while only;
+        # written and read under the lock
         self._report_waiters: dict[str, tuple[Callable[[NodeReport], None], float]] = {}
         self._query_handlers: dict[str, Callable[[dict], Any]] = {}
         # filled during one loop turn, flushed after the journal commit
@@ -342,9 +343,9 @@ class MasterNodeTransport:
         """Send a control message to every live node; reports arriving within
         `report_window` seconds go to `on_report` (on the master's loop thread)."""
         request_id = uuid.uuid4().hex[:12]
-        if on_report is not None:
-            self._report_waiters[request_id] = (on_report, time.monotonic() + report_window)
-        with self._lock:
+        with self._lock:  # the loop reads and expires the waiters under it, in its turn
+            if on_report is not None:
+                self._report_waiters[request_id] = (on_report, self._clock() + report_window)
             nodes = [n for n in self.scheduler.nodes.values() if n.alive]
         for node in nodes:
             message = Control(command=command, request_id=request_id, params=params or {},
@@ -558,7 +559,7 @@ class MasterNodeTransport:
             if message.node_id == node_id:
                 self._hooks.node_report(self, message)
                 waiter = self._report_waiters.get(message.request_id)
-                if waiter is not None and time.monotonic() <= waiter[1]:
+                if waiter is not None and now <= waiter[1]:
                     waiter[0](message)
             return
         if not isinstance(message, ResultBatch) or message.node_id != node_id:
@@ -836,8 +837,7 @@ class MasterNodeTransport:
 
     def _check_liveness(self, now: float) -> None:
         if self._report_waiters:
-            late = time.monotonic()
-            for request_id in [r for r, (_cb, end) in self._report_waiters.items() if end < late]:
+            for request_id in [r for r, (_cb, end) in self._report_waiters.items() if end < now]:
                 del self._report_waiters[request_id]
         for node_id in self.scheduler.silent(now):
             log.warning("node %s missed its heartbeats: marking it dead", node_id)
