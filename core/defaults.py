@@ -14,6 +14,7 @@ __all__ = [
     "DEFAULT_CAPACITY",
     "DEFAULT_PREFETCH",
     "DEFAULT_LEASE_TTL",
+    "DEFAULT_WAIT",
 ]
 
 DEFAULT_NODE_TIMEOUT = 3.0      # seconds: a node silent this long is dead
@@ -23,3 +24,4 @@ DEFAULT_HEARTBEAT = 1.0         # seconds between a node's status messages
 DEFAULT_CAPACITY = 1            # tasks a node runs at once
 DEFAULT_PREFETCH = 1            # tasks a node holds ready, when it does not say
 DEFAULT_LEASE_TTL = 3.0         # seconds an active master's lease (or a root claim) lives
+DEFAULT_WAIT = 300.0            # seconds a caller waits for outcomes unless told (None: no end)

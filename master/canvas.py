@@ -15,8 +15,9 @@
 The next step of a chain is submitted when the master pushes the previous outcome: from a
 short-lived thread, never from the network thread that delivered it (a submission waits for
 the master's acknowledgement, which that thread brings). Every wait is bounded by its
-`timeout`; `None` means until the outcome arrives. `fabric` is a `FabricClient`, or the
-master's own `MasterNodeTransport` inside the master process.
+`timeout` (`DEFAULT_WAIT`, 300 s, unless told); `None` means until the outcome arrives.
+`fabric` is a `FabricClient`, or the master's own `MasterNodeTransport` inside the master
+process.
 """
 
 from __future__ import annotations
@@ -24,15 +25,15 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Iterable, Sequence
 
+from core.defaults import DEFAULT_WAIT
 from core.errors import ChainFailed, ConfigError, FabricError, FabricTimeout, GroupFailed
 from core import states
 from core.protocol import DEFAULT_PRIORITY, TaskOutcome, make_task
-from master.handles import TaskHandle
+from master.handles import TaskHandle, wait_future
 
 __all__ = ["Call", "call", "as_call", "group", "chain", "GroupHandle", "ChainHandle"]
 
@@ -137,10 +138,6 @@ def _settled(handle: TaskHandle) -> TaskOutcome:
                                   "message": str(e)})
 
 
-def _deadline(timeout: float | None) -> float | None:
-    return None if timeout is None else time.monotonic() + timeout
-
-
 # -- groups --------------------------------------------------------------------------------------
 
 def group(fabric: Any, calls: Iterable[Any], *,
@@ -204,10 +201,13 @@ class GroupHandle:
         try:
             future.result(timeout)
         except concurrent.futures.TimeoutError:
-            with self._lock:
-                ended = self._ended
-            raise FabricTimeout(f"group: {ended} of {len(self.handles)} members ended within "
-                                f"{timeout}s") from None
+            raise self._timed_out(timeout) from None
+
+    def _timed_out(self, timeout: float | None) -> FabricTimeout:
+        with self._lock:
+            ended = self._ended
+        return FabricTimeout(f"group: {ended} of {len(self.handles)} members ended within "
+                             f"{timeout:g}s")
 
     def _values(self) -> list[Any]:
         with self._lock:
@@ -221,22 +221,21 @@ class GroupHandle:
             raise GroupFailed(len(self.handles), failures)
         return [h.outcome(0).value for h in self.handles]
 
-    def result(self, timeout: float | None = None) -> list[Any]:
+    def result(self, timeout: float | None = DEFAULT_WAIT) -> list[Any]:
         """The members' values in call order; GroupFailed naming the first failed member as
         soon as one fails, FabricTimeout if they have not all ended within `timeout`."""
         self._wait(self._settled, timeout)
         return self._values()
 
-    def outcomes(self, timeout: float | None = None) -> list[TaskOutcome]:
+    def outcomes(self, timeout: float | None = DEFAULT_WAIT) -> list[TaskOutcome]:
         """Every member's outcome in call order, once all ended (a submission the master
         refused is a failed outcome with kind `refused`)."""
         self._wait(self._all, timeout)
         return [_settled(h) for h in self.handles]
 
-    async def wait(self) -> list[Any]:
+    async def wait(self, timeout: float | None = DEFAULT_WAIT) -> list[Any]:
         """`result()` for asyncio code (`await handle.wait()` or `await handle`)."""
-        import asyncio
-        await asyncio.wrap_future(self._settled)
+        await wait_future(self._settled, timeout, lambda: self._timed_out(timeout))
         return self._values()
 
     def __await__(self):
@@ -340,23 +339,25 @@ class ChainHandle:
 
     # -- waiting ---------------------------------------------------------------------------------
 
-    def outcome(self, timeout: float | None = None) -> TaskOutcome:
+    def outcome(self, timeout: float | None = DEFAULT_WAIT) -> TaskOutcome:
         """The last step's outcome; ChainFailed if a step stopped the chain, FabricTimeout
         if it has not ended within `timeout`."""
         try:
             return self._done.result(timeout)
         except concurrent.futures.TimeoutError:
-            raise FabricTimeout(f"chain: {len(self.handles)} of {len(self.calls)} steps "
-                                f"submitted, the last not ended within {timeout}s") from None
+            raise self._timed_out(timeout) from None
 
-    def result(self, timeout: float | None = None) -> Any:
+    def result(self, timeout: float | None = DEFAULT_WAIT) -> Any:
         """The last step's value (see `outcome`)."""
         return self.outcome(timeout).value
 
-    async def wait(self) -> Any:
+    async def wait(self, timeout: float | None = DEFAULT_WAIT) -> Any:
         """`result()` for asyncio code (`await handle.wait()` or `await handle`)."""
-        import asyncio
-        return (await asyncio.wrap_future(self._done)).value
+        return (await wait_future(self._done, timeout, lambda: self._timed_out(timeout))).value
+
+    def _timed_out(self, timeout: float | None) -> FabricTimeout:
+        return FabricTimeout(f"chain: {len(self.handles)} of {len(self.calls)} steps "
+                             f"submitted, the last not ended within {timeout:g}s")
 
     def __await__(self):
         return self.wait().__await__()

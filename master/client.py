@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from core import codec
+from core.defaults import DEFAULT_WAIT
 from core.errors import ConfigError, DecodeError, EncodeError, FabricError, FabricTimeout, QueueFull, TaskRefused
 from core.mqtt import MqttSession, TlsSettings
 from core.protocol import (DEFAULT_PRIORITY, QUEUE_FULL, MasterStatus, Message, OutcomeBatch, Query,
@@ -209,23 +210,30 @@ class FabricClient:
             reply = self._submit_once(pending, deadline)
             refused = {task_id for task_id, reason in reply.rejected
                        if reason.startswith(QUEUE_FULL)}
-            for task_id, reason in reply.rejected:
-                if not reason.startswith(QUEUE_FULL):
-                    handle = self._handles.pop(task_id, None)
-                    if handle is not None:
-                        handle.reject(TaskRefused(f"task {task_id} refused: {reason}"))
+            self._reject({task_id: TaskRefused(f"task {task_id} refused: {reason}")
+                          for task_id, reason in reply.rejected
+                          if not reason.startswith(QUEUE_FULL)})
             pending = [s for s in pending if s.id in refused]
             if not pending:
                 return
             if time.monotonic() + backoff > deadline:
                 reasons = dict(reply.rejected)
-                for spec in pending:
-                    handle = self._handles.pop(spec.id, None)
-                    if handle is not None:
-                        handle.reject(QueueFull(reasons.get(spec.id, "refused")))
+                self._reject({spec.id: QueueFull(reasons.get(spec.id, "refused"))
+                              for spec in pending})
                 return
             time.sleep(backoff)  # the master's queue is full: slow down, then resend
             backoff = min(backoff * 2, 1.0)
+
+    def _reject(self, errors: dict[str, FabricError]) -> None:
+        """Fail these tasks' handles (taken off the register under its lock, like `_resolve`)."""
+        if not errors:
+            return
+        with self._lock:
+            pop = self._handles.pop
+            handles = [(pop(task_id, None), error) for task_id, error in errors.items()]
+        for handle, error in handles:
+            if handle is not None:
+                handle.reject(error)
 
     def _submit_once(self, specs: list[TaskSpec], deadline: float) -> SubmitReply:
         return self._request(
@@ -298,9 +306,10 @@ class FabricClient:
         self._resolve([outcome])
         return handle
 
-    def outcome(self, task_id: str, timeout: float | None = None) -> TaskOutcome:
+    def outcome(self, task_id: str, timeout: float | None = DEFAULT_WAIT) -> TaskOutcome:
         """The final outcome of the task with this id, waiting up to `timeout` seconds
-        (None: until it ends); FabricTimeout if it is still queued or running then."""
+        (`DEFAULT_WAIT`, 300, unless told; None: until it ends); FabricTimeout if it is still
+        queued or running then."""
         handle = self.handle(task_id)
         try:
             return handle.outcome(timeout)
@@ -308,7 +317,7 @@ class FabricClient:
             self._drop_handle(handle)
             raise
 
-    def result(self, task_id: str, timeout: float | None = None) -> Any:
+    def result(self, task_id: str, timeout: float | None = DEFAULT_WAIT) -> Any:
         """The value of the task with this id (waiting as `outcome` does); TaskFailed if it
         failed or was cancelled."""
         handle = self.handle(task_id)
@@ -428,6 +437,6 @@ class FabricClient:
     def _watch(self) -> None:
         """A slow safety net: re-ask for outcomes now and then while some are awaited."""
         while not self._stop.wait(10.0):
-            if self._handles and self._session.connected:
+            if self.pending() and self._session.connected:
                 self._recover()
 

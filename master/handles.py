@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-from typing import Any
+from typing import Any, Callable
 
+from core.defaults import DEFAULT_WAIT
 from core.errors import FabricError, FabricTimeout, TaskFailed
 from core.protocol import TaskOutcome
 
-__all__ = ["TaskHandle"]
+__all__ = ["TaskHandle", "wait_future"]
 
 
 # Guards the hand-over between a handle's resolver and the first to ask for its Future: one
@@ -21,8 +22,10 @@ _guard = threading.Lock()
 class TaskHandle:
     """Returned by `submit`: `.id`, `.result(timeout)`, `.outcome(timeout)`, or `await handle`.
 
-    The outcome is stored on the handle; a `concurrent.futures.Future` (`.future`) is made
-    only for a handle someone waits on before its outcome is there."""
+    Every wait ends: after `timeout` seconds (`DEFAULT_WAIT`, 300, unless told; `None` waits
+    until the task ends) it raises FabricTimeout, and the task goes on. The outcome is stored
+    on the handle; a `concurrent.futures.Future` (`.future`) is made only for a handle someone
+    waits on before its outcome is there."""
 
     __slots__ = ("id", "_outcome", "_error", "_future")
 
@@ -48,8 +51,9 @@ class TaskHandle:
     def done(self) -> bool:
         return self._outcome is not None or self._error is not None
 
-    def outcome(self, timeout: float | None = None) -> TaskOutcome:
-        """The final outcome (completed or failed); FabricTimeout if it is not there in time."""
+    def outcome(self, timeout: float | None = DEFAULT_WAIT) -> TaskOutcome:
+        """The final outcome (completed or failed); FabricTimeout if it is not there within
+        `timeout` seconds (None: wait until it is)."""
         outcome = self._outcome
         if outcome is not None:
             return outcome
@@ -58,25 +62,29 @@ class TaskHandle:
         try:
             return self.future.result(timeout)
         except concurrent.futures.TimeoutError:
-            raise FabricTimeout(f"task {self.id} did not finish within {timeout}s") from None
+            raise self._timed_out(timeout) from None
 
-    def result(self, timeout: float | None = None) -> Any:
-        """The task's return value; raises TaskFailed with the reasons if it failed."""
+    def result(self, timeout: float | None = DEFAULT_WAIT) -> Any:
+        """The task's return value; raises TaskFailed with the reasons if it failed, and
+        FabricTimeout as `outcome` does."""
         outcome = self.outcome(timeout)
         if outcome.state != "completed":
             raise TaskFailed(self.id, outcome.error or {"kind": outcome.state, "message": ""})
         return outcome.value
 
-    async def wait(self) -> Any:
-        """The task's value, for asyncio code (`await handle.wait()` or `await handle`)."""
-        import asyncio  # here: a client that never awaits does not load asyncio at start-up
-        outcome = await asyncio.wrap_future(self.future)
+    async def wait(self, timeout: float | None = DEFAULT_WAIT) -> Any:
+        """The task's value, for asyncio code (`await handle.wait()` or `await handle`);
+        FabricTimeout after `timeout` seconds, as `result` (None: no end)."""
+        outcome = await wait_future(self.future, timeout, lambda: self._timed_out(timeout))
         if outcome.state != "completed":
             raise TaskFailed(self.id, outcome.error or {"kind": outcome.state, "message": ""})
         return outcome.value
 
     def __await__(self):
         return self.wait().__await__()
+
+    def _timed_out(self, timeout: float | None) -> FabricTimeout:
+        return FabricTimeout(f"task {self.id} did not finish within {timeout:g}s")
 
     # -- used by the side that learns the outcome --------------------------------------------
 
@@ -102,3 +110,26 @@ class TaskHandle:
                 future.set_exception(error)
         except concurrent.futures.InvalidStateError:  # cancelled by whoever waited on it
             pass
+
+
+async def wait_future(future: concurrent.futures.Future, timeout: float | None,
+                      timed_out: Callable[[], FabricTimeout]) -> Any:
+    """`future`'s result for asyncio code, waiting at most `timeout` seconds (None: no end),
+    then `timed_out()` is raised. Giving up leaves `future` as it is, for its other waiters
+    (awaiting a wrapped Future and cancelling it would cancel theirs too)."""
+    import asyncio  # here: a client that never awaits does not load asyncio at start-up
+    loop = asyncio.get_running_loop()
+    ended = loop.create_future()
+
+    def wake(_future: concurrent.futures.Future) -> None:
+        try:
+            loop.call_soon_threadsafe(lambda: ended.done() or ended.set_result(None))
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    future.add_done_callback(wake)
+    try:
+        await asyncio.wait_for(ended, timeout)
+    except asyncio.TimeoutError:
+        raise timed_out() from None
+    return future.result(0)

@@ -13,13 +13,14 @@ from concurrent.futures import FIRST_COMPLETED
 from concurrent.futures import wait as wait_futures
 from typing import Any, Protocol, Sequence
 
+from core.defaults import DEFAULT_WAIT
 from core.errors import ConfigError, FabricTimeout, TaskFailed
 from core.protocol import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
 from master.handles import TaskHandle
 
 __all__ = ["shard_data", "assign_shards", "map_shards", "Submitter", "DEFAULT_MAP_TIMEOUT"]
 
-DEFAULT_MAP_TIMEOUT = 300.0  # seconds a map_shards call waits for all its shards by default
+DEFAULT_MAP_TIMEOUT = DEFAULT_WAIT  # seconds a map_shards call waits for its shards by default
 
 
 class Submitter(Protocol):
