@@ -116,6 +116,10 @@ class ComputeNodeTransport:
         self._outbox: list[TaskResult] = []
         self._released: list[str] = []
         self._outbox_cond = threading.Condition(self._lock)
+        # a graceful stop waits on this for running tasks to end and their results to be
+        # handed to the session (`_sending`: batches taken from the outbox, not yet published)
+        self._drained = threading.Condition(self._lock)
+        self._sending = 0
         self._stop = threading.Event()
         self._accepting = True
         self._threads: list[threading.Thread] = []
@@ -212,17 +216,25 @@ class ComputeNodeTransport:
                     self.tasks_failed += 1
             while len(recent) > _RECENT_RESULTS:
                 recent.popitem(last=False)
+            if not self._accepting:
+                self._drained.notify_all()
             if dropped:
                 results = [r for r in results if r is not None]
             alone = not self._outbox and not self._released and not len(self._queue)
             if not alone:
                 self._outbox.extend(results)
                 self._outbox_cond.notify()
+            elif results:
+                self._sending += 1
         if alone and results:
-            self._publish_results(results, [])
+            try:
+                self._publish_results(results, [])
+            finally:
+                self._sent()
 
     def get_task(self, timeout: float | None = None) -> TaskSpec | None:
-        """The most urgent queued task (None if none arrived within `timeout`)."""
+        """The most urgent queued task (None if none arrived within `timeout` seconds; the
+        default, None, does not wait)."""
         task = self._queue.get(timeout)
         if task is not None:
             with self._lock:
@@ -249,13 +261,11 @@ class ComputeNodeTransport:
                     self._held.pop(task_id, None)
                 self._released.extend(released)
                 self._outbox_cond.notify()
-            deadline = time.monotonic() + self.drain_timeout
-            while time.monotonic() < deadline:
-                with self._lock:
-                    busy = self._running or self._outbox or self._released
-                if not busy:
-                    break
-                time.sleep(0.01)
+            with self._drained:
+                self._drained.wait_for(
+                    lambda: not (self._running or self._outbox or self._released
+                                 or self._sending),
+                    timeout=self.drain_timeout)
             self._session.flush(timeout=5.0)
             try:
                 self._session.publish_and_wait(self.topics.node_status(self.node_id),
@@ -278,9 +288,9 @@ class ComputeNodeTransport:
         else:
             self._session.abort()
 
-    _graceful_shutdown_ = stop  # the seed's name
-
     def wait(self, timeout: float | None = None) -> bool:
+        """Whether the node stopped within `timeout` seconds. Unbounded by default, as the
+        seed's `wait()` promises: a program's main thread that serves until stopped."""
         return self._stop.wait(timeout)
 
     @property
@@ -495,6 +505,8 @@ class ComputeNodeTransport:
         """Tasks taken but not started go back to the front of the queue."""
         with self._lock:
             self._running.difference_update(t.id for t in tasks)
+            if not self._accepting:
+                self._drained.notify_all()
         self._queue.put_front(tasks)
 
     def _hand_back_excess(self) -> None:
@@ -632,7 +644,18 @@ class ComputeNodeTransport:
                 results = self._outbox[:_MAX_RESULT_BATCH]
                 del self._outbox[:_MAX_RESULT_BATCH]
                 released, self._released = self._released, []
-            self._publish_results(results, released, topic)
+                self._sending += 1
+            try:
+                self._publish_results(results, released, topic)
+            finally:
+                self._sent()
+
+    def _sent(self) -> None:
+        """A batch taken from the outbox is with the session now: a graceful stop may go on."""
+        with self._lock:
+            self._sending -= 1
+            if not self._accepting:
+                self._drained.notify_all()
 
     def _publish_results(self, results: list[TaskResult], released: list[str],
                          topic: str | None = None) -> None:
