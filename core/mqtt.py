@@ -129,6 +129,10 @@ class MqttSession:
         self._on_connect_hooks: list[Callable[[bool], None]] = []
         self._on_disconnect_hooks: list[Callable[[], None]] = []
         self._connected = threading.Event()
+        self._attempted = threading.Event()  # an attempt ended (accepted or failed): start() wakes
+        self._acked = threading.Event()      # a publish acknowledged or the connection lost
+        self._flushing = 0                   # flush() calls waiting (under _flush_lock)
+        self._flush_lock = threading.Lock()
         self._lock = threading.Lock()
         self._refused: str | None = None                # the broker's CONNACK refusal
         self._connect_error: Exception | None = None    # the last failed connection attempt
@@ -197,16 +201,18 @@ class MqttSession:
         self._thread.start()
         deadline = time.monotonic() + timeout
         # `connects`, not only the flag: a session accepted and lost at once was connected
-        while not self._connected.wait(max(0.0, min(0.02, deadline - time.monotonic()))) \
-                and not self.connects:
+        while not self._connected.is_set() and not self.connects:
             if len(self._members) == 1:
                 definite = self._refused is not None or _is_definite(self._connect_error)
             else:
                 failures = dict(self._failures)
                 definite = len(failures) == len(self._members) and all(
                     r is not None or _is_definite(e) for r, e in failures.values())
-            if definite or time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if definite or left <= 0:
                 break
+            self._attempted.wait(left)  # what an attempt found is written before it is set
+            self._attempted.clear()
         if self._connected.is_set() or self.connects:
             return
         self._halt_thread(timeout=2.0)
@@ -435,6 +441,7 @@ class MqttSession:
     def _note_failure(self) -> None:
         if not self._connected.is_set():
             self._failures[self.member] = (self._refused, self._connect_error)
+        self._attempted.set()
 
     def _lost(self, client: paho.Client) -> None:
         """A select on a dead socket: close it the way paho does, so hooks run once."""
@@ -462,16 +469,37 @@ class MqttSession:
             raise FabricError(f"publish to {topic} failed: {e}") from e
 
     def flush(self, *, timeout: float = 5.0) -> bool:
-        """Wait until every queued QoS>0 publish is acknowledged; False if time ran out."""
+        """Wait until every queued QoS>0 publish is acknowledged; False if time ran out.
+
+        Woken by each acknowledgement (paho's on_publish, set only while a flush waits, so
+        the hot path calls no Python per acknowledgement) and by a lost connection."""
         deadline = time.monotonic() + timeout
         client = self._client
-        while time.monotonic() < deadline:
-            with client._out_message_mutex:  # paho has no public "pending publishes" view
-                pending = len(client._out_messages)
-            if pending == 0 or not self.connected:
-                return pending == 0
-            time.sleep(0.005)
-        return False
+        with self._flush_lock:
+            self._flushing += 1
+            client.on_publish = self._handle_publish
+        try:
+            while True:
+                self._acked.clear()
+                with client._out_message_mutex:  # paho has no public "pending publishes" view
+                    pending = len(client._out_messages)
+                if pending == 0 or not self.connected:
+                    return pending == 0
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._acked.wait(left)
+        finally:
+            with self._flush_lock:
+                self._flushing -= 1
+                if not self._flushing:
+                    client.on_publish = None
+
+    def _handle_publish(self, _client: paho.Client, _userdata: object, _mid: int,
+                        _reason_code: object, _properties: object) -> None:
+        # paho calls this with the message still counted; flush() reads the count after it
+        # is taken off, under the same paho lock
+        self._acked.set()
 
     # -- paho callbacks ------------------------------------------------------------------------
 
@@ -529,6 +557,7 @@ class MqttSession:
         if subscriptions:
             client.subscribe([(topic, qos) for topic, (qos, _h) in subscriptions])
         self._connected.set()
+        self._attempted.set()
         for hook in list(self._on_connect_hooks):
             try:
                 hook(bool(flags.session_present))
@@ -546,6 +575,7 @@ class MqttSession:
                               "(require_certificate true? give --cert-file and --key-file, "
                               "signed by the listener's cafile)")
         self._connected.clear()
+        self._acked.set()  # a flush waiting for acknowledgements stops at once
         if was_connected and not self._stopping:
             log.warning("lost connection to %s (%s); reconnecting%s", self.member, reason_code,
                         " to the next member" if len(self._members) > 1 else "")
