@@ -136,6 +136,7 @@ class Feeder:
         self._retry: deque[tuple[float, Shard, str, int]] = deque()
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._retried = threading.Event()  # a retry was queued (or stop): the reader looks again
         self._thread = threading.Thread(target=self._run, name="primes-feeder", daemon=True)
         self._pool = ThreadPoolExecutor(max_workers=SUBMITTERS,
                                         thread_name_prefix="primes-submit")
@@ -149,6 +150,7 @@ class Feeder:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop reading; wait (bounded) for the submissions under way."""
         self._stop.set()
+        self._retried.set()
         self.window.resize(self.window.size)  # wake a wait for a slot
         self._thread.join(timeout)
         with self._lock:
@@ -160,6 +162,7 @@ class Feeder:
         """Submit `shard` again as `attempt` after `delay` seconds (its slot was released)."""
         with self._lock:
             self._retry.append((self._clock() + delay, shard, digest, attempt))
+        self._retried.set()
 
     def settled(self) -> None:
         """One shard is done or given up."""
@@ -192,13 +195,22 @@ class Feeder:
                         break
                 if group:
                     self._send(group)
-                elif self.reader_done:
-                    self._stop.wait(_WAIT / 4)  # only retries can come: look again shortly
+                elif self.reader_done:  # only retries can come: until one is queued or due
+                    self._retried.wait(self._until_retry())
+                    self._retried.clear()
         except OSError as e:  # an input file vanished or became unreadable mid-job
             self.error = ConfigError(f"reading the input failed: {e}; run the same command "
                                      "again to resume once it is readable")
         except BaseException as e:  # handed to the job's thread, which reports it
             self.error = e
+
+    def _until_retry(self) -> float:
+        """Seconds until the next queued retry is due (at most `_WAIT`: the clock may not be
+        the wall's)."""
+        with self._lock:
+            if not self._retry:
+                return _WAIT
+            return max(0.0, min(_WAIT, self._retry[0][0] - self._clock()))
 
     def _next(self) -> tuple[Shard, str, int] | None:
         with self._lock:
