@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import sys
 import threading
 import time
 from typing import Any
@@ -165,14 +166,16 @@ def test_a_report_window_is_measured_on_the_masters_clock() -> None:
 
 def test_waiters_added_while_the_loop_expires_them_are_neither_lost_nor_an_error(
         caplog: pytest.LogCaptureFixture) -> None:
-    """broadcast_control from several threads while turns expire waiters on the loop."""
+    """broadcast_control from several threads while turns expire waiters on the loop (before
+    the lock, a turn iterating the waiters failed with "dictionary changed size" in most runs
+    with threads switched this often)."""
     now = [0.0]
     master = _master(clock=lambda: now[0])
     kept: list[str] = []
     stop = threading.Event()
 
     def broadcaster() -> None:
-        for _ in range(300):
+        for _ in range(1000):
             master.broadcast_control("report", on_report=lambda _r: None, report_window=0.0)
             kept.append(master.broadcast_control("report", on_report=lambda _r: None,
                                                  report_window=1e9))
@@ -182,6 +185,8 @@ def test_waiters_added_while_the_loop_expires_them_are_neither_lost_nor_an_error
             now[0] += 1.0  # every turn checks liveness and expires the lapsed waiters
             master._wake()
 
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch mid-iteration: the race shows if it is there
     try:
         looper = threading.Thread(target=loop)
         looper.start()
@@ -195,8 +200,9 @@ def test_waiters_added_while_the_loop_expires_them_are_neither_lost_nor_an_error
         now[0] += 1.0
         master._wake()
         assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
-        assert set(master._report_waiters) == set(kept) and len(kept) == 900
+        assert set(master._report_waiters) == set(kept) and len(kept) == 3000
     finally:
+        sys.setswitchinterval(switch)
         master.journal.close()
 
 
