@@ -13,27 +13,37 @@ it cannot import this; tests/priority_cases.py holds the cases all of them pass)
   the lowest priority, the newest among equals.
 - Removal: `remove` takes items out at once (the node's cancelled tasks). The scheduler
   instead leaves an entry where it is and skips it when it comes up (lazy deletion): the entry
-  is stale once the item has been pushed again with a new sequence number (`Entry.seq`), or
-  is no longer queued at all.
+  is stale once the item has been pushed again with a new sequence number (an entry's
+  second field), or is no longer queued at all.
 - Start times: an item pushed with a `due` time waits apart, earliest first (ties by sequence
   number); `due_items(now)` hands out those whose time came, which the caller pushes in front
   of their priority.
 
-An entry is the tuple (-priority, seq, item); `heap` is the list of entries in heap order.
-The scheduler's dispatch loop pops every task, so `pop_entry` and `push_entry` are C-level
-callables bound to `heap` rather than methods: read `heap`, never reorder it yourself.
+An entry is the tuple (-priority, seq, item); `heap` is the list of entries, a heapq heap. A
+loop that takes every task (the scheduler's dispatch, a node's workers) may pop it with
+heapq.heappop and push a popped entry back with heapq.heappush itself (a method call per
+task would cost more than the pop); anything else goes through the methods, which alone hand
+out sequence numbers.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from functools import partial
-from typing import Callable, Generic, Iterable, Iterator, TypeVar
+from typing import Callable, Generic, Iterable, Iterator, Protocol, TypeVar
 
-__all__ = ["PriorityQueue", "Entry"]
+__all__ = ["PriorityQueue", "Entry", "Prioritized"]
+
+
+class Prioritized(Protocol):
+    """An item that carries its own priority (a TaskSpec), for the batch pushes."""
+
+    @property
+    def priority(self) -> int: ...
+
 
 T = TypeVar("T")
+P = TypeVar("P", bound=Prioritized)
 Entry = tuple[int, int, T]  # (-priority, seq, item): smaller is served first
 
 
@@ -42,12 +52,10 @@ class PriorityQueue(Generic[T]):
 
     Not locked: the scheduler runs on one thread; the node wraps it in its own condition."""
 
-    __slots__ = ("heap", "pop_entry", "push_entry", "_delayed", "_back", "_front")
+    __slots__ = ("heap", "_delayed", "_back", "_front")
 
     def __init__(self) -> None:
         self.heap: list[Entry[T]] = []
-        self.pop_entry: Callable[[], Entry[T]] = partial(heapq.heappop, self.heap)
-        self.push_entry: Callable[[Entry[T]], None] = partial(heapq.heappush, self.heap)
         self._delayed: list[tuple[float, int, T]] = []  # (due, seq, item)
         self._back = itertools.count(1)
         self._front = itertools.count(-1, -1)
@@ -63,19 +71,28 @@ class PriorityQueue(Generic[T]):
             heapq.heappush(self.heap, (-priority, seq, item))
         return seq
 
-    def push_many(self, items: Iterable[T], priority: Callable[[T], int]) -> int:
-        """Queue a batch behind their priorities, in the order given; how many."""
+    def push_many(self: PriorityQueue[P], items: Iterable[P]) -> int:
+        """Queue a batch behind their own priorities, in the order given; how many."""
         heap, seq, push = self.heap, self._back, heapq.heappush
         before = len(heap)
         for item in items:
-            push(heap, (-priority(item), next(seq), item))
+            push(heap, (-item.priority, next(seq), item))
         return len(heap) - before
 
-    def push_front_many(self, items: list[T], priority: Callable[[T], int]) -> None:
-        """Put a batch back ahead of the others of their priorities, in the order given."""
+    def push_front_many(self: PriorityQueue[P], items: list[P]) -> None:
+        """Put a batch back ahead of the others of their own priorities, in the order
+        given."""
         heap, seq, push = self.heap, self._front, heapq.heappush
         for item in reversed(items):
-            push(heap, (-priority(item), next(seq), item))
+            push(heap, (-item.priority, next(seq), item))
+
+    def push_entry(self, entry: Entry[T]) -> None:
+        """Queue an entry popped from a queue, unchanged (its place is kept)."""
+        heapq.heappush(self.heap, entry)
+
+    def pop_entry(self) -> Entry[T]:
+        """The most urgent entry, taken out (IndexError if there is none)."""
+        return heapq.heappop(self.heap)
 
     def pop(self) -> T:
         """The most urgent item, taken out (IndexError if there is none)."""

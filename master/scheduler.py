@@ -582,7 +582,7 @@ class Scheduler:
         if self._parked:
             self._unpark(now)
         limited = self.rate_limits
-        heap = queue.heap  # read here; popped and pushed through `queue` only
+        heap = queue.heap  # popped here with heapq itself: see core.priority_queue
         if not heap:
             if self.waiting:
                 self.waiting = {}
@@ -605,11 +605,10 @@ class Scheduler:
         waiting: dict[str, int] = {}
         tasks = self.tasks
         pop, replace = heapq.heappop, heapq.heapreplace
-        pop_entry = queue.pop_entry
         token = new_token
         assigned = 0
         while heap and loads:
-            entry = pop_entry()
+            entry = pop(heap)
             record = tasks.get(entry[2])
             if record is None or record.state != QUEUED or record.seq != entry[1]:
                 continue  # stale entry of a task requeued or finished since
@@ -664,9 +663,8 @@ class Scheduler:
                 heapq.heapify(loads)
         self.queued -= assigned
         self.waiting = waiting
-        push_entry = queue.push_entry
         for entry in skipped:
-            push_entry(entry)
+            heapq.heappush(heap, entry)
         for i, batch in enumerate(batches):
             if batch:
                 out.setdefault(ready[i].node_id, []).extend(batch)

@@ -12,6 +12,7 @@ holds beyond the new limit, so the bound holds again within one task's duration.
 
 from __future__ import annotations
 
+import heapq
 import math
 import threading
 from typing import Iterable
@@ -27,6 +28,7 @@ class PriorityTaskQueue:
 
     def __init__(self) -> None:
         self._queue: PriorityQueue[TaskSpec] = PriorityQueue()
+        self._heap = self._queue.heap  # workers pop it with heapq: see core.priority_queue
         self._cond = threading.Condition()
         self._closed = False
 
@@ -38,7 +40,7 @@ class PriorityTaskQueue:
     def put_many(self, tasks: Iterable[TaskSpec]) -> int:
         """Queue a batch under one lock; wake as many workers as tasks came (how many)."""
         with self._cond:
-            added = self._queue.push_many(tasks, _priority)
+            added = self._queue.push_many(tasks)
             if added:
                 self._cond.notify(added)
             return added
@@ -46,27 +48,26 @@ class PriorityTaskQueue:
     def get(self, timeout: float | None = None) -> TaskSpec | None:
         """The most urgent task, waiting at most `timeout` seconds (None if none came)."""
         with self._cond:
-            heap = self._queue.heap  # read only; a worker takes every task here
-            if not heap and not self._closed and timeout:
+            if not self._heap and not self._closed and timeout:
                 self._cond.wait(timeout)
-            return self._queue.pop_entry()[2] if heap else None
+            return heapq.heappop(self._heap)[2] if self._heap else None
 
     def put_front(self, tasks: list[TaskSpec]) -> None:
         """Give back tasks taken but not started: ahead of the others of their priority, in
         the order given."""
         with self._cond:
-            self._queue.push_front_many(tasks, _priority)
+            self._queue.push_front_many(tasks)
             self._cond.notify(len(tasks))
 
     def get_many(self, count: int, timeout: float | None = None) -> list[TaskSpec]:
         """Up to `count` most urgent tasks, in order, waiting at most `timeout` for the first."""
         with self._cond:
-            queue, heap = self._queue, self._queue.heap
+            heap = self._heap
             if not heap and not self._closed and timeout:
                 self._cond.wait(timeout)
             if count == 1 or len(heap) <= 1:
-                return [queue.pop_entry()[2]] if heap else []
-            return queue.pop_many(count)
+                return [heapq.heappop(heap)[2]] if heap else []
+            return self._queue.pop_many(count)
 
     def take_least_urgent(self, count: int) -> list[TaskSpec]:
         """Remove up to `count` tasks that would run last (to hand them back), last first."""
@@ -90,10 +91,6 @@ class PriorityTaskQueue:
 
     def __len__(self) -> int:
         return len(self._queue)
-
-
-def _priority(task: TaskSpec) -> int:
-    return task.priority
 
 
 def adaptive_prefetch(capacity: int, mean_seconds: float, *, window: float, floor: int,

@@ -184,3 +184,27 @@ def test_the_boards_queue_follows_the_cases(board_dir: Path, interpreter: str) -
     expected = {name: order for name, _ops, order in board_cases()}
     assert got == expected
     assert len(expected) >= 7
+
+
+# -- what only core's queue does -----------------------------------------------------------------
+
+def test_a_batch_put_back_keeps_its_order_ahead_of_its_priority() -> None:
+    q: PriorityQueue[TaskSpec] = PriorityQueue()
+    q.push_many([TaskSpec(id=i, name="echo", priority=p) for i, p in [("a", 5), ("b", 9)]])
+    q.push_front_many([TaskSpec(id=i, name="echo", priority=5) for i in ("r1", "r2")])
+    q.push_front_many([TaskSpec(id="s", name="echo", priority=5)])
+    assert [t.id for t in q.drain()] == ["b", "s", "r1", "r2", "a"]
+
+
+def test_start_times_wait_apart_earliest_first_then_by_sequence() -> None:
+    q: PriorityQueue[str] = PriorityQueue()
+    late = q.push("late", 9, due=5.0)
+    first = q.push("first", 1, due=2.0)
+    second = q.push("second", 1, due=2.0)
+    q.push("now", 5)
+    assert q.next_due() == 2.0 and len(q) == 1 and q.peek() == "now"
+    assert list(q.due_items(1.9)) == []
+    assert list(q.due_items(2.0)) == [(first, "first"), (second, "second")]
+    assert q.next_due() == 5.0
+    assert list(q.due_items(10.0)) == [(late, "late")]
+    assert q.next_due() is None and q.drain() == ["now"]
