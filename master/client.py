@@ -15,7 +15,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from core import codec
+from core import codec, states
 from core.defaults import DEFAULT_WAIT
 from core.errors import ConfigError, DecodeError, EncodeError, FabricError, FabricTimeout, QueueFull, TaskRefused
 from core.mqtt import MqttSession, TlsSettings
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 _SUBMIT_CHUNK = 1000
 _SUBMIT_WINDOW = 4  # submissions awaiting their acknowledgement at once
-_FINAL = frozenset({"completed", "failed", "cancelled"})
+_FINAL = states.FINAL_STATES
 
 
 class FabricClient:
@@ -299,7 +299,7 @@ class FabricClient:
             self._drop_handle(handle)
             raise
         outcome = TaskOutcome.from_dict(data[0])
-        if outcome.state == "unknown":  # the master says why (never submitted, or expired)
+        if outcome.state == states.UNKNOWN:  # the master says why (never submitted, or expired)
             self._drop_handle(handle)
             raise ConfigError(str((outcome.error or {}).get("message") or
                                   f"no task with id {task_id!r} is known to the master"))

@@ -6,6 +6,7 @@ import concurrent.futures
 import threading
 from typing import Any, Callable
 
+from core import states
 from core.defaults import DEFAULT_WAIT
 from core.errors import FabricError, FabricTimeout, TaskFailed
 from core.protocol import TaskOutcome
@@ -68,7 +69,7 @@ class TaskHandle:
         """The task's return value; raises TaskFailed with the reasons if it failed, and
         FabricTimeout as `outcome` does."""
         outcome = self.outcome(timeout)
-        if outcome.state != "completed":
+        if outcome.state != states.COMPLETED:
             raise TaskFailed(self.id, outcome.error or {"kind": outcome.state, "message": ""})
         return outcome.value
 
@@ -76,7 +77,7 @@ class TaskHandle:
         """The task's value, for asyncio code (`await handle.wait()` or `await handle`);
         FabricTimeout after `timeout` seconds, as `result` (None: no end)."""
         outcome = await wait_future(self.future, timeout, lambda: self._timed_out(timeout))
-        if outcome.state != "completed":
+        if outcome.state != states.COMPLETED:
             raise TaskFailed(self.id, outcome.error or {"kind": outcome.state, "message": ""})
         return outcome.value
 

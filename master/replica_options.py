@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.defaults import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_QUEUED, DEFAULT_NODE_TIMEOUT
 from core.errors import ConfigError
 from core.mqtt import TlsSettings
 from core.topics import DEFAULT_ROOT
@@ -26,9 +27,9 @@ class ReplicaOptions:
     master_id: str = "master"
     root: str = DEFAULT_ROOT
     timing: LeaseTiming = field(default_factory=LeaseTiming)
-    node_timeout: float = 3.0
-    max_attempts: int = 3
-    max_queued: int = 1_000_000
+    node_timeout: float = DEFAULT_NODE_TIMEOUT
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    max_queued: int = DEFAULT_MAX_QUEUED
     keepalive: int = 5
     reconcile_timeout: float = 1.5   # for nodes to say what they hold after a take-over
     tls: TlsSettings | None = None

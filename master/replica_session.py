@@ -11,6 +11,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Callable
 
+from core import states
 from core.errors import DecodeError, FabricError
 from core.mqtt import MqttSession, Will
 from core.protocol import NodeStatus, decode_message
@@ -24,7 +25,7 @@ __all__ = ["ReplicationSession", "LIVE_NODE"]
 
 log = logging.getLogger("master.replica")
 
-LIVE_NODE = ("connected", "ready", "busy")
+LIVE_NODE = states.LIVE_STATES
 
 
 class ReplicationSession:

@@ -7,6 +7,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Callable
 
+from core import states
 from core.protocol import NodeReport
 from master.hooks import MasterHooks
 from master.transport import MasterNodeTransport
@@ -71,8 +72,7 @@ class _HeldReports(MasterHooks):
 
 
 def _alive(transport: MasterNodeTransport) -> set[str]:
-    return set(transport.get_nodes_by_status("ready") + transport.get_nodes_by_status("busy")
-               + transport.get_nodes_by_status("connected"))
+    return {node for state in states.LIVE_STATES for node in transport.get_nodes_by_status(state)}
 
 
 def reconcile(transport: MasterNodeTransport, *, expected: set[str], timeout: float,
