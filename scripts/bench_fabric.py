@@ -51,7 +51,10 @@ from bench.procs import (REPO, Children, console_script, cpu_seconds, rss_bytes,
 from bench.raw_rtt import RequestReply  # noqa: E402
 from bench.stats import Progress, latency_summary, machine, stop_on_sigterm  # noqa: E402
 
-TARGETS = {"tasks_per_s": 20_000, "peer_factor": 5.0, "rtt_ratio": 1.25, "rtt_p99_ms": 5.0,
+# the performance targets: throughput at least 15x the best peer, a FabricClient round trip
+# no slower than Huey's p50 with p99 at most 2x p50, `master-node submit` under 100 ms, the
+# prime job on 2 nodes at least 1.7x the routine alone (1,000 simulated nodes: simulate_nodes.py)
+TARGETS = {"peer_factor": 15.0, "rtt_p99_factor": 2.0, "cli_p50_ms": 100.0,
            "prime_job_factor": 1.7}
 
 
@@ -257,37 +260,37 @@ def prime_job(count: int, progress: Progress) -> dict[str, Any] | None:
 # -- verdicts and the table --------------------------------------------------------------------
 
 def verdicts(report: dict[str, Any]) -> dict[str, Any]:
-    """Each target with its figure and whether it was met."""
+    """Each target of the performance work with its figure from this run and whether it was
+    met: throughput against the best peer, the FabricClient round trip against Huey's p50 on
+    each broker with its p99 within twice its p50, the CLI under 100 ms, and the prime job on
+    2 nodes against the routine alone (pure Python, and gmpy2 when installed)."""
     out: dict[str, Any] = {}
     embedded = report["brokers"].get("embedded", {})
-    if "throughput" in embedded:
-        rate = embedded["throughput"]["tasks_per_s"]
-        out["throughput_embedded"] = {"figure": rate, "target": TARGETS["tasks_per_s"],
-                                      "met": rate >= TARGETS["tasks_per_s"]}
-        peers = report.get("peers") or {}
-        best = max((p["tasks_per_s"] for p in peers.values()
-                    if isinstance(p, dict) and "tasks_per_s" in p), default=None)
-        if best:
-            out["throughput_vs_best_peer"] = {"figure": round(rate / best, 2),
-                                              "target": TARGETS["peer_factor"],
-                                              "met": rate / best >= TARGETS["peer_factor"]}
-    huey = (report.get("peers") or {}).get("huey", {})
+    peers = report.get("peers") or {}
+    best = max((p["tasks_per_s"] for p in peers.values()
+                if isinstance(p, dict) and "tasks_per_s" in p), default=None)
+    if "throughput" in embedded and best:
+        factor = round(embedded["throughput"]["tasks_per_s"] / best, 2)
+        out["throughput_embedded_vs_best_peer"] = {
+            "figure": factor, "target": TARGETS["peer_factor"],
+            "met": factor >= TARGETS["peer_factor"]}
+    huey = peers.get("huey", {}).get("round_trip")
     for kind, figures in report["brokers"].items():
-        raw = figures.get("raw_request_reply")
-        for api, key in (("client", "round_trip_api"), ("master", "round_trip_master_api")):
-            rtt = figures.get(key)
-            if not rtt or not raw:
-                continue
-            ratio = round(rtt["p50_ms"] / raw["p50_ms"], 2)
-            out[f"rtt_ratio_{kind}_{api}"] = {"figure": ratio, "target": TARGETS["rtt_ratio"],
-                                              "met": ratio <= TARGETS["rtt_ratio"]}
-            out[f"rtt_p99_{kind}_{api}"] = {"figure": rtt["p99_ms"],
-                                            "target": TARGETS["rtt_p99_ms"],
-                                            "met": rtt["p99_ms"] <= TARGETS["rtt_p99_ms"]}
-            if "round_trip" in huey:
-                theirs = huey["round_trip"]["p50_ms"]
-                out[f"rtt_below_huey_{kind}_{api}"] = {"figure": rtt["p50_ms"], "target": theirs,
-                                                       "met": rtt["p50_ms"] < theirs}
+        rtt = figures.get("round_trip_api")
+        if rtt:
+            if huey:
+                out[f"rtt_p50_ms_{kind}_vs_huey_p50"] = {
+                    "figure": rtt["p50_ms"], "target": huey["p50_ms"],
+                    "met": rtt["p50_ms"] <= huey["p50_ms"]}
+            spread = round(rtt["p99_ms"] / rtt["p50_ms"], 2)
+            out[f"rtt_p99_over_p50_{kind}"] = {"figure": spread,
+                                               "target": TARGETS["rtt_p99_factor"],
+                                               "met": spread <= TARGETS["rtt_p99_factor"]}
+        cli = (figures.get("cli") or {}).get("subprocess")
+        if cli:
+            out[f"cli_submit_p50_ms_{kind}"] = {"figure": cli["p50_ms"],
+                                                "target": TARGETS["cli_p50_ms"],
+                                                "met": cli["p50_ms"] < TARGETS["cli_p50_ms"]}
     job = report.get("prime_job") or {}
     two = next((j for j in job.get("jobs", []) if j["nodes"] == 2), None)
     if two is not None:

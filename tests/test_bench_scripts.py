@@ -59,8 +59,8 @@ def test_bench_fabric_short_run_reports_every_figure() -> None:
         _latency(figures["cli"]["in_process"], 20)
         assert figures["rtt_ratio_p50"] > 0 and figures["rtt_ratio_master_api_p50"] > 0
     verdicts = report["verdicts"]
-    assert {"throughput_embedded", "rtt_p99_embedded_client", "rtt_ratio_embedded_master"
-            } <= set(verdicts)
+    assert {f"{name}_{kind}" for name in ("rtt_p99_over_p50", "cli_submit_p50_ms")
+            for kind in BROKERS.split(",")} <= set(verdicts)
     assert all(isinstance(v["met"], bool) for v in verdicts.values())
 
     sys.path.insert(0, str(REPO / "scripts"))
@@ -70,6 +70,33 @@ def test_bench_fabric_short_run_reports_every_figure() -> None:
         sys.path.remove(str(REPO / "scripts"))
     table = format_table(report)
     assert "no-op tasks/s" in table and "fabric p50 / raw p50" in table and "Targets:" in table
+
+
+def test_verdicts_hold_the_fabric_to_the_peers_figures_of_the_same_run() -> None:
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from bench_fabric import verdicts
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+
+    def rtt(p50: float, p99: float) -> dict[str, float]:
+        return {"p50_ms": p50, "p99_ms": p99}
+
+    report = {"peers": {"dramatiq": {"tasks_per_s": 3000, "round_trip": rtt(4.0, 9.0)},
+                        "huey": {"tasks_per_s": 4000, "round_trip": rtt(1.0, 1.5)}},
+              "brokers": {"embedded": {"throughput": {"tasks_per_s": 61_000},
+                                       "round_trip_api": rtt(1.2, 2.0),
+                                       "cli": {"subprocess": rtt(90.0, 120.0)}},
+                          "mosquitto": {"round_trip_api": rtt(0.9, 2.0),
+                                        "cli": {"subprocess": rtt(101.0, 130.0)}}}}
+    out = verdicts(report)
+    assert {name: v["met"] for name, v in out.items()} == {
+        "throughput_embedded_vs_best_peer": True,   # 61,000 / 4,000 = 15.25
+        "rtt_p50_ms_embedded_vs_huey_p50": False, "rtt_p99_over_p50_embedded": True,
+        "rtt_p50_ms_mosquitto_vs_huey_p50": True, "rtt_p99_over_p50_mosquitto": False,
+        "cli_submit_p50_ms_embedded": True, "cli_submit_p50_ms_mosquitto": False}
+    assert out["throughput_embedded_vs_best_peer"]["figure"] == 15.25
+    assert out["rtt_p50_ms_embedded_vs_huey_p50"]["target"] == 1.0
 
 
 def test_prime_job_verdicts_hold_the_job_to_both_routines_and_to_a_right_count() -> None:
